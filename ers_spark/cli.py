@@ -1,0 +1,156 @@
+"""``ers-spark`` command line: one sub-command per stage, plus ``run``, ``demo`` and ``sql``.
+
+Usage: ``ers-spark STAGE [--config conf.yaml] [section.key=value ...]``. The
+spark-submit scripts in ``jobs/`` call :func:`main` with their stage name.
+A user-fixable problem prints ``error: <one line>`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from typing import Callable, Sequence
+
+from ers_spark.config import ErsConfig, load_config
+from ers_spark.errors import EXIT_USER_ERROR, ErsUserError
+
+STAGES = ("ingest", "embed", "locate-ui", "score", "clean")
+COMMANDS = STAGES + ("run", "demo", "sql")
+
+
+def _stage_runner(name: str) -> Callable[..., dict]:
+    """Import a stage lazily so `--help` and config errors never start a JVM."""
+    if name == "ingest":
+        from ers_spark.ingest import run_ingest
+
+        return run_ingest
+    if name == "embed":
+        from ers_spark.embed import run_embed
+
+        return run_embed
+    if name == "locate-ui":
+        from ers_spark.locate_ui import run_locate_ui
+
+        return run_locate_ui
+    if name == "score":
+        from ers_spark.score import run_score
+
+        return run_score
+    if name == "clean":
+        from ers_spark.clean import run_clean
+
+        return run_clean
+    raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
+
+
+def check_java() -> None:
+    """Spark needs Java 17+; say so in one line instead of a gateway traceback."""
+    import os
+    import subprocess
+
+    java = os.path.join(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") else shutil.which("java")
+    if not java or not os.path.exists(java):
+        raise ErsUserError("Java 17+ not found: install a JDK 17 or newer (e.g. apt-get install openjdk-17-jre) or set JAVA_HOME")
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    import re
+
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if match:
+        major = int(match.group(1))
+        if major == 1 and match.group(2):
+            major = int(match.group(2))
+        if major < 17:
+            raise ErsUserError(f"Java {major} found at {java}; Spark 4 needs Java 17 or newer (set JAVA_HOME)")
+
+
+def run_stage(cfg: ErsConfig, stage: str) -> dict:
+    """Build the session for ``stage`` and run it."""
+    from ers_spark.session import build_session
+
+    spark = build_session(cfg, stage)
+    return _stage_runner(stage)(spark, cfg)
+
+
+def run_pipeline(cfg: ErsConfig) -> list[dict]:
+    """ingest (when an input is configured) -> embed -> locate-ui -> score -> clean, in one session."""
+    records = []
+    for stage in STAGES:
+        if stage == "ingest" and not cfg.ingest.input_path:
+            print("ingest skipped: ingest.input_path is not set; using the existing crops table", file=sys.stderr)
+            continue
+        records.append(run_stage(cfg, stage))
+    return records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ers-spark",
+        description="Embedding recognizability scores (ERS) for face crops on Spark + Delta Lake.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "ingest": "images or Parquet -> crops table",
+        "embed": "crops -> embeddings table (ONNX Runtime / torch, GPU when Spark gives one)",
+        "locate-ui": "embeddings -> ui_centroids, ui_members (unrecognizable-identity cluster)",
+        "score": "embeddings + UIC -> scores (ERS per image, calibrated gamma)",
+        "clean": "scores -> cleaned and quarantine tables",
+        "run": "the whole pipeline: ingest -> embed -> locate-ui -> score -> clean",
+        "demo": "build a demo dataset from images an installed package ships and run the pipeline",
+        "sql": "run a SQL query on the ers database and print the result",
+    }
+    for name in COMMANDS:
+        p = sub.add_parser(name, help=helps[name], description=helps[name])
+        p.add_argument("--config", "-c", default=None, help="YAML config (default: the embedded conf/local.yaml)")
+        if name == "sql":
+            p.add_argument("query", help='e.g. "SELECT count(*) FROM ers.crops"')
+            p.add_argument("--limit", type=int, default=50, help="rows to print (default 50)")
+        if name == "locate-ui":
+            p.add_argument(
+                "--from-members",
+                metavar="UIC_ID",
+                default=None,
+                help="recompute a UIC from the stored members of UIC_ID with the current model (no clustering)",
+            )
+        p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        overrides = list(args.overrides)
+        if args.command == "locate-ui" and args.from_members:
+            overrides.append(f"locate_ui.from_members={args.from_members}")
+        if args.command == "demo":
+            from ers_spark.demo import demo_overrides
+
+            overrides = demo_overrides(overrides)
+        cfg = load_config(args.config, overrides)
+        check_java()
+        if args.command == "run":
+            run_pipeline(cfg)
+        elif args.command == "demo":
+            from ers_spark.demo import run_demo
+
+            run_demo(cfg)
+        elif args.command == "sql":
+            from ers_spark.sql import run_sql
+
+            print(run_sql(cfg, args.query, limit=args.limit))
+        else:
+            run_stage(cfg, args.command)
+    except ErsUserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def job_main(stage: str) -> None:
+    """Entry point of the thin spark-submit scripts in jobs/."""
+    sys.exit(main([stage, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""The one config loader: a YAML file plus ``key=value`` overrides, typed and validated before Spark starts.
+
+The embedded default is ``conf/local.yaml`` (shipped inside the package as
+``ers_spark/conf/local.yaml``): master ``local[*]`` and Delta tables under a
+local folder. Every key has to be spelled in the YAML schema below; an unknown
+key, a wrong type or a missing required path is a :class:`ConfigError` whose
+one-line message names the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ers_spark.errors import ConfigError
+
+EMBEDDED_CONFIG_NAME = "local.yaml"
+
+
+def embedded_config_path() -> Path:
+    """Path of the embedded default config (``ers_spark/conf/local.yaml``)."""
+    return Path(str(resources.files("ers_spark").joinpath("conf", EMBEDDED_CONFIG_NAME)))
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    """How the one SparkSession is built (see :mod:`ers_spark.session`)."""
+
+    master: str | None = None
+    app_name_prefix: str = "ers-spark"
+    shuffle_partitions: int = 8
+    arrow_max_records_per_batch: int = 512
+    arrow_max_bytes_per_batch: str = "64m"
+    driver_memory: str | None = None
+    packages: list[str] = field(default_factory=list)
+    jars_dir: str | None = None
+    checkpoint_dir: str = "/tmp/ers-spark/checkpoints"
+    log_level: str = "WARN"
+    hive_metastore: bool = True
+    conf: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, source: str) -> None:
+        if self.shuffle_partitions < 1:
+            raise ConfigError(f"spark.shuffle_partitions must be >= 1, got {self.shuffle_partitions} (in {source})")
+        if self.arrow_max_records_per_batch < 1:
+            raise ConfigError(
+                f"spark.arrow_max_records_per_batch must be >= 1, got {self.arrow_max_records_per_batch} (in {source})"
+            )
+        if self.jars_dir is not None and not Path(self.jars_dir).is_dir():
+            raise ConfigError(
+                f"spark.jars_dir: folder {self.jars_dir!r} does not exist (in {source}); "
+                "fill it with deploy/fetch_jars.sh or remove the key"
+            )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where the Delta tables live and how they are registered in the catalog."""
+
+    root: str = "~/.ers-spark/lake"
+    database: str = "ers"
+    warehouse_dir: str | None = None
+
+    def table_path(self, table: str) -> str:
+        root = self.root
+        if "://" in root:
+            return f"{root.rstrip('/')}/{table}"
+        return str(Path(os.path.expanduser(root)).resolve() / table)
+
+    def local_root(self) -> Path | None:
+        """The root as a local folder, or None for object stores (s3a://, abfss://, gs://)."""
+        if "://" in self.root and not self.root.startswith("file://"):
+            return None
+        return Path(os.path.expanduser(self.root.removeprefix("file://"))).resolve()
+
+    def validate(self, source: str) -> None:
+        if not self.root:
+            raise ConfigError(f"storage.root must name a folder or an object-store URI (in {source})")
+        if not self.database.isidentifier():
+            raise ConfigError(f"storage.database must be a SQL identifier, got {self.database!r} (in {source})")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Parameters of the ingest stage (images or Parquet -> crops)."""
+
+    input_path: str | None = None
+    input_format: str = "images"
+    extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "pgm", "gif", "webp"])
+    recursive: bool = True
+    identity_from_folder: bool = True
+    bytes_column: str = "bytes"
+    path_column: str | None = "path"
+    identity_column: str | None = None
+
+    def validate(self, source: str) -> None:
+        if self.input_format not in ("images", "parquet"):
+            raise ConfigError(
+                f"ingest.input_format must be 'images' or 'parquet', got {self.input_format!r} (in {source})"
+            )
+        if not self.extensions:
+            raise ConfigError(f"ingest.extensions must list at least one extension (in {source})")
+
+    def require_input(self, source: str) -> str:
+        """The input path, which the ingest stage needs (other stages do not)."""
+        if not self.input_path:
+            raise ConfigError(
+                f"ingest.input_path is required for ingest (in {source}); pass ingest.input_path=/path/to/images"
+            )
+        if "://" not in self.input_path and not Path(self.input_path).exists():
+            raise ConfigError(f"ingest.input_path: {self.input_path!r} does not exist (in {source})")
+        return self.input_path
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Parameters of the embed stage (crops -> embeddings)."""
+
+    model: str = "dlib_resnet_v1"
+    backend: str = "onnx"
+    device: str = "auto"
+    batch_size: int = 64
+    intra_op_threads: int = 1
+    fp16: bool = False
+    align: bool = False
+    model_cache_dir: str = "~/.cache/ers-spark/models"
+
+    def validate(self, source: str) -> None:
+        if self.backend not in ("onnx", "torch"):
+            raise ConfigError(f"embed.backend must be 'onnx' or 'torch', got {self.backend!r} (in {source})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"embed.device must be 'auto', 'cpu' or 'cuda', got {self.device!r} (in {source})")
+        if self.batch_size < 1:
+            raise ConfigError(f"embed.batch_size must be >= 1, got {self.batch_size} (in {source})")
+        if self.intra_op_threads < 0:
+            raise ConfigError(f"embed.intra_op_threads must be >= 0, got {self.intra_op_threads} (in {source})")
+
+
+@dataclass(frozen=True)
+class LocateUiConfig:
+    """Parameters of locate-ui (embeddings -> ui_centroids, ui_members)."""
+
+    method: str = "graph"
+    eps: float | None = None
+    eps_grid_start: float = 0.05
+    eps_grid_stop: float = 0.5
+    eps_grid_step: float = 0.05
+    dominance_ratio: float = 10.0
+    min_share: float = 0.02
+    grid_sample_rows: int = 5000
+    sample_hac_rows: int = 20000
+    kmeans_cells: int = 16
+    kmeans_sample_rows: int = 50000
+    nprobe: int = 2
+    block_size: int = 2048
+    connected_components: str = "builtin"
+    seed: int = 0
+    from_members: str | None = None
+
+    def validate(self, source: str) -> None:
+        if self.method not in ("graph", "sample-hac"):
+            raise ConfigError(f"locate_ui.method must be 'graph' or 'sample-hac', got {self.method!r} (in {source})")
+        if self.eps is not None and not 0 < self.eps < 2:
+            raise ConfigError(f"locate_ui.eps must be in (0, 2) (cosine distance), got {self.eps} (in {source})")
+        if not 0 < self.eps_grid_start <= self.eps_grid_stop < 2 or self.eps_grid_step <= 0:
+            raise ConfigError(
+                "locate_ui.eps_grid_start/stop/step must satisfy 0 < start <= stop < 2 and step > 0 "
+                f"(in {source})"
+            )
+        if self.dominance_ratio < 1:
+            raise ConfigError(f"locate_ui.dominance_ratio must be >= 1, got {self.dominance_ratio} (in {source})")
+        if not 0 <= self.min_share <= 1:
+            raise ConfigError(f"locate_ui.min_share must be in [0, 1], got {self.min_share} (in {source})")
+        if self.nprobe < 1 or self.kmeans_cells < 1:
+            raise ConfigError(f"locate_ui.nprobe and locate_ui.kmeans_cells must be >= 1 (in {source})")
+        if self.nprobe > self.kmeans_cells:
+            raise ConfigError(
+                f"locate_ui.nprobe ({self.nprobe}) cannot exceed locate_ui.kmeans_cells ({self.kmeans_cells}) (in {source})"
+            )
+        if self.connected_components not in ("builtin", "graphframes"):
+            raise ConfigError(
+                "locate_ui.connected_components must be 'builtin' or 'graphframes', "
+                f"got {self.connected_components!r} (in {source})"
+            )
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Parameters of the score stage (embeddings + UIC -> scores)."""
+
+    gamma: float | None = None
+    calibration: str = "auto"
+    target_far: float = 0.01
+    enhanced: bool = False
+
+    def validate(self, source: str) -> None:
+        if self.gamma is not None and not 0 <= self.gamma <= 1:
+            raise ConfigError(f"score.gamma must be in [0, 1], got {self.gamma} (in {source})")
+        if self.calibration not in ("auto", "identities", "unlabelled"):
+            raise ConfigError(
+                "score.calibration must be 'auto', 'identities' or 'unlabelled', "
+                f"got {self.calibration!r} (in {source})"
+            )
+        if not 0 < self.target_far < 1:
+            raise ConfigError(f"score.target_far must be in (0, 1), got {self.target_far} (in {source})")
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    """Parameters of the clean stage (scores -> cleaned, quarantine)."""
+
+    label_noise: bool = True
+    subcenters: int = 3
+    max_angle_deg: float | None = None
+    min_identity_size: int = 5
+
+    def validate(self, source: str) -> None:
+        if self.subcenters < 1:
+            raise ConfigError(f"clean.subcenters must be >= 1, got {self.subcenters} (in {source})")
+        if self.max_angle_deg is not None and not 0 < self.max_angle_deg <= 180:
+            raise ConfigError(f"clean.max_angle_deg must be in (0, 180], got {self.max_angle_deg} (in {source})")
+
+
+@dataclass(frozen=True)
+class ErsConfig:
+    """The whole validated configuration."""
+
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    locate_ui: LocateUiConfig = field(default_factory=LocateUiConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    source: str = "<defaults>"
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name != "source":
+                getattr(self, f.name).validate(self.source)
+
+    def with_overrides(self, overrides: list[str]) -> "ErsConfig":
+        """A copy with ``section.key=value`` overrides applied and validated."""
+        raw = to_dict(self)
+        apply_overrides(raw, overrides, self.source)
+        return _build(raw, self.source)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    data = dataclasses.asdict(cfg)
+    data.pop("source", None)
+    return data
+
+
+def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check ``value`` against a simple type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__} (in {source})")
+        return [_check_type(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__} (in {source})")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r} (in {source})")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r} (in {source})")
+    if hint in (str, float) and not isinstance(value, hint):
+        kind = "a string" if hint is str else "a number"
+        raise ConfigError(f"config key '{key}' must be {kind}, got {value!r} (in {source})")
+    return value
+
+
+def _build(raw: Mapping[str, Any], source: str) -> ErsConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config {source} must be a YAML mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(ErsConfig) if f.name != "source"}
+    built: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(_unknown_key_message(str(name), list(sections), source))
+        section_type = typing.get_type_hints(ErsConfig)[name]
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config section '{name}' must be a mapping (in {source})")
+        hints = typing.get_type_hints(section_type)
+        kwargs = {}
+        for key, item in value.items():
+            if key not in hints:
+                raise ConfigError(_unknown_key_message(f"{name}.{key}", [f"{name}.{k}" for k in hints], source))
+            kwargs[key] = _check_type(item, hints[key], f"{name}.{key}", source)
+        built[name] = section_type(**kwargs)
+    cfg = ErsConfig(**built, source=source)
+    cfg.validate()
+    return cfg
+
+
+def _unknown_key_message(key: str, known: list[str], source: str) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return f"unknown config key '{key}' in {source}{hint}"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> None:
+    """Apply ``section.key=value`` overrides in place; values are parsed as YAML scalars."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        dotted, text = override.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override key {dotted!r} must look like section.key (e.g. storage.root)")
+        section, key = parts
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(_unknown_key_message(section, list(raw), f"{source} (override {override!r})"))
+        raw[section][key] = value
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> ErsConfig:
+    """Load and validate a config.
+
+    Parameters
+    ----------
+    path : str or PathLike, optional
+        YAML file; the embedded default ``conf/local.yaml`` when omitted.
+    overrides : list of str, optional
+        ``section.key=value`` strings applied on top of the file.
+
+    Examples
+    --------
+    >>> cfg = load_config(overrides=["storage.root=/tmp/lake", "embed.batch_size=32"])
+    >>> cfg.embed.batch_size
+    32
+    """
+    cfg_path = Path(path) if path is not None else embedded_config_path()
+    source = str(cfg_path)
+    if not cfg_path.is_file():
+        raise ConfigError(f"config file {source} not found; pass --config PATH or omit it to use the embedded default")
+    try:
+        raw = yaml.safe_load(cfg_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {source} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {source} must be a YAML mapping of sections, got {type(raw).__name__}")
+    apply_overrides(raw, overrides or [], source)
+    return _build(raw, source)

@@ -1,0 +1,264 @@
+"""Table contracts: the column names and schemas of every Delta table, in one place.
+
+Each stage checks its input against the contract of the table it reads with
+:func:`check_contract`, which names every missing or mistyped column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame
+from pyspark.sql.types import (
+    ArrayType,
+    BinaryType,
+    BooleanType,
+    DataType,
+    DoubleType,
+    FloatType,
+    IntegerType,
+    LongType,
+    MapType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from ers_spark.errors import ContractError
+
+# column names shared by several tables
+IMAGE_ID = "image_id"
+PARENT_IMAGE_ID = "parent_image_id"
+FACE_INDEX = "face_index"
+SOURCE_PATH = "source_path"
+IDENTITY = "identity"
+WIDTH = "width"
+HEIGHT = "height"
+FORMAT = "format"
+BYTES = "bytes"
+INGESTED_AT = "ingested_at"
+EMBEDDING = "embedding"
+RAW_NORM = "raw_norm"
+MODEL_NAME = "model_name"
+MODEL_VERSION = "model_version"
+EMBEDDED_AT = "embedded_at"
+UIC_ID = "uic_id"
+METHOD = "method"
+EPS = "eps"
+MEMBER_COUNT = "member_count"
+TOP_CLUSTER_SIZES = "top_cluster_sizes"
+MEAN_MEMBER_DISTANCE = "mean_member_distance"
+CENTROID = "centroid"
+INPUT_VERSION = "input_table_version"
+GAMMA = "gamma"
+GAMMA_METHOD = "gamma_method"
+CREATED_AT = "created_at"
+ERS = "ers"
+ERS_RAW = "ers_raw"
+RECOGNIZABLE = "recognizable"
+ENHANCED_EMBEDDING = "enhanced_embedding"
+SCORED_AT = "scored_at"
+STAGE = "stage"
+REASON = "reason"
+DETAIL = "detail"
+QUARANTINED_AT = "quarantined_at"
+SUBCENTER_ANGLE = "subcenter_angle_deg"
+CLEANED_AT = "cleaned_at"
+RUN_ID = "run_id"
+PARAMS = "params"
+COUNTS = "counts"
+INPUT_VERSIONS = "input_versions"
+OUTPUT_VERSIONS = "output_versions"
+SECONDS = "seconds"
+STARTED_AT = "started_at"
+
+# quarantine reasons
+REASON_UNDECODABLE = "undecodable"
+REASON_EMPTY = "empty_file"
+REASON_EMBED_FAILED = "embed_failed"
+REASON_UNRECOGNIZABLE = "unrecognizable"
+REASON_LABEL_NOISE = "label_noise"
+REASON_NO_FACE = "no_face"
+
+
+@dataclass(frozen=True)
+class TableContract:
+    """A Delta table's name, schema and merge key."""
+
+    name: str
+    schema: StructType
+    key: tuple[str, ...] = (IMAGE_ID,)
+
+    @property
+    def columns(self) -> list[str]:
+        return [f.name for f in self.schema.fields]
+
+
+def _fields(*fields: tuple[str, DataType, bool]) -> StructType:
+    return StructType([StructField(name, dtype, nullable) for name, dtype, nullable in fields])
+
+
+CROPS = TableContract(
+    "crops",
+    _fields(
+        (IMAGE_ID, StringType(), False),
+        (PARENT_IMAGE_ID, StringType(), True),
+        (FACE_INDEX, IntegerType(), True),
+        (SOURCE_PATH, StringType(), True),
+        (IDENTITY, StringType(), True),
+        (WIDTH, IntegerType(), False),
+        (HEIGHT, IntegerType(), False),
+        (FORMAT, StringType(), False),
+        (BYTES, BinaryType(), False),
+        (INGESTED_AT, TimestampType(), False),
+    ),
+)
+
+EMBEDDINGS = TableContract(
+    "embeddings",
+    _fields(
+        (IMAGE_ID, StringType(), False),
+        (EMBEDDING, ArrayType(FloatType(), False), False),
+        (RAW_NORM, FloatType(), False),
+        (MODEL_NAME, StringType(), False),
+        (MODEL_VERSION, StringType(), False),
+        (EMBEDDED_AT, TimestampType(), False),
+    ),
+    key=(IMAGE_ID, MODEL_NAME, MODEL_VERSION),
+)
+
+UI_CENTROIDS = TableContract(
+    "ui_centroids",
+    _fields(
+        (UIC_ID, StringType(), False),
+        (MODEL_NAME, StringType(), False),
+        (MODEL_VERSION, StringType(), False),
+        (METHOD, StringType(), False),
+        (EPS, DoubleType(), True),
+        (MEMBER_COUNT, LongType(), False),
+        (TOP_CLUSTER_SIZES, ArrayType(LongType(), False), False),
+        (MEAN_MEMBER_DISTANCE, DoubleType(), False),
+        (CENTROID, ArrayType(FloatType(), False), False),
+        (INPUT_VERSION, LongType(), True),
+        (GAMMA, DoubleType(), True),
+        (GAMMA_METHOD, StringType(), True),
+        (CREATED_AT, TimestampType(), False),
+    ),
+    key=(UIC_ID,),
+)
+
+UI_MEMBERS = TableContract(
+    "ui_members",
+    _fields(
+        (UIC_ID, StringType(), False),
+        (IMAGE_ID, StringType(), False),
+    ),
+    key=(UIC_ID, IMAGE_ID),
+)
+
+SCORES = TableContract(
+    "scores",
+    _fields(
+        (IMAGE_ID, StringType(), False),
+        (ERS, DoubleType(), False),
+        (ERS_RAW, DoubleType(), False),
+        (RECOGNIZABLE, BooleanType(), False),
+        (UIC_ID, StringType(), False),
+        (GAMMA, DoubleType(), False),
+        (MODEL_NAME, StringType(), False),
+        (MODEL_VERSION, StringType(), False),
+        (ENHANCED_EMBEDDING, ArrayType(FloatType(), False), True),
+        (SCORED_AT, TimestampType(), False),
+    ),
+    key=(IMAGE_ID, MODEL_NAME, MODEL_VERSION),
+)
+
+CLEANED = TableContract(
+    "cleaned",
+    _fields(
+        (IMAGE_ID, StringType(), False),
+        (SOURCE_PATH, StringType(), True),
+        (IDENTITY, StringType(), True),
+        (ERS, DoubleType(), False),
+        (SUBCENTER_ANGLE, DoubleType(), True),
+        (UIC_ID, StringType(), False),
+        (MODEL_NAME, StringType(), False),
+        (MODEL_VERSION, StringType(), False),
+        (CLEANED_AT, TimestampType(), False),
+    ),
+)
+
+QUARANTINE = TableContract(
+    "quarantine",
+    _fields(
+        (IMAGE_ID, StringType(), False),
+        (SOURCE_PATH, StringType(), True),
+        (STAGE, StringType(), False),
+        (REASON, StringType(), False),
+        (DETAIL, StringType(), True),
+        (ERS, DoubleType(), True),
+        (UIC_ID, StringType(), True),
+        (QUARANTINED_AT, TimestampType(), False),
+    ),
+    key=(IMAGE_ID, STAGE, SOURCE_PATH),
+)
+
+RUNS = TableContract(
+    "runs",
+    _fields(
+        (RUN_ID, StringType(), False),
+        (STAGE, StringType(), False),
+        (PARAMS, StringType(), False),
+        (INPUT_VERSIONS, MapType(StringType(), LongType(), True), False),
+        (OUTPUT_VERSIONS, MapType(StringType(), LongType(), True), False),
+        (COUNTS, MapType(StringType(), LongType(), False), False),
+        (SECONDS, DoubleType(), False),
+        (STARTED_AT, TimestampType(), False),
+    ),
+    key=(RUN_ID,),
+)
+
+ALL_TABLES: dict[str, TableContract] = {
+    c.name: c for c in (CROPS, EMBEDDINGS, UI_CENTROIDS, UI_MEMBERS, SCORES, CLEANED, QUARANTINE, RUNS)
+}
+
+
+def _same_type(actual: DataType, expected: DataType) -> bool:
+    """Types match ignoring nullability (Spark often loosens it on the way)."""
+    if isinstance(expected, ArrayType):
+        return isinstance(actual, ArrayType) and _same_type(actual.elementType, expected.elementType)
+    if isinstance(expected, MapType):
+        return (
+            isinstance(actual, MapType)
+            and _same_type(actual.keyType, expected.keyType)
+            and _same_type(actual.valueType, expected.valueType)
+        )
+    return type(actual) is type(expected)
+
+
+def contract_problems(schema: StructType, required: dict[str, DataType]) -> list[str]:
+    """Every missing or mistyped column, as human-readable phrases."""
+    actual = {f.name: f.dataType for f in schema.fields}
+    problems = []
+    for name, dtype in required.items():
+        if name not in actual:
+            problems.append(f"missing column '{name}' ({dtype.simpleString()})")
+        elif not _same_type(actual[name], dtype):
+            problems.append(
+                f"column '{name}' is {actual[name].simpleString()}, expected {dtype.simpleString()}"
+            )
+    return problems
+
+
+def check_columns(df: DataFrame, required: dict[str, DataType], what: str) -> None:
+    """Raise :class:`ContractError` naming each missing or mistyped column of ``df``."""
+    problems = contract_problems(df.schema, required)
+    if problems:
+        raise ContractError(f"{what} does not match its contract: {'; '.join(problems)}")
+
+
+def check_contract(df: DataFrame, contract: TableContract, what: str | None = None) -> None:
+    """Check ``df`` against a table contract (all its columns, ignoring nullability)."""
+    required = {f.name: f.dataType for f in contract.schema.fields}
+    check_columns(df, required, what or f"table '{contract.name}'")

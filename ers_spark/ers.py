@@ -1,0 +1,684 @@
+"""Embedding Recognizability Score (ERS) math: small, pure numpy functions.
+
+A face embedding model maps unrecognizable images (blur, low resolution,
+darkness, occlusion, non-faces) into one cluster, the *unrecognizable
+identity* (UI). With ``f_UI`` the unit mean of the UI members (the UI centroid,
+UIC), the score of an image with unit embedding ``f_i`` is::
+
+    ERS_i = min(1, 1 - <f_UI, f_i>)
+
+so an image close to the UIC has ERS near 0 (unrecognizable) and an image far
+from it has ERS near 1. Images with ``ERS < gamma`` are rejected as
+unrecognizable; ``gamma`` depends on the model and is calibrated with
+:func:`calibrate_gamma_pairs`, :func:`calibrate_gamma_identities` or
+:func:`calibrate_gamma_unlabelled`.
+
+Conventions used everywhere in this package:
+
+* embeddings are rows of a 2-D array; functions L2-normalise what they need,
+  so raw model outputs can be passed directly;
+* distances are **cosine distances** ``d = 1 - cos`` (scipy's ``'cosine'``
+  metric), never Euclidean distances between unit vectors; a clustering
+  threshold ``eps`` is a cosine distance;
+* results are float32 for embeddings and float64 for scores and statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy.stats import rankdata
+
+from ers_spark.errors import ClusteringError, ErsUserError
+
+__all__ = [
+    "GammaCalibration",
+    "normalize_rows",
+    "ui_centroid",
+    "ui_centroid_from_sum",
+    "ers_raw",
+    "ers_scores",
+    "ers_pooling_weights",
+    "pool_set",
+    "enhance_embeddings",
+    "roc_auc",
+    "threshold_at_far",
+    "tar_at_far",
+    "calibrate_gamma_pairs",
+    "build_identity_pairs",
+    "calibrate_gamma_identities",
+    "calibrate_gamma_unlabelled",
+    "subcenter_label_noise",
+]
+
+FloatArray = npt.NDArray[np.floating[Any]]
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class GammaCalibration:
+    """Result of a gamma calibration.
+
+    Attributes
+    ----------
+    gamma : float
+        Images with ``ERS < gamma`` are treated as unrecognizable.
+    frr : float
+        False reject rate at ``gamma`` (meaning depends on ``method``).
+    far : float
+        False accept rate at ``gamma`` (meaning depends on ``method``).
+    threshold : float
+        Similarity (cosine) threshold of the verifier at ``gamma``; NaN for the
+        unlabelled method, which has no verifier.
+    method : str
+        ``"pairs-frr-at-far"`` or ``"unlabelled-youden"``.
+    """
+
+    gamma: float
+    frr: float
+    far: float
+    threshold: float
+    method: str
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def _as_2d_float(x: npt.ArrayLike, name: str) -> FloatArray:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array of shape (n, d), got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+    return arr.astype(np.float64 if arr.dtype == np.float64 else np.float32, copy=False)
+
+
+def _unit_vector(v: npt.ArrayLike, name: str) -> F64:
+    vec = np.asarray(v, dtype=np.float64)
+    if vec.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D vector, got shape {vec.shape}")
+    norm = float(np.linalg.norm(vec))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError(f"{name} has zero or non-finite norm")
+    return vec / norm
+
+
+def normalize_rows(x: npt.ArrayLike) -> F32:
+    """L2-normalise each row to unit length (float32).
+
+    Every ERS formula assumes unit embeddings; a zero (or non-finite) row has
+    no direction, so it is an error rather than a silent NaN.
+
+    Parameters
+    ----------
+    x : array_like, shape (n, d)
+
+    Returns
+    -------
+    ndarray of float32, shape (n, d)
+
+    Raises
+    ------
+    ValueError
+        ``"normalize_rows: K of N rows have zero or non-finite norm"``.
+
+    Examples
+    --------
+    >>> normalize_rows([[3.0, 4.0]]).tolist()
+    [[0.6000000238418579, 0.800000011920929]]
+    """
+    arr = _as_2d_float(x, "normalize_rows input").astype(np.float64)
+    norms = np.linalg.norm(arr, axis=1)
+    bad = ~np.isfinite(norms) | (norms == 0.0)
+    if bad.any():
+        raise ValueError(
+            f"normalize_rows: {int(bad.sum())} of {arr.shape[0]} rows have zero or non-finite norm"
+        )
+    return (arr / norms[:, None]).astype(np.float32)
+
+
+def ui_centroid(members: npt.ArrayLike) -> F32:
+    """Unit mean of the (normalised) UI member embeddings: the UIC ``f_UI``.
+
+    Examples
+    --------
+    >>> ui_centroid([[1.0, 0.0], [0.0, 2.0]]).astype(float).round(4).tolist()
+    [0.7071, 0.7071]
+    """
+    arr = normalize_rows(members)
+    if arr.shape[0] == 0:
+        raise ValueError("ui_centroid: members is empty")
+    return ui_centroid_from_sum(arr.astype(np.float64).sum(axis=0))
+
+
+def ui_centroid_from_sum(sum_vec: npt.ArrayLike) -> F32:
+    """Normalise a sum of unit member embeddings into the UIC.
+
+    The distributed version sums unit embeddings on executors; the mean and
+    the sum have the same direction, so normalising the sum is enough.
+
+    Examples
+    --------
+    >>> ui_centroid_from_sum([0.0, 3.0]).tolist()
+    [0.0, 1.0]
+    """
+    vec = np.asarray(sum_vec, dtype=np.float64)
+    if vec.ndim != 1:
+        raise ValueError(f"ui_centroid_from_sum: sum_vec must be 1-D, got shape {vec.shape}")
+    norm = float(np.linalg.norm(vec))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError("ui_centroid_from_sum: sum of member embeddings has zero or non-finite norm")
+    return (vec / norm).astype(np.float32)
+
+
+def _check_dims(emb: npt.NDArray[Any], uic: npt.NDArray[Any], fn: str) -> None:
+    if emb.shape[1] != uic.shape[0]:
+        raise ValueError(f"{fn}: embeddings have dimension {emb.shape[1]} but uic has {uic.shape[0]}")
+
+
+def ers_raw(embeddings: npt.ArrayLike, uic: npt.ArrayLike) -> F64:
+    """Uncapped score ``1 - <f_UI, f_i>`` in ``[0, 2]`` (rows and ``uic`` normalised).
+
+    Examples
+    --------
+    >>> ers_raw([[1.0, 0.0], [-1.0, 0.0]], [2.0, 0.0]).tolist()
+    [0.0, 2.0]
+    """
+    emb = normalize_rows(embeddings).astype(np.float64)
+    u = _unit_vector(uic, "uic")
+    _check_dims(emb, u, "ers_raw")
+    return 1.0 - emb @ u
+
+
+def ers_scores(embeddings: npt.ArrayLike, uic: npt.ArrayLike, cap: bool = True) -> F64:
+    """ERS of each row: ``min(1, 1 - <f_UI, f_i>)`` (uncapped if ``cap=False``).
+
+    The cap makes every embedding at least orthogonal to the UIC equally
+    recognizable; pooling weights (ERS^2) then stay in ``[0, 1]``.
+
+    Examples
+    --------
+    >>> ers_scores([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], [1.0, 0.0]).tolist()
+    [0.0, 1.0, 1.0]
+    """
+    raw = ers_raw(embeddings, uic)
+    return np.minimum(raw, 1.0) if cap else raw
+
+
+def ers_pooling_weights(ers: npt.ArrayLike) -> F64:
+    """Set-pooling weights ``ERS_i^2 / sum_j ERS_j^2``.
+
+    Squaring suppresses unrecognizable members of a set much more than
+    recognizable ones (paper, Sec. set-based recognition).
+
+    Examples
+    --------
+    >>> ers_pooling_weights([1.0, 1.0, 0.0]).tolist()
+    [0.5, 0.5, 0.0]
+    """
+    e = np.asarray(ers, dtype=np.float64)
+    if e.ndim != 1:
+        raise ValueError(f"ers_pooling_weights: ers must be 1-D, got shape {e.shape}")
+    if e.size == 0:
+        raise ValueError("ers_pooling_weights: ers is empty")
+    if not np.all(np.isfinite(e)) or np.any(e < 0):
+        raise ValueError("ers_pooling_weights: ers must be finite and non-negative")
+    w = e * e
+    total = float(w.sum())
+    if total == 0.0:
+        raise ValueError("ers_pooling_weights: all ERS values are zero")
+    return w / total
+
+
+def pool_set(embeddings: npt.ArrayLike, ers: npt.ArrayLike) -> F32:
+    """Unit ERS^2-weighted mean of a set of embeddings of one person.
+
+    Examples
+    --------
+    >>> pool_set([[1.0, 0.0], [0.0, 1.0]], [1.0, 0.0]).tolist()
+    [1.0, 0.0]
+    """
+    emb = normalize_rows(embeddings).astype(np.float64)
+    w = ers_pooling_weights(ers)
+    if w.shape[0] != emb.shape[0]:
+        raise ValueError(f"pool_set: {emb.shape[0]} embeddings but {w.shape[0]} ERS values")
+    return ui_centroid_from_sum(w @ emb)
+
+
+def enhance_embeddings(embeddings: npt.ArrayLike, uic: npt.ArrayLike) -> F32:
+    """ERS-enhanced features: remove the UIC component, ``f - <f,u> u``, renormalised.
+
+    Removing the direction shared by all unrecognizable images makes their
+    similarity to every gallery identity less spurious.
+
+    Raises ValueError if a row is (numerically) parallel to the UIC.
+
+    Examples
+    --------
+    >>> enhance_embeddings([[1.0, 1.0]], [1.0, 0.0]).tolist()
+    [[0.0, 1.0]]
+    """
+    emb = normalize_rows(embeddings).astype(np.float64)
+    u = _unit_vector(uic, "uic")
+    _check_dims(emb, u, "enhance_embeddings")
+    proj = emb - np.outer(emb @ u, u)
+    norms = np.linalg.norm(proj, axis=1)
+    bad = norms < 1e-6
+    if bad.any():
+        raise ValueError(
+            f"enhance_embeddings: {int(bad.sum())} of {emb.shape[0]} rows are parallel to the uic"
+        )
+    return (proj / norms[:, None]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- verification metrics
+
+
+def roc_auc(scores: npt.ArrayLike, positives: npt.ArrayLike) -> float:
+    """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg)); ties count 1/2.
+
+    Examples
+    --------
+    >>> roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True])
+    0.75
+    >>> roc_auc([1.0, 1.0], [True, False])
+    0.5
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    p = np.asarray(positives)
+    if s.ndim != 1 or p.shape != s.shape:
+        raise ValueError(f"roc_auc: scores {s.shape} and positives {p.shape} must be 1-D of equal length")
+    p = p.astype(bool)
+    n_pos = int(p.sum())
+    n_neg = int(p.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_auc: need at least one positive and one negative")
+    ranks = rankdata(s, method="average")
+    u = float(ranks[p].sum()) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def threshold_at_far(impostor_scores: npt.ArrayLike, far: float) -> float:
+    """Smallest threshold ``t`` (from the impostor scores) with ``mean(imp > t) <= far``.
+
+    Acceptance is ``score > t`` (strict). With ``k = floor(far * n_imp)``
+    false accepts allowed, ``t`` is the (k+1)-th largest impostor score, or
+    ``-inf`` if every impostor may be accepted.
+
+    Examples
+    --------
+    >>> threshold_at_far([0.1, 0.2, 0.3, 0.4], 0.25)
+    0.3
+    """
+    imp = np.asarray(impostor_scores, dtype=np.float64)
+    if imp.ndim != 1 or imp.size == 0:
+        raise ValueError("threshold_at_far: impostor_scores must be a non-empty 1-D array")
+    if not 0.0 <= far <= 1.0:
+        raise ValueError(f"threshold_at_far: far must be in [0, 1], got {far}")
+    k = int(np.floor(far * imp.size + 1e-9))
+    if k >= imp.size:
+        return float("-inf")
+    return float(np.sort(imp)[::-1][k])
+
+
+def tar_at_far(genuine_scores: npt.ArrayLike, impostor_scores: npt.ArrayLike, far: float) -> float:
+    """True accept rate at the threshold given by :func:`threshold_at_far`.
+
+    Examples
+    --------
+    >>> tar_at_far([0.35, 0.5, 0.2], [0.1, 0.2, 0.3, 0.4], 0.25)
+    0.6666666666666666
+    """
+    gen = np.asarray(genuine_scores, dtype=np.float64)
+    if gen.ndim != 1 or gen.size == 0:
+        raise ValueError("tar_at_far: genuine_scores must be a non-empty 1-D array")
+    t = threshold_at_far(impostor_scores, far)
+    return float(np.mean(gen > t))
+
+
+# --------------------------------------------------------------------------- gamma calibration
+
+
+def calibrate_gamma_pairs(
+    sim: npt.ArrayLike,
+    ers_a: npt.ArrayLike,
+    ers_b: npt.ArrayLike,
+    is_same: npt.ArrayLike,
+    target_far: float,
+    grid: npt.ArrayLike | None = None,
+) -> GammaCalibration:
+    """Choose gamma minimising the FRR at a fixed FAR (the paper's TinyFace procedure).
+
+    For each candidate ``gamma`` in ``grid``:
+
+    1. a pair is *unsure* when ``min(ers_a, ers_b) < gamma``; unsure pairs are
+       rejected whatever their similarity;
+    2. among the sure impostor pairs the similarity threshold ``t`` is the
+       smallest impostor similarity with ``#(sure impostors with sim > t) <=
+       floor(target_far * N_imp)``, where ``N_imp`` counts **all** impostor
+       pairs (an unsure impostor is a correct reject, so rejecting images
+       buys room for a lower threshold); ``t = -inf`` when every sure impostor
+       fits in the budget;
+    3. a pair is accepted iff it is sure and ``sim > t``;
+       ``FAR = accepted impostors / N_imp`` (always ``<= target_far``) and
+       ``FRR = 1 - accepted genuine / N_gen`` over **all** genuine pairs (an
+       unsure genuine pair is a false reject).
+
+    The chosen gamma has the smallest FRR; ties go to the smallest gamma
+    (reject as little as possible). The default grid is 0 plus 201 quantiles
+    of ``min(ers_a, ers_b)``; ``gamma = 0`` reproduces the plain verifier.
+
+    Examples
+    --------
+    >>> r = calibrate_gamma_pairs([0.9, 0.8, 0.85, 0.1], [1, 1, 0.05, 1],
+    ...                           [1, 1, 1, 1], [True, True, False, False], 0.0)
+    >>> round(r.gamma, 2), r.frr, r.far
+    (0.06, 0.0, 0.0)
+    """
+    s = np.asarray(sim, dtype=np.float64)
+    ea = np.asarray(ers_a, dtype=np.float64)
+    eb = np.asarray(ers_b, dtype=np.float64)
+    same = np.asarray(is_same)
+    if s.ndim != 1 or not (ea.shape == eb.shape == same.shape == s.shape):
+        raise ValueError(
+            "calibrate_gamma_pairs: sim, ers_a, ers_b and is_same must be 1-D arrays of equal length"
+        )
+    same = same.astype(bool)
+    if not 0.0 <= target_far <= 1.0:
+        raise ValueError(f"calibrate_gamma_pairs: target_far must be in [0, 1], got {target_far}")
+    n_gen = int(same.sum())
+    n_imp = int(same.size - n_gen)
+    if n_gen == 0 or n_imp == 0:
+        raise ErsUserError(
+            f"gamma calibration needs genuine and impostor pairs, got {n_gen} genuine and {n_imp} impostor"
+        )
+    min_ers = np.minimum(ea, eb)
+    if grid is None:
+        cand = np.unique(np.concatenate([[0.0], np.quantile(min_ers, np.linspace(0.0, 1.0, 201))]))
+    else:
+        cand = np.unique(np.asarray(grid, dtype=np.float64).ravel())
+        if cand.size == 0:
+            raise ValueError("calibrate_gamma_pairs: grid is empty")
+    budget = int(np.floor(target_far * n_imp + 1e-9))
+
+    # Sort impostors by similarity descending once; for each gamma the threshold is
+    # the (budget+1)-th sure impostor in that order.
+    imp_sim = s[~same]
+    imp_min = min_ers[~same]
+    order = np.argsort(-imp_sim, kind="stable")
+    imp_sim_desc = imp_sim[order]
+    imp_min_desc = imp_min[order]
+    gen_sim = s[same]
+    gen_min = min_ers[same]
+
+    best: tuple[float, float, float, float] | None = None  # (frr, gamma, far, t)
+    for g in cand:
+        sure_imp = imp_min_desc >= g
+        csum = np.cumsum(sure_imp)
+        if csum[-1] <= budget:
+            t = float("-inf")
+        else:
+            pos = int(np.searchsorted(csum, budget + 1))  # index of the (budget+1)-th sure impostor
+            t = float(imp_sim_desc[pos])
+        far = float(np.count_nonzero(sure_imp & (imp_sim_desc > t))) / n_imp
+        acc_gen = np.count_nonzero((gen_min >= g) & (gen_sim > t))
+        frr = float(1.0 - acc_gen / n_gen)
+        if best is None or frr < best[0]:
+            best = (frr, float(g), far, t)
+    assert best is not None
+    return GammaCalibration(gamma=best[1], frr=best[0], far=best[2], threshold=best[3], method="pairs-frr-at-far")
+
+
+def _all_within_group_pairs(starts: IntArray, sizes: IntArray) -> tuple[IntArray, IntArray]:
+    """All (p, q), p < q, of positions inside the same contiguous group (vectorised)."""
+    n = int(sizes.sum())
+    group_end = np.repeat(starts + sizes, sizes)  # exclusive end per position
+    pos = np.arange(n, dtype=np.int64)
+    counts = group_end - pos - 1
+    p = np.repeat(pos, counts)
+    first = np.cumsum(counts) - counts  # offset of each p's run
+    q = p + 1 + (np.arange(p.size, dtype=np.int64) - np.repeat(first, counts))
+    return p, q
+
+
+def build_identity_pairs(
+    identities: npt.ArrayLike, max_pairs: int = 200_000, seed: int = 0
+) -> tuple[IntArray, IntArray, BoolArray]:
+    """Genuine and impostor row-index pairs ``(i, j, is_same)`` from identity labels.
+
+    Up to ``max_pairs // 2`` pairs of each kind. When a kind has more pairs
+    than that, pairs are sampled uniformly (with a fixed ``seed``, without
+    replacement of unordered pairs for genuine pairs drawn by index, duplicates
+    possible but rare for impostors); otherwise all pairs are enumerated.
+    Always ``i < j``.
+    """
+    labels = np.asarray(identities)
+    if labels.ndim != 1:
+        raise ValueError(f"build_identity_pairs: identities must be 1-D, got shape {labels.shape}")
+    if max_pairs < 2:
+        raise ValueError(f"build_identity_pairs: max_pairs must be >= 2, got {max_pairs}")
+    n = labels.size
+    half = max_pairs // 2
+    rng = np.random.default_rng(seed)
+    _, inv = np.unique(labels, return_inverse=True)
+    inv = inv.astype(np.int64).ravel()
+    order = np.argsort(inv, kind="stable").astype(np.int64)
+    sorted_lab = inv[order]
+    starts = np.flatnonzero(np.r_[True, sorted_lab[1:] != sorted_lab[:-1]]).astype(np.int64) if n else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, n]).astype(np.int64)
+    n_gen_total = int((sizes * (sizes - 1) // 2).sum())
+    n_imp_total = n * (n - 1) // 2 - n_gen_total
+
+    # genuine
+    if n_gen_total <= half:
+        p, q = _all_within_group_pairs(starts, sizes)
+    else:
+        # draw a group with probability proportional to its number of pairs, then a pair in it
+        w = (sizes * (sizes - 1) / 2).astype(np.float64)
+        grp = rng.choice(sizes.size, size=half, p=w / w.sum())
+        s = sizes[grp]
+        a = (rng.random(half) * s).astype(np.int64)
+        b = (rng.random(half) * (s - 1)).astype(np.int64)
+        b = b + (b >= a)
+        p = starts[grp] + np.minimum(a, b)
+        q = starts[grp] + np.maximum(a, b)
+    gi, gj = order[p], order[q]
+
+    # impostor
+    if n_imp_total <= half:
+        ii, jj = np.triu_indices(n, k=1)
+        keep = inv[ii] != inv[jj]
+        ii, jj = ii[keep].astype(np.int64), jj[keep].astype(np.int64)
+    else:
+        got_i: list[IntArray] = []
+        got_j: list[IntArray] = []
+        have = 0
+        while have < half:
+            m = 2 * (half - have) + 16
+            a = rng.integers(0, n, size=m)
+            b = rng.integers(0, n, size=m)
+            ok = inv[a] != inv[b]
+            a, b = a[ok], b[ok]
+            got_i.append(np.minimum(a, b))
+            got_j.append(np.maximum(a, b))
+            have += a.size
+        ii = np.concatenate(got_i)[:half].astype(np.int64)
+        jj = np.concatenate(got_j)[:half].astype(np.int64)
+
+    i_all = np.concatenate([gi, ii]).astype(np.int64)
+    j_all = np.concatenate([gj, jj]).astype(np.int64)
+    lo, hi = np.minimum(i_all, j_all), np.maximum(i_all, j_all)
+    is_same = np.concatenate([np.ones(gi.size, bool), np.zeros(ii.size, bool)])
+    return lo, hi, is_same
+
+
+def calibrate_gamma_identities(
+    embeddings: npt.ArrayLike,
+    identities: npt.ArrayLike,
+    ers: npt.ArrayLike,
+    target_far: float,
+    max_pairs: int = 200_000,
+    seed: int = 0,
+    grid: npt.ArrayLike | None = None,
+) -> GammaCalibration:
+    """Calibrate gamma on a labelled set: build pairs, then :func:`calibrate_gamma_pairs`.
+
+    Pairs come from :func:`build_identity_pairs` (deterministic for a seed);
+    similarity is the cosine similarity of the normalised embeddings.
+    """
+    emb = normalize_rows(embeddings)
+    e = np.asarray(ers, dtype=np.float64)
+    labels = np.asarray(identities)
+    if labels.shape != (emb.shape[0],) or e.shape != (emb.shape[0],):
+        raise ValueError(
+            f"calibrate_gamma_identities: {emb.shape[0]} embeddings, {labels.size} identities, {e.size} ERS values"
+        )
+    i, j, same = build_identity_pairs(labels, max_pairs=max_pairs, seed=seed)
+    sim = np.empty(i.size, dtype=np.float64)
+    step = 65_536
+    for k in range(0, i.size, step):
+        sim[k : k + step] = np.einsum("ij,ij->i", emb[i[k : k + step]], emb[j[k : k + step]], dtype=np.float64)
+    return calibrate_gamma_pairs(sim, e[i], e[j], same, target_far, grid=grid)
+
+
+def calibrate_gamma_unlabelled(ers_ui_members: npt.ArrayLike, ers_rest: npt.ArrayLike) -> GammaCalibration:
+    """Calibrate gamma without identity labels: maximise Youden's J between UI and the rest.
+
+    UI cluster members are taken as the unrecognizable class (negatives), all
+    other images as recognizable (positives); an image is called recognizable
+    when ``ERS >= gamma``. gamma maximises ``J = TPR - FPR =
+    mean(rest >= gamma) - mean(ui >= gamma)``, i.e. balanced accuracy.
+
+    Why this rule: J weighs both classes equally, so it does not depend on the
+    UI share (typically 1-20 % of a dataset, where plain accuracy would favour
+    "accept everything"); it needs no parametric model of the two ERS
+    distributions; and it is stable under the heavy low tail of the "rest"
+    (unrecognizable images that just missed the UI cluster). J is piecewise
+    constant; gamma is the **midpoint** of the first interval of optimal
+    values, so a clean gap between the classes gives a gamma in the middle of
+    the gap rather than on a sample.
+
+    ``frr`` = fraction of the rest with ``ERS < gamma`` (recognizable rejected),
+    ``far`` = fraction of UI members with ``ERS >= gamma`` (unrecognizable
+    accepted), ``threshold`` = NaN.
+
+    Raises ClusteringError when no threshold separates the classes (max J <= 0),
+    which means the "UI" cluster is not the unrecognizable one.
+
+    Examples
+    --------
+    >>> calibrate_gamma_unlabelled([0.02, 0.04, 0.06], [0.5, 0.6, 0.7]).gamma
+    0.28
+    """
+    ui = np.asarray(ers_ui_members, dtype=np.float64).ravel()
+    rest = np.asarray(ers_rest, dtype=np.float64).ravel()
+    if ui.size == 0 or rest.size == 0:
+        raise ValueError(
+            f"calibrate_gamma_unlabelled: need UI members and other rows, got {ui.size} and {rest.size}"
+        )
+    if not (np.all(np.isfinite(ui)) and np.all(np.isfinite(rest))):
+        raise ValueError("calibrate_gamma_unlabelled: ERS values must be finite")
+    cand = np.unique(np.concatenate([ui, rest]))  # gamma in (cand[k-1], cand[k]] acts like cand[k]
+    ui_s = np.sort(ui)
+    rest_s = np.sort(rest)
+    tpr = 1.0 - np.searchsorted(rest_s, cand, side="left") / rest.size
+    fpr = 1.0 - np.searchsorted(ui_s, cand, side="left") / ui.size
+    j = tpr - fpr
+    jmax = float(j.max())
+    if jmax <= 0.0:
+        raise ClusteringError(
+            "UI members do not have lower ERS than the other rows; the located UI cluster looks wrong"
+        )
+    k1 = int(np.argmax(j >= jmax - 1e-12))
+    k2 = k1
+    while k2 + 1 < cand.size and j[k2 + 1] >= jmax - 1e-12:
+        k2 += 1
+    lower = cand[k1 - 1] if k1 > 0 else cand[k1]
+    gamma = float((lower + cand[k2]) / 2.0)
+    frr = float(np.mean(rest < gamma))
+    far = float(np.mean(ui >= gamma))
+    return GammaCalibration(gamma=gamma, frr=frr, far=far, threshold=float("nan"), method="unlabelled-youden")
+
+
+# --------------------------------------------------------------------------- sub-center label noise
+
+
+def _spherical_kmeans(x: F64, k: int, seed: int, n_iter: int) -> tuple[F64, IntArray]:
+    """Spherical k-means; init: row nearest the mean, then k-means++ (seeded)."""
+    rng = np.random.default_rng(seed)
+    n = x.shape[0]
+    mean = x.sum(axis=0)
+    first = int(np.argmax(x @ mean)) if np.linalg.norm(mean) > 0 else 0
+    idx = [first]
+    best_sim = x @ x[first]
+    for _ in range(1, k):
+        d2 = np.clip(1.0 - best_sim, 0.0, None)
+        total = d2.sum()
+        nxt = int(rng.choice(n, p=d2 / total)) if total > 0 else int(rng.integers(n))
+        idx.append(nxt)
+        best_sim = np.maximum(best_sim, x @ x[nxt])
+    centres = x[idx].copy()
+    assign = np.full(n, -1, dtype=np.int64)
+    for _ in range(n_iter):
+        new = np.argmax(x @ centres.T, axis=1).astype(np.int64)
+        if np.array_equal(new, assign):
+            break
+        assign = new
+        sums = np.zeros_like(centres)
+        np.add.at(sums, assign, x)
+        norms = np.linalg.norm(sums, axis=1)
+        ok = norms > 0
+        centres[ok] = sums[ok] / norms[ok, None]  # empty cluster keeps its old centre
+    return centres, assign
+
+
+def subcenter_label_noise(
+    embeddings: npt.ArrayLike,
+    k: int = 3,
+    max_angle_deg: float = 75.0,
+    seed: int = 0,
+    n_iter: int = 20,
+) -> tuple[BoolArray, F64, F32]:
+    """Flag label noise within one identity, sub-center ArcFace style.
+
+    Clusters the identity's embeddings into ``k`` sub-centres (spherical
+    k-means, deterministic for a seed); the largest sub-centre is the dominant
+    one (ties: lowest index) and samples whose angle to it exceeds
+    ``max_angle_deg`` are dropped. With fewer than ``k`` samples there is no
+    meaningful clustering: everything is kept and angles are measured to the
+    normalised mean.
+
+    Returns
+    -------
+    keep_mask : bool ndarray (n,)
+    angles_deg : float64 ndarray (n,)
+    dominant_centre : float32 unit vector (d,)
+
+    Examples
+    --------
+    >>> x = [[1, 0], [0.99, 0.1], [0.98, -0.1], [1, 0.05], [-1, 0]]
+    >>> keep, ang, c = subcenter_label_noise(x, k=2, max_angle_deg=75)
+    >>> keep.tolist()
+    [True, True, True, True, False]
+    """
+    if k < 1:
+        raise ValueError(f"subcenter_label_noise: k must be >= 1, got {k}")
+    x = normalize_rows(embeddings).astype(np.float64)
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("subcenter_label_noise: embeddings is empty")
+    if n < k:
+        centre = _unit_vector(x.sum(axis=0), "mean of identity embeddings")
+        angles = np.degrees(np.arccos(np.clip(x @ centre, -1.0, 1.0)))
+        return np.ones(n, dtype=bool), angles, centre.astype(np.float32)
+    centres, assign = _spherical_kmeans(x, k, seed, n_iter)
+    counts = np.bincount(assign, minlength=k)
+    dom = centres[int(np.argmax(counts))]
+    angles = np.degrees(np.arccos(np.clip(x @ dom, -1.0, 1.0)))
+    return angles <= max_angle_deg, angles, dom.astype(np.float32)

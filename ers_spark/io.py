@@ -1,0 +1,194 @@
+"""Delta Lake I/O shared by every stage: create, read, MERGE on the key, versions, the run log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from ers_spark.config import ErsConfig
+from ers_spark.contracts import RUNS, TableContract, check_contract
+from ers_spark.errors import ContractError
+
+log = logging.getLogger("ers_spark")
+
+
+def table_path(cfg: ErsConfig, contract: TableContract) -> str:
+    return cfg.storage.table_path(contract.name)
+
+
+def qualified_name(cfg: ErsConfig, contract: TableContract) -> str:
+    return f"{cfg.storage.database}.{contract.name}"
+
+
+def _catalog_enabled(spark: SparkSession) -> bool:
+    return spark.conf.get("spark.sql.catalogImplementation", "in-memory") == "hive"
+
+
+def register_table(spark: SparkSession, cfg: ErsConfig, contract: TableContract) -> None:
+    """Register the Delta table at its path in the catalog as ``<database>.<table>``."""
+    if not _catalog_enabled(spark):
+        return
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg.storage.database}")
+    spark.sql(
+        f"CREATE TABLE IF NOT EXISTS {qualified_name(cfg, contract)} USING DELTA "
+        f"LOCATION '{table_path(cfg, contract)}'"
+    )
+
+
+def ensure_table(
+    spark: SparkSession, cfg: ErsConfig, contract: TableContract, properties: dict[str, str] | None = None
+) -> DeltaTable:
+    """Create the table with its contract schema when absent, register it, and return it."""
+    path = table_path(cfg, contract)
+    if not DeltaTable.isDeltaTable(spark, path):
+        builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(contract.schema)
+        builder = builder.property("ers.contract", contract.name)
+        for key, value in (properties or {}).items():
+            builder = builder.property(key, value)
+        builder.execute()
+    elif properties:
+        set_properties(spark, cfg, contract, properties)
+    register_table(spark, cfg, contract)
+    return DeltaTable.forPath(spark, path)
+
+
+def set_properties(spark: SparkSession, cfg: ErsConfig, contract: TableContract, properties: dict[str, str]) -> None:
+    """Set table properties (model and UIC versions) on an existing table."""
+    if not properties:
+        return
+    assignments = ", ".join(f"'{k}' = '{v}'" for k, v in properties.items())
+    spark.sql(f"ALTER TABLE delta.`{table_path(cfg, contract)}` SET TBLPROPERTIES ({assignments})")
+
+
+def table_exists(spark: SparkSession, cfg: ErsConfig, contract: TableContract) -> bool:
+    return DeltaTable.isDeltaTable(spark, table_path(cfg, contract))
+
+
+def read_table(spark: SparkSession, cfg: ErsConfig, contract: TableContract, hint: str = "") -> DataFrame:
+    """Read a stage's input table and check it against its contract."""
+    path = table_path(cfg, contract)
+    if not DeltaTable.isDeltaTable(spark, path):
+        run_hint = f"; {hint}" if hint else ""
+        raise ContractError(f"input table '{contract.name}' not found at {path}{run_hint}")
+    df = spark.read.format("delta").load(path)
+    check_contract(df, contract, f"input table '{contract.name}' at {path}")
+    return df
+
+
+def table_version(spark: SparkSession, cfg: ErsConfig, contract: TableContract) -> int | None:
+    """The latest Delta version of a table, or None when it does not exist."""
+    path = table_path(cfg, contract)
+    if not DeltaTable.isDeltaTable(spark, path):
+        return None
+    row = DeltaTable.forPath(spark, path).history(1).select("version").first()
+    return int(row[0]) if row is not None else None
+
+
+def _merge_condition(contract: TableContract) -> str:
+    return " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in contract.key)
+
+
+def conform(df: DataFrame, contract: TableContract) -> DataFrame:
+    """Select and cast ``df`` to the contract's columns and types."""
+    return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in contract.schema.fields])
+
+
+def merge_insert_new(spark: SparkSession, cfg: ErsConfig, contract: TableContract, df: DataFrame) -> int:
+    """Insert the rows whose key is not in the table yet; return how many were inserted.
+
+    Duplicate keys inside ``df`` are collapsed first (MERGE would insert both).
+    """
+    target = ensure_table(spark, cfg, contract)
+    source = conform(df, contract).dropDuplicates(list(contract.key))
+    metrics = (
+        target.alias("t").merge(source.alias("s"), _merge_condition(contract)).whenNotMatchedInsertAll().execute()
+    )
+    return _inserted(metrics)
+
+
+def merge_upsert(spark: SparkSession, cfg: ErsConfig, contract: TableContract, df: DataFrame) -> tuple[int, int]:
+    """Insert new keys and update rows whose key exists; return (inserted, updated)."""
+    target = ensure_table(spark, cfg, contract)
+    source = conform(df, contract).dropDuplicates(list(contract.key))
+    metrics = (
+        target.alias("t")
+        .merge(source.alias("s"), _merge_condition(contract))
+        .whenMatchedUpdateAll()
+        .whenNotMatchedInsertAll()
+        .execute()
+    )
+    row = metrics.first() if metrics is not None else None
+    if row is None:
+        return 0, 0
+    return int(row["num_inserted_rows"]), int(row["num_updated_rows"])
+
+
+def _inserted(metrics: DataFrame | None) -> int:
+    row = metrics.first() if metrics is not None else None
+    return int(row["num_inserted_rows"]) if row is not None else 0
+
+
+def append(spark: SparkSession, cfg: ErsConfig, contract: TableContract, df: DataFrame) -> None:
+    ensure_table(spark, cfg, contract)
+    conform(df, contract).write.format("delta").mode("append").save(table_path(cfg, contract))
+
+
+@dataclass
+class StageRun:
+    """Times one stage run, then logs one JSON line and appends it to the ``runs`` table.
+
+    Examples
+    --------
+    >>> run = StageRun("ingest", params={"input_path": "/faces"})   # doctest: +SKIP
+    >>> run.counts.update(read=50, written=45, already_present=0, quarantined=5)  # doctest: +SKIP
+    >>> run.finish(spark, cfg)   # doctest: +SKIP
+    """
+
+    stage: str
+    params: dict[str, Any]
+    counts: dict[str, int] = field(default_factory=dict)
+    input_versions: dict[str, int | None] = field(default_factory=dict)
+    output_versions: dict[str, int | None] = field(default_factory=dict)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    _t0: float = field(default_factory=time.perf_counter)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "run_id": self.run_id,
+            "params": self.params,
+            "input_versions": self.input_versions,
+            "output_versions": self.output_versions,
+            "counts": self.counts,
+            "seconds": round(time.perf_counter() - self._t0, 3),
+        }
+
+    def finish(self, spark: SparkSession, cfg: ErsConfig, outputs: tuple[TableContract, ...] = ()) -> dict[str, Any]:
+        """Read the output versions, print the JSON line, and store it in the runs table."""
+        for contract in outputs:
+            self.output_versions[contract.name] = table_version(spark, cfg, contract)
+        record = self.record()
+        print(json.dumps(record, sort_keys=True, default=str), file=sys.stdout, flush=True)
+        row = {
+            "run_id": self.run_id,
+            "stage": self.stage,
+            "params": json.dumps(self.params, sort_keys=True, default=str),
+            "input_versions": {k: v for k, v in self.input_versions.items()},
+            "output_versions": {k: v for k, v in self.output_versions.items()},
+            "counts": {k: int(v) for k, v in self.counts.items()},
+            "seconds": float(record["seconds"]),
+            "started_at": self.started_at.replace(tzinfo=None),
+        }
+        append(spark, cfg, RUNS, spark.createDataFrame([row], RUNS.schema))
+        return record

@@ -1,0 +1,135 @@
+"""Turn encoded face crops into the float tensor a model spec asks for.
+
+Decoding is the only per-image step (Pillow has no batch decoder); everything after it, the
+channel order, the normalisation and the layout, is done once on the stacked batch.
+A bad image never raises: it is reported with ``ok=False`` and a one-line reason so a Spark
+job can keep the row and say why it has no embedding.
+
+Example
+-------
+>>> import io
+>>> import numpy as np
+>>> from PIL import Image
+>>> from ers_spark.models.spec import load_model_spec
+>>> from ers_spark.models.preprocess import decode_batch
+>>> buf = io.BytesIO()
+>>> Image.new("L", (92, 112), 128).save(buf, format="PNG")
+>>> batch, ok, reasons = decode_batch([buf.getvalue(), b"not an image", None], load_model_spec("dlib_resnet_v1"))
+>>> batch.shape, ok.tolist(), reasons[1].startswith("undecodable image:"), reasons[2]
+((1, 3, 150, 150), [True, False, False], True, 'missing image (null bytes)')
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ers_spark.models.spec import ModelSpec
+
+_RESAMPLE = Image.Resampling.BILINEAR
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _decode_one(data: bytes | bytearray | memoryview | None, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+    """Decode one image to an RGB uint8 array of ``size`` (width, height), or give a reason."""
+    if data is None:
+        return None, "missing image (null bytes)"
+    if len(data) == 0:
+        return None, "empty image (0 bytes)"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")  # forces the full decode: truncated files raise here
+            if im.size != size:
+                im = im.resize(size, _RESAMPLE)
+            return np.asarray(im, dtype=np.uint8), None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-row result
+        return None, f"undecodable image: {_first_line(exc)}"
+
+
+def prepare_arrays(images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
+    """Stack HxWx3 uint8 RGB arrays into a normalised float32 batch in the spec's layout.
+
+    Arrays whose size differs from the spec are resized (bilinear); grey HxW arrays are
+    repeated to three channels.
+
+    Parameters
+    ----------
+    images : sequence of numpy.ndarray
+        RGB images, uint8, shape (H, W, 3) (or (H, W) grey).
+    spec : ModelSpec
+        Gives the size, channel order, mean/std and layout.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, ``[N, 3, H, W]`` for NCHW or ``[N, H, W, 3]`` for NHWC.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from ers_spark.models.spec import load_model_spec
+    >>> x = prepare_arrays([np.zeros((150, 150, 3), np.uint8)], load_model_spec("dlib_resnet_v1"))
+    >>> x.shape, round(float(x[0, 0, 0, 0]), 4)
+    ((1, 3, 150, 150), -0.4796)
+    """
+    h, w = spec.input_height, spec.input_width
+    n = len(images)
+    stacked = np.empty((n, h, w, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        arr = np.asarray(img)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.shape[:2] != (h, w):
+            pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, :3])
+            arr = np.asarray(pil.convert("RGB").resize((w, h), _RESAMPLE))
+        stacked[i] = arr[:, :, :3] if arr.shape[2] >= 3 else arr  # grey broadcasts to 3 channels
+    if spec.channel_order == "BGR":
+        stacked = stacked[..., ::-1]
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    inv_std = (1.0 / np.asarray(spec.std, dtype=np.float64)).astype(np.float32)
+    batch = (stacked.astype(np.float32) - mean) * inv_std
+    if spec.layout == "NCHW":
+        batch = batch.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def decode_batch(
+    images: Sequence[bytes | None], spec: ModelSpec
+) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """Decode encoded images (JPEG/PNG/PGM/...) into one model-ready batch.
+
+    Parameters
+    ----------
+    images : sequence of bytes or None
+        Encoded images; None or empty marks a missing image.
+    spec : ModelSpec
+        Target size, channel order, normalisation and layout.
+
+    Returns
+    -------
+    batch : numpy.ndarray
+        float32 batch holding only the decodable images, in input order
+        (``batch.shape[0] == ok.sum()``), so no inference is spent on bad rows.
+    ok : numpy.ndarray of bool
+        One flag per input image.
+    reasons : list of str or None
+        None for good images, else a one-line reason such as ``"undecodable image: ..."``.
+    """
+    size = (spec.input_width, spec.input_height)
+    decoded: list[np.ndarray] = []
+    ok = np.zeros(len(images), dtype=bool)
+    reasons: list[str | None] = []
+    for i, data in enumerate(images):
+        arr, reason = _decode_one(data, size)
+        reasons.append(reason)
+        if arr is not None:
+            decoded.append(arr)
+            ok[i] = True
+    return prepare_arrays(decoded, spec), ok, reasons

@@ -1,0 +1,261 @@
+"""Run a converted face model with torch (optional backend: ``pip install 'ers-spark[torch]'``).
+
+Why: on clusters where torch with CUDA is already installed but onnxruntime-gpu is not, the
+same ONNX file can run on the GPU (optionally in fp16). The module below interprets the small
+ONNX op set that :mod:`ers_spark.models.dlib_convert` emits (plus a few common ones), with
+the graph's initializers as torch buffers; no onnx2torch dependency is needed.
+
+Example
+-------
+>>> import numpy as np
+>>> from ers_spark.models.spec import load_model_spec, resolve_model_file
+>>> from ers_spark.models.torch_runner import TorchEmbedder
+>>> spec = load_model_spec("dlib_resnet_v1")
+>>> emb = TorchEmbedder(resolve_model_file(spec, "/tmp/ers-models"), spec, device="cpu")  # doctest: +SKIP
+>>> unit, norms = emb.embed(np.zeros((2, 3, 150, 150), np.float32))  # doctest: +SKIP
+>>> unit.shape  # doctest: +SKIP
+(2, 128)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ers_spark.errors import ModelError
+from ers_spark.models.onnx_runner import l2_normalize
+from ers_spark.models.spec import ModelSpec
+
+SUPPORTED_OPS = (
+    "Conv", "Relu", "Add", "Mul", "Sub", "Div", "Pad", "AveragePool", "MaxPool",
+    "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape", "MatMul", "Gemm",
+    "Identity", "Slice", "BatchNormalization",
+)
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:
+        raise ModelError("torch backend needs torch: pip install 'ers-spark[torch]'") from exc
+    return torch
+
+
+def _sym_pads(op: str, pads: list[int]) -> tuple[int, int]:
+    """ONNX 2-D pads [top, left, bottom, right] as torch's symmetric (pad_h, pad_w)."""
+    if not pads:
+        return (0, 0)
+    top, left, bottom, right = pads
+    if (top, left) != (bottom, right):
+        raise ModelError(f"torch backend cannot run {op} with asymmetric pads {pads}")
+    return (top, left)
+
+
+def build_torch_module(model: Any) -> Any:
+    """Build a ``torch.nn.Module`` that evaluates an ONNX ModelProto (supported ops only).
+
+    Float initializers become buffers (so ``.to(device)`` and ``.half()`` move them);
+    integer initializers (shapes, pads, slice bounds) stay Python lists.
+    """
+    torch = _import_torch()
+    import torch.nn.functional as F
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    unsupported = sorted({n.op_type for n in graph.node} - set(SUPPORTED_OPS))
+    if unsupported:
+        raise ModelError(f"torch backend cannot run ONNX op(s) {', '.join(unsupported)}")
+
+    class OnnxGraphModule(torch.nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.buffer_of: dict[str, str] = {}
+            self.ints: dict[str, list[int]] = {}
+            for i, init in enumerate(graph.initializer):
+                arr = numpy_helper.to_array(init)
+                if np.issubdtype(arr.dtype, np.floating):
+                    key = f"p{i}"
+                    self.register_buffer(key, torch.from_numpy(np.array(arr, dtype=np.float32)))
+                    self.buffer_of[init.name] = key
+                else:
+                    self.ints[init.name] = [int(v) for v in arr.ravel()]
+            init_names = {init.name for init in graph.initializer}
+            self.input_names = [i.name for i in graph.input if i.name not in init_names]
+            self.output_name = graph.output[0].name
+            self.nodes = [
+                (n.op_type, list(n.input), list(n.output),
+                 {a.name: helper.get_attribute_value(a) for a in n.attribute})
+                for n in graph.node
+            ]
+
+        def forward(self, x: Any) -> Any:
+            env: dict[str, Any] = {self.input_names[0]: x}
+
+            def val(name: str) -> Any:
+                if name in env:
+                    return env[name]
+                return getattr(self, self.buffer_of[name])
+
+            for op, ins, outs, at in self.nodes:
+                if op == "Conv":
+                    w = val(ins[1])
+                    b = val(ins[2]) if len(ins) > 2 and ins[2] else None
+                    y = F.conv2d(val(ins[0]), w, b, stride=tuple(at.get("strides", [1, 1])),
+                                 padding=_sym_pads(op, list(at.get("pads", []))),
+                                 dilation=tuple(at.get("dilations", [1, 1])), groups=at.get("group", 1))
+                elif op == "Relu":
+                    y = F.relu(val(ins[0]))
+                elif op in ("Add", "Mul", "Sub", "Div"):
+                    a, c = val(ins[0]), val(ins[1])
+                    y = a + c if op == "Add" else a * c if op == "Mul" else a - c if op == "Sub" else a / c
+                elif op == "Pad":
+                    if at.get("mode", b"constant") not in (b"constant", "constant"):
+                        raise ModelError("torch backend runs only constant Pad")
+                    pads = self.ints[ins[1]]
+                    half = len(pads) // 2
+                    torch_pads: list[int] = []
+                    for d in range(half - 1, -1, -1):  # torch wants last dim first
+                        torch_pads += [pads[d], pads[d + half]]
+                    y = F.pad(val(ins[0]), torch_pads, mode="constant", value=0.0)
+                elif op == "AveragePool":
+                    y = F.avg_pool2d(val(ins[0]), tuple(at["kernel_shape"]), tuple(at.get("strides", [1, 1])),
+                                     padding=_sym_pads(op, list(at.get("pads", []))),
+                                     ceil_mode=bool(at.get("ceil_mode", 0)),
+                                     count_include_pad=bool(at.get("count_include_pad", 0)))
+                elif op == "MaxPool":
+                    y = F.max_pool2d(val(ins[0]), tuple(at["kernel_shape"]), tuple(at.get("strides", [1, 1])),
+                                     padding=_sym_pads(op, list(at.get("pads", []))),
+                                     ceil_mode=bool(at.get("ceil_mode", 0)))
+                elif op == "GlobalAveragePool":
+                    y = val(ins[0]).mean(dim=(2, 3), keepdim=True)
+                elif op == "GlobalMaxPool":
+                    y = val(ins[0]).amax(dim=(2, 3), keepdim=True)
+                elif op == "Flatten":
+                    t = val(ins[0])
+                    axis = at.get("axis", 1)
+                    lead = 1
+                    for s in t.shape[:axis]:
+                        lead *= s
+                    y = t.reshape(lead, -1)
+                elif op == "Reshape":
+                    t = val(ins[0])
+                    shape = [t.shape[i] if s == 0 else s for i, s in enumerate(self.ints[ins[1]])]
+                    y = t.reshape(shape)
+                elif op == "MatMul":
+                    y = val(ins[0]) @ val(ins[1])
+                elif op == "Gemm":
+                    a, c = val(ins[0]), val(ins[1])
+                    a = a.t() if at.get("transA", 0) else a
+                    c = c.t() if at.get("transB", 0) else c
+                    y = at.get("alpha", 1.0) * (a @ c)
+                    if len(ins) > 2 and ins[2]:
+                        y = y + at.get("beta", 1.0) * val(ins[2])
+                elif op == "Identity":
+                    y = val(ins[0])
+                elif op == "Slice":
+                    t = val(ins[0])
+                    starts, ends = self.ints[ins[1]], self.ints[ins[2]]
+                    axes = self.ints[ins[3]] if len(ins) > 3 and ins[3] else list(range(len(starts)))
+                    steps = self.ints[ins[4]] if len(ins) > 4 and ins[4] else [1] * len(starts)
+                    index = [slice(None)] * t.dim()
+                    for s, e, ax, st in zip(starts, ends, axes, steps):
+                        index[ax] = slice(s, min(e, t.shape[ax]), st)
+                    y = t[tuple(index)]
+                elif op == "BatchNormalization":
+                    y = F.batch_norm(val(ins[0]), val(ins[3]), val(ins[4]), val(ins[1]), val(ins[2]),
+                                     training=False, eps=at.get("epsilon", 1e-5))
+                else:  # pragma: no cover - filtered in build_torch_module
+                    raise ModelError(f"torch backend cannot run ONNX op {op}")
+                env[outs[0]] = y
+            return env[self.output_name]
+
+    return OnnxGraphModule().eval()
+
+
+class TorchEmbedder:
+    """Face embedder running a converted ONNX model with torch.
+
+    Parameters
+    ----------
+    model_path : path-like
+        ONNX file written by :mod:`ers_spark.models.dlib_convert` (or any model using the
+        supported op set).
+    spec : ModelSpec
+        The model's spec (embedding size is checked against the output).
+    device : str
+        ``"cpu"`` or ``"cuda:0"``-style torch device.
+    fp16 : bool
+        Run in half precision (GPU); outputs are returned as float32.
+
+    Example
+    -------
+    >>> emb = TorchEmbedder("dlib_resnet_v1.onnx", spec, device="cuda:0", fp16=True)  # doctest: +SKIP
+    >>> unit, norms = emb.embed(batch)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        spec: ModelSpec,
+        device: str = "cpu",
+        fp16: bool = False,
+    ) -> None:
+        _import_torch()
+        self.model_path = str(model_path)
+        self.spec = spec
+        self.device = device
+        self.fp16 = bool(fp16)
+        self._module: Any = None
+        if not Path(self.model_path).is_file():
+            raise ModelError(
+                f"model file not found: {self.model_path} (looked at {Path(self.model_path).resolve()}); "
+                "download the ONNX file or set model.onnx_path"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_module"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"TorchEmbedder({self.model_path!r}, spec={self.spec.name!r}, device={self.device!r}, fp16={self.fp16})"
+
+    @property
+    def module(self) -> Any:
+        """The torch module, built on first use in this process."""
+        if self._module is None:
+            import onnx
+
+            module = build_torch_module(onnx.load(self.model_path)).to(self.device)
+            self._module = module.half() if self.fp16 else module
+        return self._module
+
+    @property
+    def providers(self) -> list[str]:
+        """Where the model runs, e.g. ``['torch:cuda:0:fp16']`` (parallels OnnxEmbedder.providers)."""
+        return [f"torch:{self.device}{':fp16' if self.fp16 else ''}"]
+
+    def embed(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Embed a preprocessed float32 batch; return (unit embeddings [N, D], raw norms [N])."""
+        torch = _import_torch()
+        dim = self.spec.embedding_dim
+        if batch.shape[0] == 0:
+            return np.zeros((0, dim), np.float32), np.zeros((0,), np.float32)
+        module = self.module
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        if self.fp16:
+            x = x.half()
+        with torch.inference_mode():
+            raw = module(x).float().cpu().numpy().reshape(batch.shape[0], -1)
+        if raw.shape[1] != dim:
+            raise ModelError(
+                f"model {self.model_path} gives {raw.shape[1]}-D embeddings but the spec "
+                f"{self.spec.name!r} says embedding_dim={dim}; fix the model spec"
+            )
+        return l2_normalize(raw)

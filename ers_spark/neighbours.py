@@ -1,0 +1,363 @@
+"""Local building blocks of distributed approximate single-linkage clustering.
+
+Single linkage at threshold ``eps`` = connected components of the graph whose
+edges join embeddings at cosine distance ``<= eps`` (``d = 1 - cos``, scipy's
+``'cosine'`` metric; for unit rows this is ``cos >= 1 - eps``).
+
+The distributed job runs :func:`eps_spanning_links` inside each partition (or
+bucket): it finds all eps-edges with blocked matrix products and compresses
+them on the fly into a spanning forest of star shape, ``point -> local root``,
+so only ``O(n)`` links leave the partition however dense the graph is. A
+global connected-components pass over those links gives the clusters.
+
+:func:`exact_single_linkage` is the scipy reference; :func:`choose_eps`,
+:func:`dominant_cluster` and :func:`cluster_sizes` pick the UI cluster on a
+driver-side sample.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import numpy.typing as npt
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from ers_spark.errors import ClusteringError
+
+__all__ = [
+    "LocalLinks",
+    "EpsChoice",
+    "eps_spanning_links",
+    "exact_single_linkage",
+    "links_to_labels",
+    "cluster_sizes",
+    "dominant_cluster",
+    "choose_eps",
+    "jaccard",
+]
+
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class LocalLinks:
+    """Star-shaped spanning forest of one partition's eps-graph.
+
+    ``src[i] -> dst[i]`` links a non-root point to the smallest id of its local
+    component; ``raw_edge_count`` is the number of unordered eps-pairs seen
+    (self-pairs excluded), for statistics.
+    """
+
+    src: IntArray
+    dst: IntArray
+    raw_edge_count: int
+
+
+@dataclass(frozen=True)
+class EpsChoice:
+    """Outcome of :func:`choose_eps`: eps, labels at that eps, and per-eps top-5 sizes."""
+
+    eps: float
+    labels: IntArray
+    size_table: list[tuple[float, list[int]]]
+
+
+def _star_forest(n: int, src: IntArray, dst: IntArray) -> tuple[IntArray, IntArray]:
+    """Star forest (node -> smallest node of its component) of a graph on ``0..n-1``."""
+    g = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n))
+    _, lab = connected_components(g, directed=True, connection="weak")
+    comp_min = np.full(int(lab.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(comp_min, lab, np.arange(n, dtype=np.int64))
+    tgt = comp_min[lab]
+    nonroot = np.flatnonzero(tgt != np.arange(n))
+    return nonroot.astype(np.int64), tgt[nonroot]
+
+
+def _tile_pairs(n: int, block: int) -> Iterator[tuple[int, int, int, int]]:
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        for c0 in range(r0, n, block):
+            yield r0, r1, c0, min(n, c0 + block)
+
+
+def _group_reduce(
+    hit: npt.NDArray[np.bool_], labels: IntArray, axis: int
+) -> tuple[npt.NDArray[np.bool_], IntArray]:
+    """OR together the rows (axis 0) or columns (axis 1) of ``hit`` that share a label."""
+    uniq, inv = np.unique(labels, return_inverse=True)
+    if uniq.size == labels.size:
+        return hit, labels
+    order = np.argsort(inv, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(inv[order]) != 0])
+    return np.logical_or.reduceat(np.take(hit, order, axis=axis), starts, axis=axis), uniq
+
+
+class _Components:
+    """Flat union-find over ``0..n-1``: ``comp[i]`` is always the smallest index of i's component.
+
+    Kept flat (no trees), so a lookup is one gather; a merge relabels in O(n),
+    vectorised, which is small next to one ``block_size^2 x d`` tile product.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.comp: IntArray = np.arange(n, dtype=np.int64)
+
+    def merge(self, a: IntArray, b: IntArray) -> None:
+        """Merge the components whose roots are ``a[i]`` and ``b[i]``."""
+        nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+        k = a.size
+        g = coo_matrix((np.ones(k, dtype=np.int8), (inv[:k], inv[k:])), shape=(nodes.size, nodes.size))
+        _, lab = connected_components(g, directed=True, connection="weak")
+        new_root = np.full(int(lab.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(new_root, lab, nodes)
+        remap = np.arange(self.comp.size, dtype=np.int64)
+        remap[nodes] = new_root[lab]
+        self.comp = remap[self.comp]
+
+
+def _torch_backend(device: str | None) -> Any:
+    if device is None or not str(device).startswith("cuda"):
+        return None
+    try:
+        import torch  # type: ignore[import-not-found]
+    except ImportError:
+        warnings.warn(f"device={device!r} requested but torch is not installed; using numpy", stacklevel=3)
+        return None
+    if not torch.cuda.is_available():
+        warnings.warn(f"device={device!r} requested but CUDA is not available; using numpy", stacklevel=3)
+        return None
+    return torch
+
+
+def eps_spanning_links(
+    ids: npt.ArrayLike,
+    embeddings: npt.ArrayLike,
+    eps: float,
+    block_size: int = 2048,
+    device: str | None = None,
+) -> LocalLinks:
+    """All-pairs eps-graph of one partition, compressed to ``point -> local root`` links.
+
+    Pairs at cosine distance ``<= eps`` (``cos >= 1 - eps``) are found tile by
+    tile (``block_size x block_size`` products over the upper triangle, so
+    memory is ``O(block_size^2 + n d)``, never ``n x n``). Each tile's edges are
+    reduced to a star forest with scipy's connected components; the forests
+    are buffered and folded (connected components again) whenever the buffer
+    exceeds ``max(4n, 2^20)`` links, so the output has one link per non-root member of each
+    local component (``<= n - 1`` links), root = smallest id; singletons emit
+    nothing.
+
+    Rows must already be L2-normalised (the caller normalises once). Products
+    run in the input precision (float32 or float64); pairs within float
+    rounding (~1e-6) of ``eps`` may go either way. With ``device="cuda..."``
+    and torch + CUDA available the products run on the GPU.
+
+    Examples
+    --------
+    >>> e = np.array([[1, 0], [0.8, 0.6], [0, 1], [-1, 0]], dtype=np.float32)
+    >>> out = eps_spanning_links(np.array([10, 11, 12, 13]), e, eps=0.25)
+    >>> out.src.tolist(), out.dst.tolist(), out.raw_edge_count
+    ([11], [10], 1)
+    """
+    id_arr = np.asarray(ids)
+    if id_arr.ndim != 1 or not np.issubdtype(id_arr.dtype, np.integer):
+        raise TypeError(f"eps_spanning_links: ids must be a 1-D integer array, got dtype {id_arr.dtype}")
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2 or emb.shape[0] != id_arr.shape[0]:
+        raise ValueError(
+            f"eps_spanning_links: embeddings shape {emb.shape} does not match {id_arr.shape[0]} ids"
+        )
+    if not np.issubdtype(emb.dtype, np.floating):
+        raise TypeError(f"eps_spanning_links: embeddings must be float32 or float64, got dtype {emb.dtype}")
+    if not 0.0 <= eps <= 2.0:
+        raise ValueError(f"eps_spanning_links: eps must be a cosine distance in [0, 2], got {eps}")
+    if block_size < 1:
+        raise ValueError(f"eps_spanning_links: block_size must be >= 1, got {block_size}")
+    id_arr = id_arr.astype(np.int64)
+    n = id_arr.shape[0]
+    empty = np.zeros(0, dtype=np.int64)
+    if n < 2:
+        return LocalLinks(empty, empty.copy(), 0)
+
+    order = np.argsort(id_arr, kind="stable")
+    sid = id_arr[order]
+    if np.any(sid[1:] == sid[:-1]):
+        raise ValueError("eps_spanning_links: ids must be unique")
+    dtype = np.float64 if emb.dtype == np.float64 else np.float32
+    x = np.ascontiguousarray(emb[order], dtype=dtype)
+    thr = 1.0 - float(eps)
+
+    torch = _torch_backend(device)
+    xt = torch.as_tensor(x, device=device) if torch is not None else None
+
+    forest = _Forest(n)
+    raw = 0
+    for r0, r1, c0, c1 in _tile_pairs(n, block_size):
+        if xt is not None:
+            s = xt[r0:r1] @ xt[c0:c1].T
+            hit = s >= thr
+            if c0 == r0:
+                hit = torch.triu(hit, diagonal=1)
+            nz = torch.nonzero(hit).cpu().numpy()
+            rr, cc = nz[:, 0], nz[:, 1]
+        else:
+            s = x[r0:r1] @ x[c0:c1].T
+            hit = s >= thr
+            if c0 == r0:
+                hit = np.triu(hit, k=1)
+            rr, cc = np.nonzero(hit)
+        if rr.size == 0:
+            continue
+        raw += int(rr.size)
+        a, b = _compress_edges(rr.astype(np.int64) + r0, cc.astype(np.int64) + c0)
+        forest.add(a, b)
+
+    src, dst = forest.fold()
+    return LocalLinks(sid[src], sid[dst], raw)
+
+
+def links_to_labels(ids: npt.ArrayLike, src: npt.ArrayLike, dst: npt.ArrayLike) -> IntArray:
+    """Component label (smallest member id) of each id given links between ids.
+
+    Driver-side helper and test oracle for the global connected-components step.
+    """
+    id_arr = np.asarray(ids, dtype=np.int64)
+    s = np.asarray(src, dtype=np.int64)
+    d = np.asarray(dst, dtype=np.int64)
+    order = np.argsort(id_arr, kind="stable")
+    sid = id_arr[order]
+    si = np.searchsorted(sid, s)
+    di = np.searchsorted(sid, d)
+    if s.size and (np.any(si >= sid.size) or np.any(sid[np.minimum(si, sid.size - 1)] != s)
+                   or np.any(di >= sid.size) or np.any(sid[np.minimum(di, sid.size - 1)] != d)):
+        raise ValueError("links_to_labels: links reference unknown ids")
+    m = sid.size
+    nonroot, root = _star_forest(m, si, di)
+    roots = np.arange(m, dtype=np.int64)
+    roots[nonroot] = root
+    lab_sorted = sid[roots]
+    out = np.empty_like(lab_sorted)
+    out[order] = lab_sorted
+    return out
+
+
+def exact_single_linkage(embeddings: npt.ArrayLike, eps: float) -> IntArray:
+    """Reference labels: scipy single linkage (cosine metric) cut at distance ``eps``.
+
+    Labels are scipy's ``fcluster`` numbers (1..k, int64).
+
+    Examples
+    --------
+    >>> exact_single_linkage([[1, 0], [0.8, 0.6], [0, 1]], 0.25).tolist()
+    [1, 1, 2]
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"exact_single_linkage: embeddings must be 2-D, got shape {x.shape}")
+    if x.shape[0] < 2:
+        return np.ones(x.shape[0], dtype=np.int64)
+    z = linkage(x, method="single", metric="cosine")
+    return fcluster(z, t=eps, criterion="distance").astype(np.int64)
+
+
+def cluster_sizes(labels: npt.ArrayLike) -> IntArray:
+    """Cluster sizes, largest first.
+
+    Examples
+    --------
+    >>> cluster_sizes([3, 1, 3, 2, 3, 1]).tolist()
+    [3, 2, 1]
+    """
+    _, counts = np.unique(np.asarray(labels), return_counts=True)
+    return np.sort(counts.astype(np.int64))[::-1].copy()
+
+
+def _dominance(labels: npt.ArrayLike, ratio: float, min_share: float) -> tuple[bool, Any, IntArray]:
+    lab = np.asarray(labels)
+    if lab.size == 0:
+        return False, None, np.zeros(0, dtype=np.int64)
+    uniq, counts = np.unique(lab, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    sizes = counts[order].astype(np.int64)
+    largest = int(sizes[0])
+    second = int(sizes[1]) if sizes.size > 1 else 0
+    dominant_ratio = largest >= 2 if second == 0 else largest >= ratio * second
+    ok = dominant_ratio and largest >= min_share * lab.size
+    return ok, uniq[order[0]], sizes
+
+
+def dominant_cluster(labels: npt.ArrayLike, ratio: float, min_share: float) -> Any:
+    """Label of the largest cluster if it dominates, else ClusteringError.
+
+    Dominant means ``largest >= ratio * second`` (no second cluster counts as
+    dominant only if the largest has at least 2 members) and ``largest >=
+    min_share * n``.
+
+    Examples
+    --------
+    >>> dominant_cluster([7, 7, 7, 7, 2, 5], ratio=2.0, min_share=0.5)
+    7
+    """
+    ok, lab, sizes = _dominance(labels, ratio, min_share)
+    if not ok:
+        n = int(sizes.sum())
+        raise ClusteringError(
+            f"no dominant cluster: top sizes {sizes[:5].tolist()} of {n} rows; need largest >= "
+            f"{ratio:g} x second and >= {min_share:g} of rows"
+        )
+    return lab.item() if hasattr(lab, "item") else lab
+
+
+def choose_eps(
+    embeddings: npt.ArrayLike, grid: npt.ArrayLike, ratio: float, min_share: float
+) -> EpsChoice:
+    """Smallest eps in ``grid`` where exact single linkage has a dominant cluster.
+
+    One scipy linkage is cut at every grid value (ascending); ``size_table``
+    lists the top-5 cluster sizes at every grid eps (for the report and for
+    the error message). Raises ClusteringError with that table when no eps
+    qualifies.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    g = np.unique(np.asarray(grid, dtype=np.float64).ravel())
+    if g.size == 0:
+        raise ValueError("choose_eps: grid is empty")
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ClusteringError(f"choose_eps needs at least 2 embeddings, got shape {x.shape}")
+    z = linkage(x, method="single", metric="cosine")
+    table: list[tuple[float, list[int]]] = []
+    chosen: tuple[float, IntArray] | None = None
+    for eps in g:
+        lab = fcluster(z, t=float(eps), criterion="distance").astype(np.int64)
+        ok, _, sizes = _dominance(lab, ratio, min_share)
+        table.append((float(eps), sizes[:5].tolist()))
+        if ok and chosen is None:
+            chosen = (float(eps), lab)
+    if chosen is None:
+        txt = "; ".join(f"eps={e:g}: {s}" for e, s in table)
+        raise ClusteringError(
+            f"no eps in the grid gives a dominant cluster (largest >= {ratio:g} x second and >= "
+            f"{min_share:g} of {x.shape[0]} rows); top sizes per eps: {txt}"
+        )
+    return EpsChoice(eps=chosen[0], labels=chosen[1], size_table=table)
+
+
+def jaccard(a_ids: npt.ArrayLike, b_ids: npt.ArrayLike) -> float:
+    """Jaccard index of two id sets (duplicates ignored); 1.0 when both are empty.
+
+    Examples
+    --------
+    >>> jaccard([1, 2, 3], [2, 3, 4])
+    0.5
+    """
+    a = np.unique(np.asarray(a_ids))
+    b = np.unique(np.asarray(b_ids))
+    if a.size == 0 and b.size == 0:
+        return 1.0
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    return inter / (a.size + b.size - inter)

@@ -1,0 +1,91 @@
+"""The one SparkSession factory: CLI, spark-submit jobs and tests all build their session here.
+
+Nothing else in the project calls ``SparkSession.builder``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from ers_spark.config import ErsConfig
+
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+
+def running_under_spark_submit() -> bool:
+    """spark-submit starts the JVM first and hands Python its gateway port."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def session_settings(cfg: ErsConfig, stage: str) -> dict[str, str]:
+    """Every Spark setting the project applies, as a plain dict (tested without a JVM)."""
+    spark = cfg.spark
+    settings: dict[str, str] = {
+        "spark.app.name": f"{spark.app_name_prefix}-{stage}",
+        "spark.sql.extensions": DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(spark.arrow_max_records_per_batch),
+        "spark.sql.execution.arrow.maxBytesPerBatch": spark.arrow_max_bytes_per_batch,
+        "spark.sql.shuffle.partitions": str(spark.shuffle_partitions),
+        "spark.ui.showConsoleProgress": "false",
+        # Delta MERGE on image_id: keep the source deterministic across retries
+        "spark.databricks.delta.merge.repartitionBeforeWrite.enabled": "true",
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+    }
+    if spark.master and not running_under_spark_submit():
+        settings["spark.master"] = spark.master
+    if spark.driver_memory and not running_under_spark_submit():
+        settings["spark.driver.memory"] = spark.driver_memory
+    if spark.jars_dir:
+        jars = sorted(str(p) for p in Path(spark.jars_dir).glob("*.jar"))
+        settings["spark.jars"] = ",".join(jars)
+    elif spark.packages:
+        settings["spark.jars.packages"] = ",".join(spark.packages)
+    local_root = cfg.storage.local_root()
+    warehouse = cfg.storage.warehouse_dir or (
+        str(local_root / "_warehouse") if local_root is not None else f"{cfg.storage.root.rstrip('/')}/_warehouse"
+    )
+    settings["spark.sql.warehouse.dir"] = os.path.expanduser(warehouse)
+    if spark.hive_metastore:
+        settings["spark.sql.catalogImplementation"] = "hive"
+        if local_root is not None and "spark.hadoop.hive.metastore.uris" not in spark.conf:
+            metastore = local_root / "_metastore_db"
+            settings["spark.hadoop.javax.jdo.option.ConnectionURL"] = (
+                f"jdbc:derby:;databaseName={metastore};create=true"
+            )
+            settings["spark.driver.extraJavaOptions"] = f"-Dderby.system.home={local_root}"
+    else:
+        settings["spark.sql.catalogImplementation"] = "in-memory"
+    settings.update(spark.conf)
+    return settings
+
+
+def build_session(cfg: ErsConfig, stage: str) -> SparkSession:
+    """Build (or reuse) the SparkSession for ``stage`` from the validated config.
+
+    When a session already runs in this process (tests, the whole-pipeline job),
+    it is reused and only its app-independent runtime settings are refreshed.
+    """
+    local_root = cfg.storage.local_root()
+    if local_root is not None:
+        local_root.mkdir(parents=True, exist_ok=True)
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        spark = active
+    else:
+        builder = SparkSession.builder
+        for key, value in session_settings(cfg, stage).items():
+            builder = builder.config(key, value)
+        spark = builder.getOrCreate()
+        spark.sparkContext.setLogLevel(cfg.spark.log_level)
+    spark.sparkContext.setJobGroup(stage, f"ers-spark {stage}")
+    checkpoint_dir = os.path.expanduser(cfg.spark.checkpoint_dir)
+    spark.sparkContext.setCheckpointDir(checkpoint_dir)
+    spark.conf.set("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.spark.arrow_max_records_per_batch))
+    return spark

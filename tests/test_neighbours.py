@@ -1,0 +1,229 @@
+"""Tests for ers_spark.neighbours (local eps-links, reference single linkage, eps choice)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import pdist
+
+from ers_spark.errors import ClusteringError
+from ers_spark.neighbours import (
+    EpsChoice,
+    LocalLinks,
+    choose_eps,
+    cluster_sizes,
+    dominant_cluster,
+    eps_spanning_links,
+    exact_single_linkage,
+    jaccard,
+    links_to_labels,
+)
+from ers_spark.synthetic import RECOMMENDED_EPS, vmf_embeddings
+
+
+def _circle(degrees: list[float]) -> np.ndarray:
+    r = np.radians(np.asarray(degrees, dtype=np.float64))
+    return np.stack([np.cos(r), np.sin(r)], axis=1)
+
+
+def _dist(deg: float) -> float:
+    return 1.0 - math.cos(math.radians(deg))
+
+
+def _partition(ids: np.ndarray, labels: np.ndarray) -> set[frozenset[int]]:
+    groups: dict[int, set[int]] = {}
+    for i, lab in zip(ids.tolist(), labels.tolist()):
+        groups.setdefault(lab, set()).add(i)
+    return {frozenset(g) for g in groups.values()}
+
+
+def _check_star(out: LocalLinks, components: list[set[int]]) -> None:
+    """Exactly one link per non-minimum member, pointing at the component minimum."""
+    expected = sorted((i, min(c)) for c in components for i in c if i != min(c))
+    got = sorted(zip(out.src.tolist(), out.dst.tolist()))
+    assert got == expected
+
+
+# (name, angles in degrees, ids, eps, expected multi-member components, expected raw edges)
+CASES = [
+    ("chain-linked", [0, 30, 60, 90, 120], [1, 2, 3, 4, 5], _dist(30) + 1e-9, [{1, 2, 3, 4, 5}], 4),
+    ("chain-just-broken", [0, 30, 60, 90, 120], [1, 2, 3, 4, 5], _dist(30) - 1e-9, [], 0),
+    ("chain-with-gap", [0, 30, 60, 100, 130], [1, 2, 3, 4, 5], _dist(31), [{1, 2, 3}, {4, 5}], 3),
+    ("two-blobs", [0, 2, 4, 180, 182], [10, 11, 12, 20, 21], 0.01, [{10, 11, 12}, {20, 21}], 4),
+    ("singletons", [0, 90, 180, 270], [5, 6, 7, 8], 0.5, [], 0),
+    ("orthogonal-at-eps-1", [0, 90], [1, 2], 1.0, [{1, 2}], 1),
+    ("orthogonal-below-eps-1", [0, 90], [1, 2], 1.0 - 1e-12, [], 0),
+    ("duplicates-at-eps-0", [45, 45, 90], [3, 4, 5], 0.0, [{3, 4}], 1),
+    ("eps-2-links-everything", [0, 90, 180], [7, 8, 9], 2.0, [{7, 8, 9}], 3),
+    ("unsorted-ids-root-is-min", [0, 1, 2, 90], [40, 7, 19, 3], 0.01, [{40, 7, 19}], 3),
+]
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 2048])
+@pytest.mark.parametrize("name,angles,ids,eps,comps,raw", CASES, ids=[c[0] for c in CASES])
+def test_tiny_cases(name, angles, ids, eps, comps, raw, block_size) -> None:  # type: ignore[no-untyped-def]
+    out = eps_spanning_links(np.array(ids, dtype=np.int64), _circle(angles), eps, block_size=block_size)
+    assert isinstance(out, LocalLinks)
+    assert out.src.dtype == np.int64 and out.dst.dtype == np.int64
+    _check_star(out, comps)
+    assert out.raw_edge_count == raw
+
+
+def test_tiny_cases_match_exact_single_linkage() -> None:
+    for _name, angles, ids, eps, comps, _raw in CASES:
+        if "eps" in _name or "orthogonal" in _name:
+            continue  # exact float boundaries: scipy's cosine rounds differently
+        ref = exact_single_linkage(_circle(angles), eps)
+        multi = {c for c in _partition(np.array(ids), ref) if len(c) > 1}
+        assert multi == {frozenset(c) for c in comps}, _name
+
+
+def test_empty_and_single_point() -> None:
+    for n in (0, 1):
+        out = eps_spanning_links(np.arange(n), np.ones((n, 4), np.float32) / 2.0, 0.5)
+        assert out.src.size == 0 and out.dst.size == 0 and out.raw_edge_count == 0
+
+
+def test_input_errors() -> None:
+    x = _circle([0, 1])
+    with pytest.raises(ValueError, match="^eps_spanning_links: ids must be unique$"):
+        eps_spanning_links(np.array([1, 1]), x, 0.1)
+    with pytest.raises(TypeError, match="^eps_spanning_links: ids must be a 1-D integer array, got dtype float64$"):
+        eps_spanning_links(np.array([1.0, 2.0]), x, 0.1)
+    with pytest.raises(ValueError, match=r"^eps_spanning_links: embeddings shape \(2, 2\) does not match 3 ids$"):
+        eps_spanning_links(np.arange(3), x, 0.1)
+    with pytest.raises(ValueError, match=r"^eps_spanning_links: eps must be a cosine distance in \[0, 2\], got -0.1$"):
+        eps_spanning_links(np.arange(2), x, -0.1)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.2, 0.3, 0.4, 0.55, 0.7])
+@pytest.mark.parametrize("block_size", [37, 128, 4096])
+def test_random_links_match_exact_single_linkage(eps: float, block_size: int) -> None:
+    x, _ = vmf_embeddings(45, 10, dim=32, kappa=200.0, ui_kappa=60.0, ui_share=0.1, seed=11)
+    assert x.shape[0] == 500
+    ids = np.random.default_rng(1).choice(10**9, size=x.shape[0], replace=False).astype(np.int64)
+    out = eps_spanning_links(ids, x, eps, block_size=block_size)
+    ref = exact_single_linkage(x, eps)
+    got = links_to_labels(ids, out.src, out.dst)
+    assert _partition(ids, got) == _partition(ids, ref)
+    # O(n): exactly n - (#components) links, each source once, each target its component minimum
+    assert out.src.size == x.shape[0] - np.unique(ref).size
+    assert np.unique(out.src).size == out.src.size
+    assert np.all(out.dst < out.src)
+    assert out.raw_edge_count == int(np.sum(pdist(x.astype(np.float64), "cosine") <= eps))
+
+
+def test_float64_and_float32_agree_away_from_boundary() -> None:
+    x, _ = vmf_embeddings(30, 5, dim=16, seed=2)
+    ids = np.arange(x.shape[0], dtype=np.int64)
+    a = eps_spanning_links(ids, x, 0.4, block_size=50)
+    b = eps_spanning_links(ids, x.astype(np.float64), 0.4, block_size=50)
+    assert _partition(ids, links_to_labels(ids, a.src, a.dst)) == _partition(
+        ids, links_to_labels(ids, b.src, b.dst)
+    )
+
+
+def test_device_cuda_runs_or_falls_back() -> None:
+    x, _ = vmf_embeddings(20, 5, dim=16, seed=4)
+    ids = np.arange(x.shape[0], dtype=np.int64)
+    ref = eps_spanning_links(ids, x, 0.4)
+    try:
+        import torch  # type: ignore[import-not-found]
+
+        cuda = bool(torch.cuda.is_available())
+    except ImportError:
+        cuda = False
+    if cuda:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = eps_spanning_links(ids, x, 0.4, block_size=33, device="cuda")
+    else:
+        with pytest.warns(UserWarning, match="using numpy"):
+            got = eps_spanning_links(ids, x, 0.4, block_size=33, device="cuda")
+    assert sorted(zip(got.src.tolist(), got.dst.tolist())) == sorted(zip(ref.src.tolist(), ref.dst.tolist()))
+
+
+def test_links_to_labels_and_unknown_ids() -> None:
+    lab = links_to_labels([5, 9, 2, 7], [9, 7], [5, 2])
+    assert lab.tolist() == [5, 5, 2, 2]
+    with pytest.raises(ValueError, match="^links_to_labels: links reference unknown ids$"):
+        links_to_labels([1, 2], [3], [1])
+
+
+def test_exact_single_linkage_small() -> None:
+    assert exact_single_linkage(np.zeros((0, 3)), 0.5).size == 0
+    assert exact_single_linkage([[1.0, 0.0]], 0.5).tolist() == [1]
+    lab = exact_single_linkage(_circle([0, 10, 90, 95]), _dist(11))
+    assert lab[0] == lab[1] and lab[2] == lab[3] and lab[0] != lab[2]
+
+
+def test_cluster_sizes() -> None:
+    assert cluster_sizes([4, 4, 1, 4, 9, 1]).tolist() == [3, 2, 1]
+    assert cluster_sizes([]).tolist() == []
+
+
+@pytest.mark.parametrize(
+    "labels,ratio,min_share,expected",
+    [
+        ([7, 7, 7, 7, 2, 5], 2.0, 0.5, 7),
+        ([1, 1, 1, 1, 1, 1, 2, 2, 2], 2.0, 0.5, 1),
+        (["x", "x"], 3.0, 0.5, "x"),  # no second cluster, largest has 2 members
+    ],
+)
+def test_dominant_cluster_found(labels, ratio, min_share, expected) -> None:  # type: ignore[no-untyped-def]
+    assert dominant_cluster(labels, ratio, min_share) == expected
+
+
+@pytest.mark.parametrize(
+    "labels,ratio,min_share,sizes",
+    [
+        ([1, 1, 2, 2, 3], 2.0, 0.1, "[2, 2, 1]"),  # tie
+        ([1], 2.0, 0.1, "[1]"),  # lone singleton is not dominant
+        ([1, 1, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9], 2.0, 0.5, "[4, 1, 1, 1, 1]"),  # share too small
+    ],
+)
+def test_dominant_cluster_errors(labels, ratio, min_share, sizes) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ClusteringError) as exc:
+        dominant_cluster(labels, ratio, min_share)
+    msg = str(exc.value)
+    assert msg.startswith(f"no dominant cluster: top sizes {sizes} of {len(labels)} rows")
+    assert "\n" not in msg
+
+
+def test_choose_eps_finds_planted_ui() -> None:
+    x, y = vmf_embeddings(60, 5, dim=128, ui_share=0.1, seed=5)
+    grid = [0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5]
+    choice = choose_eps(x, grid, ratio=3.0, min_share=0.05)
+    assert isinstance(choice, EpsChoice)
+    assert 0.25 <= choice.eps <= RECOMMENDED_EPS
+    dom = dominant_cluster(choice.labels, 3.0, 0.05)
+    members = np.flatnonzero(choice.labels == dom)
+    ui = np.flatnonzero(y == -1)
+    assert set(members.tolist()) <= set(ui.tolist())  # smallest qualifying eps: a pure, maybe partial UI
+    assert jaccard(members, ui) >= 0.8
+    assert dict(choice.size_table)[RECOMMENDED_EPS][0] == ui.size  # whole UI at the recommended eps
+    assert [e for e, _ in choice.size_table] == grid
+    # independent: the table at the chosen eps equals the exact clustering's sizes
+    table = dict(choice.size_table)
+    assert table[choice.eps] == cluster_sizes(exact_single_linkage(x, choice.eps))[:5].tolist()
+
+
+def test_choose_eps_error_lists_table() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 64))  # no structure: everything a singleton at small eps
+    with pytest.raises(ClusteringError) as exc:
+        choose_eps(x, [0.05, 0.1], ratio=2.0, min_share=0.2)
+    msg = str(exc.value)
+    assert "eps=0.05: [1, 1, 1, 1, 1]" in msg and "eps=0.1: [1, 1, 1, 1, 1]" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "a,b,expected",
+    [([1, 2, 3], [2, 3, 4], 0.5), ([], [], 1.0), ([1, 1, 2], [2], 0.5), ([1], [2], 0.0)],
+)
+def test_jaccard(a, b, expected) -> None:  # type: ignore[no-untyped-def]
+    assert jaccard(a, b) == expected
