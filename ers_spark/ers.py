@@ -140,7 +140,8 @@ def normalize_rows(x: npt.ArrayLike) -> F32:
         raise ValueError(
             f"normalize_rows: {int(bad.sum())} of {arr.shape[0]} rows have zero or non-finite norm"
         )
-    return (arr / norms[:, None]).astype(np.float32)
+    out: F32 = (arr / norms[:, None]).astype(np.float32)
+    return out
 
 
 def ui_centroid(members: npt.ArrayLike) -> F32:
@@ -274,7 +275,8 @@ def enhance_embeddings(embeddings: npt.ArrayLike, uic: npt.ArrayLike) -> F32:
         raise ValueError(
             f"enhance_embeddings: {int(bad.sum())} of {emb.shape[0]} rows are parallel to the uic"
         )
-    return (proj / norms[:, None]).astype(np.float32)
+    out: F32 = (proj / norms[:, None]).astype(np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------- verification metrics
@@ -452,11 +454,13 @@ def build_identity_pairs(
 ) -> tuple[IntArray, IntArray, BoolArray]:
     """Genuine and impostor row-index pairs ``(i, j, is_same)`` from identity labels.
 
-    Up to ``max_pairs // 2`` pairs of each kind. When a kind has more pairs
-    than that, pairs are sampled uniformly (with a fixed ``seed``, without
-    replacement of unordered pairs for genuine pairs drawn by index, duplicates
-    possible but rare for impostors); otherwise all pairs are enumerated.
-    Always ``i < j``.
+    Up to ``max_pairs // 2`` pairs of each kind. A kind with at most that many
+    pairs is enumerated completely (vectorised); otherwise exactly
+    ``max_pairs // 2`` pairs are drawn uniformly over all pairs of that kind,
+    with replacement (duplicates possible, rare), from ``default_rng(seed)``,
+    so the result is deterministic. Always ``i < j``; genuine pairs come first.
+    Every label, including a "UI" label such as -1, is treated as an identity:
+    pass only rows with real identity labels.
     """
     labels = np.asarray(identities)
     if labels.ndim != 1:
@@ -530,7 +534,8 @@ def calibrate_gamma_identities(
     """Calibrate gamma on a labelled set: build pairs, then :func:`calibrate_gamma_pairs`.
 
     Pairs come from :func:`build_identity_pairs` (deterministic for a seed);
-    similarity is the cosine similarity of the normalised embeddings.
+    similarity is the cosine similarity of the normalised embeddings. Rows
+    must carry real identity labels (drop unlabelled rows first).
     """
     emb = normalize_rows(embeddings)
     e = np.asarray(ers, dtype=np.float64)

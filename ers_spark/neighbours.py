@@ -69,7 +69,7 @@ class EpsChoice:
 
 def _star_forest(n: int, src: IntArray, dst: IntArray) -> tuple[IntArray, IntArray]:
     """Star forest (node -> smallest node of its component) of a graph on ``0..n-1``."""
-    g = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n))
+    g = coo_matrix((np.ones(src.size, dtype=bool), (src, dst)), shape=(n, n))
     _, lab = connected_components(g, directed=True, connection="weak")
     comp_min = np.full(int(lab.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(comp_min, lab, np.arange(n, dtype=np.int64))
@@ -85,16 +85,29 @@ def _tile_pairs(n: int, block: int) -> Iterator[tuple[int, int, int, int]]:
             yield r0, r1, c0, min(n, c0 + block)
 
 
-def _group_reduce(
+_MIN_GROUP = 8
+
+
+def _group(
     hit: npt.NDArray[np.bool_], labels: IntArray, axis: int
 ) -> tuple[npt.NDArray[np.bool_], IntArray]:
-    """OR together the rows (axis 0) or columns (axis 1) of ``hit`` that share a label."""
-    uniq, inv = np.unique(labels, return_inverse=True)
-    if uniq.size == labels.size:
+    """OR together the rows (axis 0) or columns (axis 1) of ``hit`` that share a label.
+
+    Returns the reduced matrix and the label of each remaining row/column.
+    Only groups of at least ``_MIN_GROUP`` lines are collapsed (``reduceat``
+    costs per group); smaller groups stay as they are, which is still correct.
+    """
+    uniq, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    multi = counts[inv] >= _MIN_GROUP
+    if not multi.any():
         return hit, labels
-    order = np.argsort(inv, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(inv[order]) != 0])
-    return np.logical_or.reduceat(np.take(hit, order, axis=axis), starts, axis=axis), uniq
+    single = np.flatnonzero(~multi)
+    m_idx = np.flatnonzero(multi)
+    m_idx = m_idx[np.argsort(inv[m_idx], kind="stable")]
+    starts = np.flatnonzero(np.r_[True, np.diff(inv[m_idx]) != 0])
+    reduced = np.logical_or.reduceat(np.take(hit, m_idx, axis=axis), starts, axis=axis)
+    out = np.concatenate([np.take(hit, single, axis=axis), reduced], axis=axis)
+    return out, np.concatenate([labels[single], labels[m_idx[starts]]])
 
 
 class _Components:
@@ -111,7 +124,7 @@ class _Components:
         """Merge the components whose roots are ``a[i]`` and ``b[i]``."""
         nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
         k = a.size
-        g = coo_matrix((np.ones(k, dtype=np.int8), (inv[:k], inv[k:])), shape=(nodes.size, nodes.size))
+        g = coo_matrix((np.ones(k, dtype=bool), (inv[:k], inv[k:])), shape=(nodes.size, nodes.size))
         _, lab = connected_components(g, directed=True, connection="weak")
         new_root = np.full(int(lab.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
         np.minimum.at(new_root, lab, nodes)
@@ -124,7 +137,7 @@ def _torch_backend(device: str | None) -> Any:
     if device is None or not str(device).startswith("cuda"):
         return None
     try:
-        import torch  # type: ignore[import-not-found]
+        import torch  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         warnings.warn(f"device={device!r} requested but torch is not installed; using numpy", stacklevel=3)
         return None
@@ -145,12 +158,14 @@ def eps_spanning_links(
 
     Pairs at cosine distance ``<= eps`` (``cos >= 1 - eps``) are found tile by
     tile (``block_size x block_size`` products over the upper triangle, so
-    memory is ``O(block_size^2 + n d)``, never ``n x n``). Each tile's edges are
-    reduced to a star forest with scipy's connected components; the forests
-    are buffered and folded (connected components again) whenever the buffer
-    exceeds ``max(4n, 2^20)`` links, so the output has one link per non-root member of each
-    local component (``<= n - 1`` links), root = smallest id; singletons emit
-    nothing.
+    memory is ``O(block_size^2 + n d)``, never ``n x n``). Components are
+    merged on the fly: a flat array holds each point's current root; in each
+    tile, edges inside a component are dropped (in dense tiles, rows and
+    columns already in one component are first OR-collapsed) before scipy's
+    connected components merges the rest, so dense tiles (the UI cluster) cost
+    little beyond the product.
+    The output has one link per non-root member of each local component
+    (``<= n - 1`` links), root = smallest id; singletons emit nothing.
 
     Rows must already be L2-normalised (the caller normalises once). Products
     run in the input precision (float32 or float64); pairs within float
@@ -189,36 +204,49 @@ def eps_spanning_links(
     if np.any(sid[1:] == sid[:-1]):
         raise ValueError("eps_spanning_links: ids must be unique")
     dtype = np.float64 if emb.dtype == np.float64 else np.float32
-    x = np.ascontiguousarray(emb[order], dtype=dtype)
+    x: npt.NDArray[np.floating[Any]] = np.ascontiguousarray(emb[order], dtype=dtype)
     thr = 1.0 - float(eps)
 
     torch = _torch_backend(device)
     xt = torch.as_tensor(x, device=device) if torch is not None else None
 
-    forest = _Forest(n)
+    comps = _Components(n)
     raw = 0
     for r0, r1, c0, c1 in _tile_pairs(n, block_size):
         if xt is not None:
-            s = xt[r0:r1] @ xt[c0:c1].T
-            hit = s >= thr
-            if c0 == r0:
-                hit = torch.triu(hit, diagonal=1)
-            nz = torch.nonzero(hit).cpu().numpy()
-            rr, cc = nz[:, 0], nz[:, 1]
+            hit_t = (xt[r0:r1] @ xt[c0:c1].T) >= thr
+            if c0 == r0:  # strict upper triangle, built from comparisons (works for bool on any torch)
+                ar = torch.arange(r1 - r0, device=hit_t.device)
+                hit_t = hit_t & (ar[None, :] > ar[:, None])
+            cnt = int(hit_t.sum().item())
+            if cnt == 0:
+                continue
+            hit = hit_t.cpu().numpy()
         else:
-            s = x[r0:r1] @ x[c0:c1].T
-            hit = s >= thr
+            hit = (x[r0:r1] @ x[c0:c1].T) >= thr
             if c0 == r0:
                 hit = np.triu(hit, k=1)
+            cnt = int(np.count_nonzero(hit))
+            if cnt == 0:
+                continue
+        raw += cnt
+        rows, cols = comps.comp[r0:r1], comps.comp[c0:c1]
+        if cnt <= 8 * (rows.size + cols.size):
             rr, cc = np.nonzero(hit)
-        if rr.size == 0:
-            continue
-        raw += int(rr.size)
-        a, b = _compress_edges(rr.astype(np.int64) + r0, cc.astype(np.int64) + c0)
-        forest.add(a, b)
+            a, b = rows[rr], cols[cc]
+        else:
+            # dense tile: OR-collapse rows / columns already in one component first
+            h, gr = _group(hit, rows, axis=0)
+            h, gc = _group(h, cols, axis=1)
+            gi, gj = np.nonzero(h)
+            a, b = gr[gi], gc[gj]
+        keep = a != b  # edges inside a component add nothing
+        if keep.any():
+            comps.merge(a[keep], b[keep])
 
-    src, dst = forest.fold()
-    return LocalLinks(sid[src], sid[dst], raw)
+    roots = comps.comp
+    nonroot = np.flatnonzero(roots != np.arange(n))
+    return LocalLinks(sid[nonroot], sid[roots[nonroot]], raw)
 
 
 def links_to_labels(ids: npt.ArrayLike, src: npt.ArrayLike, dst: npt.ArrayLike) -> IntArray:
@@ -262,7 +290,8 @@ def exact_single_linkage(embeddings: npt.ArrayLike, eps: float) -> IntArray:
     if x.shape[0] < 2:
         return np.ones(x.shape[0], dtype=np.int64)
     z = linkage(x, method="single", metric="cosine")
-    return fcluster(z, t=eps, criterion="distance").astype(np.int64)
+    labels: IntArray = np.asarray(fcluster(z, t=eps, criterion="distance"), dtype=np.int64)
+    return labels
 
 
 def cluster_sizes(labels: npt.ArrayLike) -> IntArray:

@@ -235,7 +235,8 @@ def _per_channel(img: U8, fn: Any) -> npt.NDArray[np.float64]:
 
 
 def _to_u8(x: npt.NDArray[Any]) -> U8:
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    out: U8 = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return out
 
 
 def _motion_kernel(length: int, angle: float) -> npt.NDArray[np.float64]:
@@ -246,7 +247,8 @@ def _motion_kernel(length: int, angle: float) -> npt.NDArray[np.float64]:
     rr = np.rint(c + t * np.sin(angle)).astype(int)
     cc = np.rint(c + t * np.cos(angle)).astype(int)
     k[rr, cc] = 1.0
-    return k / k.sum()
+    out: npt.NDArray[np.float64] = k / k.sum()
+    return out
 
 
 def degrade(image: npt.ArrayLike, kind: str, rng: np.random.Generator) -> U8:

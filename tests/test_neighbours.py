@@ -227,3 +227,45 @@ def test_choose_eps_error_lists_table() -> None:
 )
 def test_jaccard(a, b, expected) -> None:  # type: ignore[no-untyped-def]
     assert jaccard(a, b) == expected
+
+
+@pytest.mark.parametrize("block_size", [16, 40, 100])
+def test_dense_blob_path_matches_exact(block_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ers_spark.neighbours as nb
+
+    calls = {"n": 0}
+    real_group = nb._group
+
+    def counting_group(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return real_group(*args, **kwargs)
+
+    monkeypatch.setattr(nb, "_group", counting_group)
+    rng = np.random.default_rng(8)
+    from ers_spark.synthetic import sample_vmf
+
+    mu = np.zeros(16)
+    mu[0] = 1.0
+    blob = sample_vmf(np.repeat(mu[None], 400, axis=0), 40.0, rng)  # dense, but chained at eps 0.3
+    others = rng.normal(size=(100, 16)).astype(np.float32)
+    x = np.vstack([blob, others / np.linalg.norm(others, axis=1, keepdims=True)])
+    x = x[rng.permutation(x.shape[0])]
+    ids = rng.choice(10**6, size=x.shape[0], replace=False).astype(np.int64)
+    out = eps_spanning_links(ids, x, 0.3, block_size=block_size)
+    ref = exact_single_linkage(x, 0.3)
+    if block_size >= 40:  # tiles of 16 x 16 can never exceed the dense threshold 8 * (16 + 16)
+        assert calls["n"] > 0  # the OR-collapse branch ran
+    assert _partition(ids, links_to_labels(ids, out.src, out.dst)) == _partition(ids, ref)
+    assert out.src.size == x.shape[0] - np.unique(ref).size
+    assert out.raw_edge_count == int(np.sum(pdist(x.astype(np.float64), "cosine") <= 0.3))
+
+
+def test_many_duplicate_edges_between_two_components() -> None:
+    # 256 identical points split 128 / 128 across two blocks: 16,384 duplicate
+    # component-level edges must still count as a link (no small-int overflow)
+    x = np.tile(np.array([[1.0, 0.0]], dtype=np.float32), (256, 1))
+    ids = np.arange(256, dtype=np.int64)
+    out = eps_spanning_links(ids, x, 0.01, block_size=128)
+    assert sorted(out.src.tolist()) == list(range(1, 256))
+    assert set(out.dst.tolist()) == {0}
+    assert out.raw_edge_count == 256 * 255 // 2

@@ -15,7 +15,9 @@ from ers_spark.models.preprocess import prepare_arrays
 from ers_spark.models.spec import load_model_spec
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
-needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed (optional: pip install 'ers-spark[torch]')")
+needs_torch = pytest.mark.skipif(
+    not HAS_TORCH, reason="torch is not installed (optional: pip install 'ers-spark[torch]')"
+)
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,7 @@ class _Reader:
         return self.read_int(signed=False)
 
     def read_float(self) -> float:
-        if self.buf[self.pos] & 0x70:
+        if self.pos < len(self.buf) and self.buf[self.pos] & 0x70:
             raise self.fail("old ASCII float encoding is not supported")
         mantissa = self.read_int()
         exponent = self.read_int()
@@ -204,6 +204,8 @@ class _Reader:
         if version != 2:
             raise self.fail(f"unexpected tensor version {version}")
         shape = tuple(self.read_int() for _ in range(4))
+        if min(shape) < 0:
+            raise self.fail(f"bad tensor shape {shape}")
         count = int(np.prod(shape))
         data = np.frombuffer(self.take(4 * count), dtype="<f4").astype(np.float32)
         return data.reshape(shape)

@@ -37,7 +37,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _decode_one(data: bytes | bytearray | memoryview | None, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+def _decode_one(
+    data: bytes | bytearray | memoryview | None, size: tuple[int, int]
+) -> tuple[np.ndarray | None, str | None]:
     """Decode one image to an RGB uint8 array of ``size`` (width, height), or give a reason."""
     if data is None:
         return None, "missing image (null bytes)"

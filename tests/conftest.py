@@ -1,0 +1,63 @@
+"""Shared fixtures: one SparkSession (one JVM) for the whole test run, a fresh lake per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+from ers_spark.config import ErsConfig, load_config
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+_db_counter = itertools.count()
+
+
+def shared_data_dir(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test with the reason."""
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        pytest.skip(f"shared data {folder} is absent (real-face tests need ../shared/data next to the repo)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def spark_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("spark")
+
+
+@pytest.fixture(scope="session")
+def spark(spark_root: Path):
+    """The one SparkSession of the test run, built by the project's own session factory."""
+    from ers_spark.session import build_session
+
+    cfg = load_config(
+        overrides=[
+            f"storage.root={spark_root / 'lake'}",
+            "spark.master=local[2]",
+            "spark.shuffle_partitions=2",
+            f"spark.checkpoint_dir={spark_root / 'checkpoints'}",
+            "spark.driver_memory=2g",
+        ]
+    )
+    session = build_session(cfg, "tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path):
+    """Build a config whose tables live in this test's own folder and catalog database."""
+
+    def _make(*overrides: str) -> ErsConfig:
+        database = f"ers_t{os.getpid()}_{next(_db_counter)}"
+        base = [
+            f"storage.root={tmp_path / 'lake'}",
+            f"storage.database={database}",
+            "spark.shuffle_partitions=2",
+            f"spark.checkpoint_dir={tmp_path / 'checkpoints'}",
+        ]
+        return load_config(overrides=base + list(overrides))
+
+    return _make

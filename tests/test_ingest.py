@@ -1,0 +1,163 @@
+"""Ingest: folders and Parquet -> crops; corrupt files -> quarantine; re-runs add nothing."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from chispa import assert_df_equality
+from PIL import Image
+
+from ers_spark.contracts import CROPS, QUARANTINE
+from ers_spark.errors import ContractError
+from ers_spark.ingest import probe_image, run_ingest
+from ers_spark.io import table_path
+
+pytestmark = pytest.mark.spark
+
+
+def _image_bytes(rng: np.random.Generator, fmt: str, size: tuple[int, int], grey: bool = False) -> bytes:
+    shape = (size[1], size[0]) if grey else (size[1], size[0], 3)
+    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def folder_50(tmp_path: Path) -> tuple[Path, list[dict]]:
+    """50 files in 5 identity folders: 45 distinct decodable images and 5 corrupt files."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "faces"
+    expected = []
+    formats = [("jpg", "JPEG", "jpeg"), ("png", "PNG", "png"), ("pgm", "PPM", "pnm"), ("gif", "GIF", "gif"), ("webp", "WEBP", "webp")]
+    for person in range(5):
+        folder = root / f"person_{person}"
+        folder.mkdir(parents=True)
+        for k in range(9):
+            ext, pil_fmt, fmt = formats[(person + k) % len(formats)]
+            size = (20 + k, 30 + person)
+            data = _image_bytes(rng, pil_fmt, size, grey=ext == "pgm")
+            (folder / f"{k}.{ext}").write_bytes(data)
+            expected.append({"source_path": f"file:{folder / f'{k}.{ext}'}", "identity": f"person_{person}",
+                             "width": size[0], "height": size[1], "format": fmt})
+    good_jpeg = _image_bytes(rng, "JPEG", (64, 64))
+    (root / "person_0" / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    (root / "person_1" / "garbage.png").write_bytes(b"this is not a png at all")
+    (root / "person_2" / "empty.jpg").write_bytes(b"")
+    (root / "person_3" / "html.webp").write_bytes(b"<html>404 not found</html>")
+    (root / "person_4" / "header_only.gif").write_bytes(b"GIF89a\x10\x00\x10\x00")
+    (root / "person_4" / "notes.txt").write_text("not an image extension: ignored")
+    return root, expected
+
+
+def test_probe_image_reasons() -> None:
+    assert probe_image(b"") == (None, None, None, "empty_file", "file has 0 bytes")
+    width, height, fmt, reason, _ = probe_image(_image_bytes(np.random.default_rng(0), "PNG", (7, 5)))
+    assert (width, height, fmt, reason) == (7, 5, "png", None)
+    assert probe_image(b"garbage")[3] == "undecodable"
+
+
+def test_folder_with_corrupt_files(spark, make_cfg, folder_50, capsys) -> None:
+    root, expected = folder_50
+    cfg = make_cfg(f"ingest.input_path={root}")
+    record = run_ingest(spark, cfg)
+    assert record["counts"] == {"read": 50, "written": 45, "already_present": 0, "quarantined": 5}
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert '"stage": "ingest"' in printed and '"written": 45' in printed
+
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS))
+    assert crops.count() == 45
+    expected_df = spark.createDataFrame(
+        pd.DataFrame(expected), "source_path string, identity string, width int, height int, format string"
+    )
+    actual = crops.select("source_path", "identity", "width", "height", "format")
+    assert_df_equality(actual, expected_df, ignore_row_order=True, ignore_nullable=True, ignore_column_order=True)
+
+    quarantine = spark.read.format("delta").load(table_path(cfg, QUARANTINE))
+    reasons = {Path(r.source_path).name: r.reason for r in quarantine.collect()}
+    assert reasons == {
+        "truncated.jpg": "undecodable",
+        "garbage.png": "undecodable",
+        "empty.jpg": "empty_file",
+        "html.webp": "undecodable",
+        "header_only.gif": "undecodable",
+    }
+    assert all(r.detail for r in quarantine.collect())
+
+
+def test_rerun_adds_nothing(spark, make_cfg, folder_50) -> None:
+    root, _ = folder_50
+    cfg = make_cfg(f"ingest.input_path={root}")
+    run_ingest(spark, cfg)
+    again = run_ingest(spark, cfg)
+    assert again["counts"] == {"read": 50, "written": 0, "already_present": 45, "quarantined": 5}
+    assert spark.read.format("delta").load(table_path(cfg, CROPS)).count() == 45
+    assert spark.read.format("delta").load(table_path(cfg, QUARANTINE)).count() == 5
+
+
+def test_same_bytes_same_id(spark, make_cfg, tmp_path: Path) -> None:
+    data = _image_bytes(np.random.default_rng(1), "PNG", (10, 10))
+    for name in ("a", "b"):
+        (tmp_path / "dup" / name).mkdir(parents=True)
+        (tmp_path / "dup" / name / "x.png").write_bytes(data)
+    cfg = make_cfg(f"ingest.input_path={tmp_path / 'dup'}")
+    record = run_ingest(spark, cfg)
+    assert record["counts"] == {"read": 2, "written": 1, "already_present": 1, "quarantined": 0}
+    import hashlib
+
+    (row,) = spark.read.format("delta").load(table_path(cfg, CROPS)).collect()
+    assert row.image_id == hashlib.sha256(data).hexdigest()
+
+
+def test_identity_from_folder_can_be_off(spark, make_cfg, folder_50) -> None:
+    root, _ = folder_50
+    cfg = make_cfg(f"ingest.input_path={root / 'person_1'}", "ingest.identity_from_folder=false")
+    run_ingest(spark, cfg)
+    identities = {r.identity for r in spark.read.format("delta").load(table_path(cfg, CROPS)).collect()}
+    assert identities == {None}
+
+
+def test_parquet_input(spark, make_cfg, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    pdf = pd.DataFrame(
+        {
+            "img": [_image_bytes(rng, "PNG", (12, 8)), _image_bytes(rng, "JPEG", (9, 9)), b"\x00\x01broken", None],
+            "uri": ["s3://b/1.png", "s3://b/2.jpg", "s3://b/3.png", "s3://b/4.png"],
+            "person": ["ann", "bob", "ann", "bob"],
+        }
+    )
+    src = tmp_path / "in.parquet"
+    pdf.to_parquet(src)
+    cfg = make_cfg(
+        f"ingest.input_path={src}", "ingest.input_format=parquet", "ingest.bytes_column=img",
+        "ingest.path_column=uri", "ingest.identity_column=person",
+    )
+    record = run_ingest(spark, cfg)
+    assert record["counts"] == {"read": 4, "written": 2, "already_present": 0, "quarantined": 2}
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS))
+    assert sorted((r.source_path, r.identity, r.width, r.height) for r in crops.collect()) == [
+        ("s3://b/1.png", "ann", 12, 8),
+        ("s3://b/2.jpg", "bob", 9, 9),
+    ]
+    reasons = {r.source_path: r.reason for r in spark.read.format("delta").load(table_path(cfg, QUARANTINE)).collect()}
+    assert reasons == {"s3://b/3.png": "undecodable", "s3://b/4.png": "empty_file"}
+
+
+def test_parquet_schema_mismatch_names_columns(spark, make_cfg, tmp_path: Path) -> None:
+    src = tmp_path / "wrong.parquet"
+    pd.DataFrame({"img": ["not bytes"], "person": [1]}).to_parquet(src)
+    cfg = make_cfg(
+        f"ingest.input_path={src}", "ingest.input_format=parquet", "ingest.bytes_column=img",
+        "ingest.path_column=uri", "ingest.identity_column=person",
+    )
+    with pytest.raises(ContractError) as info:
+        run_ingest(spark, cfg)
+    message = str(info.value)
+    assert "column 'img' is string, expected binary" in message
+    assert "missing column 'uri' (string)" in message
+    assert "column 'person' is bigint, expected string" in message
+    assert "\n" not in message
