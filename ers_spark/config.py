@@ -198,8 +198,10 @@ class ScoreConfig:
     """Parameters of the score stage (embeddings + UIC -> scores)."""
 
     gamma: float | None = None
+    uic_id: str | None = None
     calibration: str = "auto"
     target_far: float = 0.01
+    calibration_sample_rows: int = 20000
     enhanced: bool = False
 
     def validate(self, source: str) -> None:
@@ -212,6 +214,10 @@ class ScoreConfig:
             )
         if not 0 < self.target_far < 1:
             raise ConfigError(f"score.target_far must be in (0, 1), got {self.target_far} (in {source})")
+        if self.calibration_sample_rows < 10:
+            raise ConfigError(
+                f"score.calibration_sample_rows must be >= 10, got {self.calibration_sample_rows} (in {source})"
+            )
 
 
 @dataclass(frozen=True)

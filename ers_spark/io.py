@@ -63,7 +63,9 @@ def ensure_table(
 
 
 def set_properties(spark: SparkSession, cfg: ErsConfig, contract: TableContract, properties: dict[str, str]) -> None:
-    """Set table properties (model and UIC versions) on an existing table."""
+    """Set table properties (model and UIC versions) on an existing table; no new version when unchanged."""
+    current = DeltaTable.forPath(spark, table_path(cfg, contract)).detail().select("properties").first()[0] or {}
+    properties = {k: v for k, v in properties.items() if current.get(k) != v}
     if not properties:
         return
     assignments = ", ".join(f"'{k}' = '{v}'" for k, v in properties.items())
@@ -116,21 +118,56 @@ def merge_insert_new(spark: SparkSession, cfg: ErsConfig, contract: TableContrac
     return _inserted(metrics)
 
 
-def merge_upsert(spark: SparkSession, cfg: ErsConfig, contract: TableContract, df: DataFrame) -> tuple[int, int]:
-    """Insert new keys and update rows whose key exists; return (inserted, updated)."""
+def merge_sync(
+    spark: SparkSession,
+    cfg: ErsConfig,
+    contract: TableContract,
+    df: DataFrame,
+    compare: tuple[str, ...],
+    delete_scope: str | None = None,
+) -> dict[str, int]:
+    """Make the table agree with ``df`` on its key, touching only rows that change.
+
+    New keys are inserted; existing keys are updated only when one of the
+    ``compare`` columns differs (so a re-run with the same inputs writes
+    nothing); with ``delete_scope`` (a SQL condition on the target ``t``), target
+    rows in that scope whose key is absent from ``df`` are deleted.
+    Returns inserted / updated / deleted counts.
+    """
     target = ensure_table(spark, cfg, contract)
     source = conform(df, contract).dropDuplicates(list(contract.key))
-    metrics = (
+    changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in compare)
+    builder = (
         target.alias("t")
         .merge(source.alias("s"), _merge_condition(contract))
-        .whenMatchedUpdateAll()
+        .whenMatchedUpdateAll(condition=changed)
         .whenNotMatchedInsertAll()
-        .execute()
     )
+    if delete_scope is not None:
+        builder = builder.whenNotMatchedBySourceDelete(condition=delete_scope)
+    metrics = builder.execute()
     row = metrics.first() if metrics is not None else None
     if row is None:
-        return 0, 0
-    return int(row["num_inserted_rows"]), int(row["num_updated_rows"])
+        return {"inserted": 0, "updated": 0, "deleted": 0}
+    return {
+        "inserted": int(row["num_inserted_rows"]),
+        "updated": int(row["num_updated_rows"]),
+        "deleted": int(row["num_deleted_rows"]),
+    }
+
+
+def latest_model(df: DataFrame) -> tuple[str, str]:
+    """(model_name, model_version) of the most recently written rows of an embeddings-like table."""
+    from ers_spark.contracts import EMBEDDED_AT, MODEL_NAME, MODEL_VERSION
+
+    time_col = EMBEDDED_AT if EMBEDDED_AT in df.columns else None
+    ordered = df.groupBy(MODEL_NAME, MODEL_VERSION).agg(
+        (F.max(time_col) if time_col else F.count(F.lit(1))).alias("_latest")
+    )
+    row = ordered.orderBy(F.col("_latest").desc()).first()
+    if row is None:
+        raise ContractError("the embeddings table is empty: run `ers-spark embed` on a non-empty crops table first")
+    return str(row[MODEL_NAME]), str(row[MODEL_VERSION])
 
 
 def _inserted(metrics: DataFrame | None) -> int:

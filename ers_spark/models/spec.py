@@ -1,6 +1,6 @@
 """Model specs: which face model to run and how its input must be prepared.
 
-A spec is a small YAML file (``ers_spark/models/specs/<name>.yaml``) naming either a builtin
+A spec is a small YAML file (``conf/models/<name>.yaml``) naming either a builtin
 model (converted on first use, see :mod:`ers_spark.models.dlib_convert`) or an ONNX file, plus
 the input geometry and normalisation. Keeping this in data, not code, lets a user switch to
 another ONNX face model (e.g. ArcFace) without touching Python.
@@ -30,9 +30,8 @@ from ers_spark.errors import ConfigError, ModelError
 #: Builtin models that ers_spark can produce by itself.
 BUILTIN_MODELS = ("dlib_resnet_v1",)
 
-SPECS_DIR = Path(__file__).resolve().parent / "specs"
-#: The repository's ``conf/models`` folder (present in a source checkout, absent in a wheel).
-REPO_MODELS_DIR = Path(__file__).resolve().parents[2] / "conf" / "models"
+#: Specs shipped with the package (``conf/models`` in the repository is a link to this folder).
+SPECS_DIR = Path(__file__).resolve().parents[1] / "conf" / "models"
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -134,7 +133,7 @@ class ModelSpec:
 def _candidate_dirs(models_dir: str | os.PathLike[str] | None) -> list[Path]:
     if models_dir is not None:
         return [Path(models_dir)]
-    return [d for d in (REPO_MODELS_DIR, SPECS_DIR) if d.is_dir()]
+    return [d for d in (SPECS_DIR,) if d.is_dir()]
 
 
 def available_specs(models_dir: str | os.PathLike[str] | None = None) -> list[str]:
@@ -149,8 +148,8 @@ def load_model_spec(
 ) -> ModelSpec:
     """Load a spec by name (``dlib_resnet_v1``) or from a YAML file path.
 
-    By name, ``<name>.yaml`` is looked up in ``models_dir`` when given, else in the repository's
-    ``conf/models`` (source checkouts) and then in the specs shipped inside the package.
+    By name, ``<name>.yaml`` is looked up in ``models_dir`` when given, else in ``conf/models``
+    (shipped inside the package as ``ers_spark/conf/models``).
     The YAML may hold the fields at top level or under a ``model:`` key.
 
     Example

@@ -1,0 +1,691 @@
+"""locate-ui stage: embeddings -> ui_centroids, ui_members (the unrecognizable-identity cluster).
+
+The paper finds the unrecognizable identity (UI) as the dominant cluster of a
+single-linkage clustering of all embeddings. Exact single linkage is O(n^2)
+memory on one machine, so the default ``graph`` method distributes it:
+
+1. a coarse quantiser (Spark MLlib KMeans, cosine distance, trained on a
+   sample) assigns every point to its ``nprobe`` nearest cells, so eps-pairs
+   that straddle a cell border still meet in some cell (exact when
+   ``nprobe == kmeans_cells``, approximate otherwise);
+2. inside each cell :func:`~ers_spark.neighbours.eps_spanning_links` finds all
+   eps-pairs with blocked matrix products and emits only ``point -> local
+   root`` links (at most one per point and cell, whatever the density);
+3. a global connected-components pass over those links (DataFrame
+   large-star / small-star alternation, or GraphFrames) gives the clusters;
+   points in no link are singletons;
+4. the largest component must dominate (same rule as
+   :func:`~ers_spark.neighbours.dominant_cluster`); its members' unit
+   embeddings are summed on the executors and normalised on the driver into
+   the UIC.
+
+``sample-hac`` runs the paper's exact scipy single linkage on a uniform sample
+of at most ``sample_hac_rows`` rows; only the sampled rows can be members.
+
+Nothing is written when no dominant cluster is found (:class:`ClusteringError`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
+
+from ers_spark.config import ErsConfig, LocateUiConfig
+from ers_spark.contracts import (
+    CENTROID,
+    CREATED_AT,
+    EMBEDDED_AT,
+    EMBEDDING,
+    EMBEDDINGS,
+    EPS,
+    GAMMA,
+    GAMMA_METHOD,
+    IMAGE_ID,
+    INPUT_VERSION,
+    MEAN_MEMBER_DISTANCE,
+    MEMBER_COUNT,
+    METHOD,
+    MODEL_NAME,
+    MODEL_VERSION,
+    TOP_CLUSTER_SIZES,
+    UI_CENTROIDS,
+    UI_MEMBERS,
+    UIC_ID,
+)
+from ers_spark.errors import ClusteringError, ErsUserError
+from ers_spark.ers import normalize_rows, ui_centroid_from_sum
+from ers_spark.io import StageRun, append, merge_insert_new, read_table, table_exists, table_version
+from ers_spark.neighbours import choose_eps, cluster_sizes, dominant_cluster, eps_spanning_links, exact_single_linkage
+
+__all__ = [
+    "LocateUiParams",
+    "UiResult",
+    "run_locate_ui",
+    "latest_model",
+    "connected_components_builtin",
+    "connected_components_graphframes",
+    "check_dominance",
+]
+
+STAGE_NAME = "locate-ui"
+KMEANS_MAX_ITER = 10  # coarse cells only need to be roughly balanced, not converged
+CC_MAX_ITER = 64  # large-star/small-star converges in O(log n) rounds; a guard, not a tuning knob
+
+# internal column names (never written to a table)
+_ID = "_pid"  # dense int64 point id
+_CELL = "_cell"
+_SRC = "src"
+_DST = "dst"
+_RAW = "raw_edges"
+_NODE = "node"
+_ROOT = "root"
+
+F64 = npt.NDArray[np.float64]
+F32 = npt.NDArray[np.float32]
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class LocateUiParams:
+    """Everything locate-ui needs, validated before Spark reads anything (recorded as run params)."""
+
+    method: str
+    eps: float | None
+    eps_grid: tuple[float, ...]
+    dominance_ratio: float
+    min_share: float
+    grid_sample_rows: int
+    sample_hac_rows: int
+    kmeans_cells: int
+    kmeans_sample_rows: int
+    kmeans_max_iter: int
+    nprobe: int
+    block_size: int
+    connected_components: str
+    seed: int
+    from_members: str | None
+
+    @classmethod
+    def from_config(cls, cfg: ErsConfig) -> "LocateUiParams":
+        lu: LocateUiConfig = cfg.locate_ui
+        grid = np.arange(lu.eps_grid_start, lu.eps_grid_stop + lu.eps_grid_step / 2, lu.eps_grid_step)
+        params = cls(
+            method=lu.method,
+            eps=lu.eps,
+            eps_grid=tuple(float(round(g, 10)) for g in grid),
+            dominance_ratio=float(lu.dominance_ratio),
+            min_share=float(lu.min_share),
+            grid_sample_rows=int(lu.grid_sample_rows),
+            sample_hac_rows=int(lu.sample_hac_rows),
+            kmeans_cells=int(lu.kmeans_cells),
+            kmeans_sample_rows=int(lu.kmeans_sample_rows),
+            kmeans_max_iter=KMEANS_MAX_ITER,
+            nprobe=int(lu.nprobe),
+            block_size=int(lu.block_size),
+            connected_components=lu.connected_components,
+            seed=int(lu.seed),
+            from_members=lu.from_members,
+        )
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        if self.method not in ("graph", "sample-hac"):
+            raise ErsUserError(f"locate_ui.method must be 'graph' or 'sample-hac', got {self.method!r}")
+        if self.eps is not None and not 0 < self.eps < 2:
+            raise ErsUserError(f"locate_ui.eps must be in (0, 2) (cosine distance), got {self.eps}")
+        if not self.eps_grid:
+            raise ErsUserError("locate_ui eps grid is empty: check eps_grid_start/stop/step")
+        for name in ("grid_sample_rows", "sample_hac_rows", "kmeans_cells", "kmeans_sample_rows", "nprobe", "block_size"):
+            if getattr(self, name) < 1:
+                raise ErsUserError(f"locate_ui.{name} must be >= 1, got {getattr(self, name)}")
+        if self.nprobe > self.kmeans_cells:
+            raise ErsUserError(f"locate_ui.nprobe ({self.nprobe}) cannot exceed locate_ui.kmeans_cells")
+        if self.connected_components not in ("builtin", "graphframes"):
+            raise ErsUserError(
+                f"locate_ui.connected_components must be 'builtin' or 'graphframes', got {self.connected_components!r}"
+            )
+
+
+@dataclass(frozen=True)
+class UiResult:
+    """What a clustering method found: members (a DataFrame of image_id), eps, sizes, counters."""
+
+    members: DataFrame
+    eps: float
+    top_sizes: list[int]
+    counts: dict[str, int]
+    centroid_sum: F64 | None = None  # set when the members' sum is already known (sample-hac)
+    member_count: int | None = None
+
+
+# --------------------------------------------------------------------------- Arrow helpers
+
+
+def _arrow_matrix(col: pa.Array | pa.ChunkedArray) -> F32:
+    """A list<float> Arrow column of equal-length rows as an (n, d) float32 matrix (no Python loop)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    n = len(col)
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if values.size % n:
+        raise ErsUserError("embeddings of different lengths in one table; re-embed with one model")
+    return values.reshape(n, values.size // n)
+
+
+def _arrow_lists(x: npt.NDArray[Any], value_type: pa.DataType) -> pa.Array:
+    """An (n, d) matrix as an Arrow list array (the Spark array<...> layout)."""
+    n, d = x.shape
+    offsets = pa.array(np.arange(0, n * d + 1, d, dtype=np.int32) if n else np.zeros(1, np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(x).ravel(), type=value_type))
+
+
+def _member_sums(df: DataFrame) -> tuple[F64, int]:
+    """Sum of the unit embeddings of ``df`` (column ``embedding``) and its row count, on the executors.
+
+    Each Arrow batch is normalised and summed in the Python worker; only one
+    (count, partial sum) row per batch comes back to the driver.
+    """
+
+    def partial(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            x = _arrow_matrix(batch.column(0))
+            if x.shape[0] == 0:
+                continue
+            s = normalize_rows(x).astype(np.float64).sum(axis=0)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array([x.shape[0]], pa.int64()), _arrow_lists(s[None, :], pa.float64())], names=["n", "s"]
+            )
+
+    rows = df.select(EMBEDDING).mapInArrow(partial, "n long, s array<double>").collect()
+    if not rows:
+        return np.zeros(0, np.float64), 0
+    total = np.sum(np.asarray([r["s"] for r in rows], dtype=np.float64), axis=0)
+    return total, int(sum(r["n"] for r in rows))
+
+
+def _to_numpy(df: DataFrame) -> tuple[list[str], F32]:
+    """Collect (image_id, embedding) rows as ids and a unit float32 matrix (via Arrow, no row loop)."""
+    table = df.select(IMAGE_ID, EMBEDDING).toArrow()
+    ids = table.column(IMAGE_ID).to_pylist()
+    x = _arrow_matrix(table.column(EMBEDDING))
+    return ids, (normalize_rows(x) if x.shape[0] else x)
+
+
+def _sample(df: DataFrame, n_rows: int, at_most: int, seed: int) -> DataFrame:
+    """A deterministic uniform sample of at most ``at_most`` rows (all rows when small)."""
+    if n_rows <= at_most:
+        return df
+    frac = min(1.0, 1.1 * at_most / n_rows)  # Bernoulli sample a bit above the target, then cap
+    return df.sample(withReplacement=False, fraction=frac, seed=seed).limit(at_most)
+
+
+# --------------------------------------------------------------------------- dominance
+
+
+def check_dominance(top_sizes: list[int], n_rows: int, ratio: float, min_share: float) -> None:
+    """Raise :class:`ClusteringError` unless the largest cluster dominates.
+
+    Same rule as :func:`ers_spark.neighbours.dominant_cluster`, but on cluster
+    sizes (largest first, at least the top two) so the full-data labels never
+    have to reach the driver.
+    """
+    largest = int(top_sizes[0]) if top_sizes else 0
+    second = int(top_sizes[1]) if len(top_sizes) > 1 else 0
+    ok = (largest >= 2 if second == 0 else largest >= ratio * second) and largest >= min_share * n_rows
+    if not ok:
+        raise ClusteringError(
+            f"no dominant cluster: top sizes {list(top_sizes[:5])} of {n_rows} rows; need largest >= "
+            f"{ratio:g} x second and >= {min_share:g} of rows"
+        )
+
+
+def _print_size_table(table: list[tuple[float, list[int]]]) -> None:
+    print("locate-ui: top cluster sizes per eps (exact single linkage on the eps sample)", flush=True)
+    for eps, sizes in table:
+        print(f"  eps={eps:.4g}\ttop sizes {sizes}", flush=True)
+
+
+# --------------------------------------------------------------------------- input
+
+
+def latest_model(emb: DataFrame) -> tuple[str, str, list[dict[str, Any]]]:
+    """The (model_name, model_version) with the most recent ``embedded_at``, plus every model seen.
+
+    A table may hold embeddings of several models; clustering mixes of
+    embedding spaces is meaningless, so only the latest model is used.
+    """
+    models = (
+        emb.groupBy(MODEL_NAME, MODEL_VERSION)
+        .agg(F.max(EMBEDDED_AT).alias("latest"), F.count(F.lit(1)).alias("rows"))
+        .orderBy(F.desc("latest"), MODEL_NAME, MODEL_VERSION)
+        .collect()
+    )
+    if not models:
+        raise ErsUserError("input table 'embeddings' is empty; run `ers-spark embed` first")
+    seen = [
+        {"model_name": r[MODEL_NAME], "model_version": r[MODEL_VERSION], "rows": int(r["rows"]),
+         "latest": str(r["latest"])}
+        for r in models
+    ]
+    return models[0][MODEL_NAME], models[0][MODEL_VERSION], seen
+
+
+# --------------------------------------------------------------------------- connected components
+
+
+def _star_state(edges: DataFrame) -> bool:
+    """True when the edges (x > y) form stars: every x has one edge and no y is also an x."""
+    nodes = edges.select(F.col("x").alias("n"), F.lit(1).alias("ax"), F.lit(0).alias("ay")).unionByName(
+        edges.select(F.col("y").alias("n"), F.lit(0).alias("ax"), F.lit(1).alias("ay"))
+    )
+    bad = (
+        nodes.groupBy("n")
+        .agg(F.sum("ax").alias("ax"), F.max("ay").alias("ay"))
+        .where((F.col("ax") > 1) | ((F.col("ax") >= 1) & (F.col("ay") == 1)))
+    )
+    return bad.limit(1).count() == 0
+
+
+def _large_star(edges: DataFrame) -> DataFrame:
+    """Large-star: every node's larger neighbours are linked to its smallest neighbour (or itself)."""
+    adj = edges.select(F.col("x").alias("u"), F.col("y").alias("v")).unionByName(
+        edges.select(F.col("y").alias("u"), F.col("x").alias("v"))
+    )
+    m = adj.groupBy("u").agg(F.least(F.min("v"), F.col("u")).alias("m"))
+    return adj.where(F.col("v") > F.col("u")).join(m, "u").select(F.col("v").alias("x"), F.col("m").alias("y")).distinct()
+
+
+def _small_star(edges: DataFrame) -> DataFrame:
+    """Small-star: every node and its smaller neighbours are linked to the smallest of them."""
+    m = edges.groupBy("x").agg(F.min("y").alias("m"))
+    j = edges.join(m, "x")
+    return (
+        j.select("x", F.col("m").alias("y"))
+        .unionByName(j.where(F.col("y") != F.col("m")).select(F.col("y").alias("x"), F.col("m").alias("y")))
+        .distinct()
+    )
+
+
+def connected_components_builtin(links: DataFrame, checkpoint_every: int = 2) -> tuple[DataFrame, int]:
+    """Connected components of an undirected int64 graph given as ``(src, dst)`` links.
+
+    Alternates large-star and small-star (Kiveris et al., 2014) until the
+    edges form stars, checkpointing every ``checkpoint_every`` rounds so the
+    plan does not grow. Returns ``(node, root)`` for every node in a link
+    (root = smallest id of its component, roots included with ``node ==
+    root``) and the number of rounds. The local links are already stars, so
+    this takes few rounds.
+    """
+    edges = (
+        links.select(F.greatest(_SRC, _DST).alias("x"), F.least(_SRC, _DST).alias("y"))
+        .where(F.col("x") != F.col("y"))
+        .distinct()
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    rounds = 0
+    previous: list[DataFrame] = [edges]
+    while not _star_state(edges):
+        if rounds >= CC_MAX_ITER:
+            raise RuntimeError(f"connected components did not converge in {CC_MAX_ITER} rounds")
+        rounds += 1
+        edges = _small_star(_large_star(edges))
+        if rounds % checkpoint_every == 0:
+            edges = edges.checkpoint(eager=True)
+        else:
+            edges = edges.persist(StorageLevel.MEMORY_AND_DISK)
+        previous.append(edges)
+        if len(previous) > 2:
+            previous.pop(0).unpersist()
+    out = edges.select(F.col("x").alias(_NODE), F.col("y").alias(_ROOT)).unionByName(
+        edges.select(F.col("y").alias(_NODE), F.col("y").alias(_ROOT)).distinct()
+    )
+    return out, rounds
+
+
+def connected_components_graphframes(spark: SparkSession, links: DataFrame) -> DataFrame:
+    """``(node, root)`` via GraphFrames' connectedComponents; needs the GraphFrames jar on the classpath."""
+    hint = (
+        "locate_ui.connected_components=graphframes needs the graphframes Python package and the "
+        "GraphFrames jar on Spark's classpath (spark.packages or spark.jars_dir); "
+        "or use locate_ui.connected_components=builtin"
+    )
+    try:
+        from graphframes import GraphFrame  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        raise ErsUserError(f"{hint} (python package 'graphframes' is not installed)") from None
+    edges = links.select(F.col(_SRC).alias("src"), F.col(_DST).alias("dst"))
+    vertices = edges.select(F.col("src").alias("id")).unionByName(edges.select(F.col("dst").alias("id"))).distinct()
+    try:
+        cc = GraphFrame(vertices, edges).connectedComponents(checkpointInterval=2)
+    except Exception as exc:  # py4j: the JVM class is missing when the jar is absent
+        text = str(exc)
+        if "graphframes" in text.lower() or "JavaPackage" in text or "ClassNotFound" in text:
+            raise ErsUserError(f"{hint} (the GraphFrames jar is not loaded)") from None
+        raise
+    return cc.select(F.col("id").alias(_NODE), F.col("component").alias(_ROOT))
+
+
+# --------------------------------------------------------------------------- graph method
+
+
+def _assign_cells(points: DataFrame, centres: F32, nprobe: int) -> DataFrame:
+    """(pid, embedding) -> (cell, pid, embedding) for the ``nprobe`` nearest centres of each point."""
+    spark = points.sparkSession
+    bc = spark.sparkContext.broadcast(np.ascontiguousarray(centres, dtype=np.float32))
+    k = int(centres.shape[0])
+    probe = min(nprobe, k)
+
+    def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        c = bc.value
+        for batch in batches:
+            ids = batch.column(0).to_numpy(zero_copy_only=False)
+            x = _arrow_matrix(batch.column(1))
+            if x.shape[0] == 0:
+                continue
+            x = normalize_rows(x)
+            if probe >= k:
+                top = np.broadcast_to(np.arange(k, dtype=np.int32), (x.shape[0], k))
+            else:
+                top = np.argpartition(-(x @ c.T), probe - 1, axis=1)[:, :probe]
+            yield pa.RecordBatch.from_arrays(
+                [
+                    pa.array(np.ascontiguousarray(top, dtype=np.int32).ravel()),
+                    pa.array(np.repeat(ids.astype(np.int64), probe)),
+                    _arrow_lists(np.repeat(x, probe, axis=0), pa.float32()),
+                ],
+                names=[_CELL, _ID, EMBEDDING],
+            )
+
+    return points.select(_ID, EMBEDDING).mapInArrow(assign, f"{_CELL} int, {_ID} long, {EMBEDDING} array<float>")
+
+
+def _cell_links(assigned: DataFrame, eps: float, block_size: int) -> DataFrame:
+    """Per cell: the eps-graph compressed to point -> local-root links; raw edge count on the first link."""
+
+    def links(table: pa.Table) -> pa.Table:
+        ids = table.column(_ID).to_numpy()
+        x = _arrow_matrix(table.column(EMBEDDING))
+        out = eps_spanning_links(ids, x, eps, block_size)
+        raw = np.zeros(out.src.size, np.int64)
+        if raw.size:
+            raw[0] = out.raw_edge_count
+        return pa.table({_SRC: out.src, _DST: out.dst, _RAW: raw})
+
+    schema = f"{_SRC} long, {_DST} long, {_RAW} long"
+    return assigned.groupBy(_CELL).applyInArrow(links, schema)
+
+
+def _kmeans_centres(points: DataFrame, n_rows: int, params: LocateUiParams) -> F32:
+    """Coarse quantiser: MLlib KMeans (cosine) on a sample; unit centres as a (k, d) array."""
+    if params.kmeans_cells == 1:
+        return np.zeros((0, 0), np.float32)
+    from pyspark.ml.clustering import KMeans
+    from pyspark.ml.functions import array_to_vector
+
+    sample = _sample(points.select(EMBEDDING), n_rows, params.kmeans_sample_rows, params.seed + 1)
+    vecs = sample.select(array_to_vector(EMBEDDING).alias("features")).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        model = KMeans(
+            k=min(params.kmeans_cells, max(2, min(n_rows, params.kmeans_sample_rows))),
+            seed=params.seed,
+            maxIter=params.kmeans_max_iter,
+            distanceMeasure="cosine",
+            featuresCol="features",
+        ).fit(vecs)
+    finally:
+        vecs.unpersist()
+    centres = np.asarray([np.asarray(c, dtype=np.float64) for c in model.clusterCenters()])
+    return normalize_rows(centres)
+
+
+def _graph(
+    spark: SparkSession, points: DataFrame, n_rows: int, eps: float, params: LocateUiParams
+) -> UiResult:
+    """Distributed approximate single linkage; members = the largest connected component."""
+    centres = _kmeans_centres(points, n_rows, params)
+    if centres.shape[0] <= 1:
+        assigned = points.select(F.lit(0).cast("int").alias(_CELL), _ID, EMBEDDING)
+        n_cells = 1
+    else:
+        assigned = _assign_cells(points, centres, params.nprobe)
+        n_cells = int(centres.shape[0])
+    links = _cell_links(assigned, eps, params.block_size).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        stats = links.agg(F.count(F.lit(1)).alias("n"), F.coalesce(F.sum(_RAW), F.lit(0)).alias("raw")).first()
+        n_links, raw_edges = int(stats["n"]), int(stats["raw"])
+        if params.connected_components == "graphframes":
+            comps, rounds = connected_components_graphframes(spark, links), -1
+        else:
+            comps, rounds = connected_components_builtin(links)
+        comps = comps.persist(StorageLevel.MEMORY_AND_DISK)
+        sizes_df = comps.groupBy(_ROOT).agg(F.count(F.lit(1)).alias("size"))
+        top = sizes_df.orderBy(F.desc("size"), _ROOT).limit(5).collect()
+        covered = comps.count()
+    finally:
+        links.unpersist()
+    singletons = n_rows - covered
+    top_sizes = sorted([int(r["size"]) for r in top] + [1] * min(5, singletons), reverse=True)[:5]
+    counts = {
+        "cells": n_cells,
+        "links": n_links,
+        "raw_edges": raw_edges,
+        "cc_rounds": rounds,
+        "clustered_points": covered,
+        "singletons": singletons,
+    }
+    _print_cluster_table(eps, top_sizes, n_rows)
+    check_dominance(top_sizes, n_rows, params.dominance_ratio, params.min_share)
+    ui_root = int(top[0][_ROOT])
+    member_ids = comps.where(F.col(_ROOT) == ui_root).select(F.col(_NODE).alias(_ID))
+    members = points.join(member_ids, _ID, "left_semi").select(IMAGE_ID, EMBEDDING)
+    return UiResult(members=members, eps=eps, top_sizes=top_sizes, counts=counts)
+
+
+def _print_cluster_table(eps: float, top_sizes: list[int], n_rows: int) -> None:
+    print(f"locate-ui: eps={eps:.4g} on {n_rows} rows: top cluster sizes {top_sizes}", flush=True)
+
+
+# --------------------------------------------------------------------------- sample-hac method
+
+
+def _sample_hac(spark: SparkSession, points: DataFrame, n_rows: int, eps: float, params: LocateUiParams) -> UiResult:
+    """Exact scipy single linkage on a uniform sample; members = sampled rows of the largest cluster."""
+    ids, x = _to_numpy(_sample(points, n_rows, params.sample_hac_rows, params.seed + 2))
+    labels = exact_single_linkage(x, eps)
+    sizes = cluster_sizes(labels)
+    top_sizes = [int(s) for s in sizes[:5]]
+    _print_cluster_table(eps, top_sizes, len(ids))
+    ui = dominant_cluster(labels, params.dominance_ratio, params.min_share)
+    mask = labels == ui
+    member_ids = [i for i, keep in zip(ids, mask.tolist()) if keep]
+    members = spark.createDataFrame(pa.table({IMAGE_ID: pa.array(member_ids, pa.string())}).to_pandas())
+    return UiResult(
+        members=members,
+        eps=eps,
+        top_sizes=top_sizes,
+        counts={"sampled_rows": len(ids)},
+        centroid_sum=x[mask].astype(np.float64).sum(axis=0),
+        member_count=int(mask.sum()),
+    )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _write(
+    spark: SparkSession,
+    cfg: ErsConfig,
+    *,
+    model: tuple[str, str],
+    method: str,
+    eps: float | None,
+    members: DataFrame,
+    member_count: int,
+    top_sizes: list[int],
+    centroid_sum: F64,
+    input_version: int | None,
+) -> tuple[str, F32, float]:
+    """Append the UIC row and MERGE its members; members first, so a UIC row always has its members."""
+    centroid = ui_centroid_from_sum(centroid_sum)
+    # mean of (1 - cos(x, c)) over unit members = 1 - |sum| / n, since c = sum / |sum|
+    mean_dist = float(max(0.0, 1.0 - np.linalg.norm(centroid_sum) / member_count))
+    uic_id = uuid.uuid4().hex
+    merge_insert_new(spark, cfg, UI_MEMBERS, members.select(F.lit(uic_id).alias(UIC_ID), IMAGE_ID))
+    row = {
+        UIC_ID: uic_id,
+        MODEL_NAME: model[0],
+        MODEL_VERSION: model[1],
+        METHOD: method,
+        EPS: None if eps is None else float(eps),
+        MEMBER_COUNT: int(member_count),
+        TOP_CLUSTER_SIZES: [int(s) for s in top_sizes],
+        MEAN_MEMBER_DISTANCE: mean_dist,
+        CENTROID: [float(v) for v in centroid],
+        INPUT_VERSION: input_version,
+        GAMMA: None,
+        GAMMA_METHOD: None,
+    }
+    schema = StructType([f for f in UI_CENTROIDS.schema.fields if f.name != CREATED_AT])
+    df = spark.createDataFrame([row], schema).withColumn(CREATED_AT, F.current_timestamp())
+    append(spark, cfg, UI_CENTROIDS, df)
+    return uic_id, centroid, mean_dist
+
+
+def _from_members(
+    spark: SparkSession, cfg: ErsConfig, run: StageRun, emb: DataFrame, model: tuple[str, str], version: int | None
+) -> dict:
+    """Re-derive a stored UIC from its members with the current model's embeddings (no clustering)."""
+    old_id = run.params["from_members"]
+    if not table_exists(spark, cfg, UI_CENTROIDS):
+        raise ErsUserError(f"--from-members {old_id}: no ui_centroids table yet; run `ers-spark locate-ui` first")
+    old = read_table(spark, cfg, UI_CENTROIDS).where(F.col(UIC_ID) == old_id).select(EPS, METHOD).first()
+    if old is None:
+        raise ErsUserError(f"--from-members: unknown uic_id {old_id!r} (not in table 'ui_centroids')")
+    stored = read_table(spark, cfg, UI_MEMBERS).where(F.col(UIC_ID) == old_id).select(IMAGE_ID).distinct()
+    members = emb.join(stored, IMAGE_ID, "inner").select(IMAGE_ID, EMBEDDING).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        total, n = _member_sums(members)
+        if n == 0:
+            raise ErsUserError(
+                f"--from-members {old_id}: none of its members has an embedding of model {model[0]} {model[1]}"
+            )
+        stored_count = stored.count()
+        uic_id, _, mean_dist = _write(
+            spark, cfg, model=model, method=f"from-members:{old_id}", eps=old[EPS], members=members,
+            member_count=n, top_sizes=[n], centroid_sum=total, input_version=version,
+        )
+    finally:
+        members.unpersist()
+    print(f"locate-ui: UIC {uic_id} from {n} of {stored_count} stored members of {old_id}", flush=True)
+    run.params.update(uic_id=uic_id, eps_used=old[EPS])
+    run.counts = {"stored_members": stored_count, "members": n, "missing_embeddings": stored_count - n}
+    return run.finish(spark, cfg, outputs=(UI_CENTROIDS, UI_MEMBERS))
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
+    """Find the unrecognizable-identity cluster and store its centroid (UIC) and members.
+
+    Parameters
+    ----------
+    spark : SparkSession
+        The project's session (:func:`ers_spark.session.build_session`); its
+        checkpoint dir is used by the connected-components loop.
+    cfg : ErsConfig
+        ``cfg.locate_ui`` holds the method and its parameters.
+
+    Returns
+    -------
+    dict
+        The StageRun record (also printed as one JSON line and appended to
+        ``runs``); ``params`` holds :class:`LocateUiParams` plus the model
+        used, the eps used and the new ``uic_id``.
+
+    Raises
+    ------
+    ClusteringError
+        No eps in the grid (or the fixed eps) gives a dominant cluster; the
+        message carries the cluster sizes; nothing is written.
+    ErsUserError
+        Missing/empty embeddings table, unknown ``--from-members`` uic id,
+        GraphFrames requested but not on the classpath.
+
+    Examples
+    --------
+    >>> cfg = load_config(overrides=["locate_ui.eps=0.4"])    # doctest: +SKIP
+    >>> rec = run_locate_ui(build_session(cfg, "locate-ui"), cfg)   # doctest: +SKIP
+    >>> rec["counts"]["members"]                             # doctest: +SKIP
+    1667
+    """
+    params = LocateUiParams.from_config(cfg)
+    run = StageRun(STAGE_NAME, params=asdict(params))
+    version = table_version(spark, cfg, EMBEDDINGS)
+    emb_all = read_table(spark, cfg, EMBEDDINGS, hint="run `ers-spark embed` first")
+    name, model_version, seen = latest_model(emb_all)
+    run.params.update(model_name=name, model_version=model_version, models_in_table=seen)
+    if len(seen) > 1:
+        print(
+            f"locate-ui: embeddings table holds {len(seen)} models; using the latest, {name} {model_version}",
+            flush=True,
+        )
+    run.input_versions = {EMBEDDINGS.name: version}
+    emb = emb_all.where((F.col(MODEL_NAME) == name) & (F.col(MODEL_VERSION) == model_version))
+    if params.from_members:
+        return _from_members(spark, cfg, run, emb, (name, model_version), version)
+
+    points = emb.select(F.monotonically_increasing_id().alias(_ID), IMAGE_ID, EMBEDDING).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
+    try:
+        n_rows = points.count()
+        if params.eps is not None:
+            eps, eps_source = float(params.eps), "config"
+        else:
+            _, xs = _to_numpy(_sample(points, n_rows, params.grid_sample_rows, params.seed))
+            choice = choose_eps(xs, params.eps_grid, params.dominance_ratio, params.min_share)
+            _print_size_table(choice.size_table)
+            eps, eps_source = choice.eps, f"grid on {xs.shape[0]} sampled rows"
+            print(f"locate-ui: chose eps={eps:.4g}", flush=True)
+        if params.method == "graph":
+            result = _graph(spark, points, n_rows, eps, params)
+        else:
+            result = _sample_hac(spark, points, n_rows, eps, params)
+        members = result.members.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            if result.centroid_sum is not None and result.member_count is not None:
+                total, n_members = result.centroid_sum, result.member_count
+            else:
+                total, n_members = _member_sums(members)
+            uic_id, _, mean_dist = _write(
+                spark, cfg, model=(name, model_version), method=params.method, eps=eps,
+                members=members.select(IMAGE_ID), member_count=n_members, top_sizes=result.top_sizes,
+                centroid_sum=total, input_version=version,
+            )
+        finally:
+            members.unpersist()
+    finally:
+        points.unpersist()
+    print(
+        f"locate-ui: UIC {uic_id}: {n_members} members ({params.method}, eps={eps:.4g}), "
+        f"mean member distance {mean_dist:.4f}",
+        flush=True,
+    )
+    run.params.update(uic_id=uic_id, eps_used=eps, eps_source=eps_source, top_cluster_sizes=result.top_sizes)
+    run.counts = {"input_rows": n_rows, "members": n_members, **result.counts}
+    return run.finish(spark, cfg, outputs=(UI_CENTROIDS, UI_MEMBERS))

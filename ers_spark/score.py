@@ -1,0 +1,271 @@
+"""Score stage: broadcast the UI centroid and compute every image's ERS = min(1, 1 - <f_UI, f_i>).
+
+gamma (the recognizability threshold) is per model: a fixed ``score.gamma``
+wins; otherwise the gamma stored with the UIC is reused; otherwise it is
+calibrated (with identity labels: the paper's TinyFace procedure, minimum
+false rejects at the target false accept rate when unsure pairs count as
+rejected; without labels: best balanced accuracy between UI members and the
+rest) and stored with its UIC in ``ui_centroids``. Scores are MERGEd on
+(image_id, model): a new UIC re-scores every row, and the previous scores stay
+readable through Delta time travel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, DoubleType, FloatType
+
+from ers_spark import ers as ers_math
+from ers_spark.config import ErsConfig
+from ers_spark.contracts import (
+    CENTROID,
+    CREATED_AT,
+    CROPS,
+    EMBEDDING,
+    EMBEDDINGS,
+    ENHANCED_EMBEDDING,
+    ERS,
+    ERS_RAW,
+    GAMMA,
+    GAMMA_METHOD,
+    IDENTITY,
+    IMAGE_ID,
+    MODEL_NAME,
+    MODEL_VERSION,
+    RECOGNIZABLE,
+    SCORED_AT,
+    SCORES,
+    UI_CENTROIDS,
+    UI_MEMBERS,
+    UIC_ID,
+)
+from ers_spark.errors import ContractError
+from ers_spark.io import (
+    StageRun,
+    ensure_table,
+    latest_model,
+    merge_sync,
+    read_table,
+    table_exists,
+    table_path,
+    table_version,
+)
+
+STAGE_NAME = "score"
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    """The score stage's parameters (from ``score.*``)."""
+
+    gamma: float | None
+    uic_id: str | None
+    calibration: str
+    target_far: float
+    calibration_sample_rows: int
+    enhanced: bool
+
+    @classmethod
+    def from_config(cls, cfg: ErsConfig) -> "ScoreParams":
+        s = cfg.score
+        params = cls(s.gamma, s.uic_id, s.calibration, s.target_far, s.calibration_sample_rows, s.enhanced)
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        if self.gamma is not None and not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if self.calibration not in ("auto", "identities", "unlabelled"):
+            raise ValueError(f"calibration must be 'auto', 'identities' or 'unlabelled', got {self.calibration!r}")
+
+
+@dataclass(frozen=True)
+class Centroid:
+    """One row of ui_centroids, as the score and clean stages use it."""
+
+    uic_id: str
+    model_name: str
+    model_version: str
+    vector: np.ndarray
+    gamma: float | None
+    gamma_method: str | None
+
+
+def select_centroid(spark: SparkSession, cfg: ErsConfig, model: tuple[str, str], uic_id: str | None) -> Centroid:
+    """The requested UIC, or the newest one for this model; a clear error when there is none."""
+    centroids = read_table(spark, cfg, UI_CENTROIDS, hint="run `ers-spark locate-ui` first")
+    if uic_id is not None:
+        rows = centroids.where(F.col(UIC_ID) == uic_id).collect()
+        if not rows:
+            raise ContractError(f"score.uic_id={uic_id!r} is not in ui_centroids; list them with "
+                                "`ers-spark sql \"SELECT uic_id, model_name, created_at FROM ers.ui_centroids\"`")
+        row = rows[0]
+        if (row[MODEL_NAME], row[MODEL_VERSION]) != model:
+            raise ContractError(
+                f"UIC {uic_id} belongs to model {row[MODEL_NAME]} {row[MODEL_VERSION]}, but the embeddings are "
+                f"{model[0]} {model[1]}; re-derive it with `ers-spark locate-ui --from-members {uic_id}`"
+            )
+    else:
+        row = (
+            centroids.where((F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1]))
+            .orderBy(F.col(CREATED_AT).desc())
+            .first()
+        )
+        if row is None:
+            raise ContractError(
+                f"no UI centroid for model {model[0]} {model[1]} in ui_centroids: run `ers-spark locate-ui` first"
+            )
+    return Centroid(
+        uic_id=row[UIC_ID],
+        model_name=row[MODEL_NAME],
+        model_version=row[MODEL_VERSION],
+        vector=ers_math.normalize_rows(np.asarray([row[CENTROID]], dtype=np.float32))[0],
+        gamma=row[GAMMA],
+        gamma_method=row[GAMMA_METHOD],
+    )
+
+
+def ers_raw_column(embedding: str, uic: np.ndarray) -> F.Column:
+    """``1 - <f_UI, f>`` as a Spark expression: the UIC travels inside the plan (a broadcast constant)."""
+    uic_col = F.array(*[F.lit(float(x)) for x in uic])
+    dot = F.aggregate(F.zip_with(F.col(embedding), uic_col, lambda a, b: a * b), F.lit(0.0), lambda acc, x: acc + x)
+    return (F.lit(1.0) - dot).cast(DoubleType())
+
+
+def enhanced_udf(uic: np.ndarray):
+    """Vectorised ERS-enhanced features (paper eq. 6) for Arrow batches of embeddings."""
+
+    def enhance(embeddings: pd.Series) -> pd.Series:
+        emb = np.stack(embeddings.to_numpy()).astype(np.float32)
+        out = ers_math.enhance_embeddings(emb, uic)
+        return pd.Series(list(out))
+
+    return F.pandas_udf(enhance, ArrayType(FloatType()))  # type: ignore[call-overload]
+
+
+def score_dataframe(embeddings: DataFrame, centroid: Centroid, gamma: float, enhanced: bool) -> DataFrame:
+    """Scores for every embedding row of the centroid's model."""
+    raw = ers_raw_column(EMBEDDING, centroid.vector)
+    scored = embeddings.select(IMAGE_ID, EMBEDDING, raw.alias(ERS_RAW)).select(
+        IMAGE_ID,
+        EMBEDDING,
+        F.least(F.col(ERS_RAW), F.lit(1.0)).alias(ERS),
+        ERS_RAW,
+    )
+    enhanced_col = enhanced_udf(centroid.vector)(F.col(EMBEDDING)) if enhanced else F.lit(None)
+    return scored.select(
+        IMAGE_ID,
+        ERS,
+        ERS_RAW,
+        (F.col(ERS) >= F.lit(gamma)).alias(RECOGNIZABLE),
+        F.lit(centroid.uic_id).alias(UIC_ID),
+        F.lit(gamma).alias(GAMMA),
+        F.lit(centroid.model_name).alias(MODEL_NAME),
+        F.lit(centroid.model_version).alias(MODEL_VERSION),
+        enhanced_col.cast(ArrayType(FloatType())).alias(ENHANCED_EMBEDDING),
+        F.current_timestamp().alias(SCORED_AT),
+    )
+
+
+def calibrate_gamma(
+    spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, centroid: Centroid, params: ScoreParams
+) -> ers_math.GammaCalibration:
+    """Calibrate gamma on a sample collected to the driver (labels when present, else UI membership)."""
+    sample = embeddings.select(IMAGE_ID, EMBEDDING)
+    n = sample.count()
+    if n > params.calibration_sample_rows:
+        sample = sample.sample(fraction=min(1.0, 1.2 * params.calibration_sample_rows / n), seed=0).limit(
+            params.calibration_sample_rows
+        )
+    identities = None
+    if params.calibration in ("auto", "identities") and table_exists(spark, cfg, CROPS):
+        crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select(IMAGE_ID, IDENTITY)
+        sample = sample.join(crops, IMAGE_ID, "left")
+    else:
+        sample = sample.withColumn(IDENTITY, F.lit(None).cast("string"))
+    members = (
+        spark.read.format("delta").load(table_path(cfg, UI_MEMBERS)).where(F.col(UIC_ID) == centroid.uic_id)
+        .select(IMAGE_ID, F.lit(True).alias("_ui"))
+        if table_exists(spark, cfg, UI_MEMBERS)
+        else None
+    )
+    if members is not None:
+        sample = sample.join(members, IMAGE_ID, "left")
+    else:
+        sample = sample.withColumn("_ui", F.lit(None).cast("boolean"))
+    pdf = sample.toPandas()
+    emb = np.stack(pdf[EMBEDDING].to_numpy()).astype(np.float32)
+    ers = ers_math.ers_scores(emb, centroid.vector)
+    labelled = pdf[IDENTITY].notna().to_numpy()
+    counts = pdf.loc[labelled, IDENTITY].value_counts()
+    usable = counts[counts >= 2]
+    if params.calibration != "unlabelled" and len(usable) >= 2:
+        keep = labelled & pdf[IDENTITY].isin(usable.index).to_numpy()
+        identities = pdf.loc[keep, IDENTITY].to_numpy()
+        return ers_math.calibrate_gamma_identities(emb[keep], identities, ers[keep], params.target_far)
+    if params.calibration == "identities":
+        raise ContractError(
+            "score.calibration=identities needs crops with at least 2 identities of 2+ images each; "
+            "use score.calibration=unlabelled or set score.gamma"
+        )
+    is_ui = pdf["_ui"].fillna(False).to_numpy(dtype=bool)
+    return ers_math.calibrate_gamma_unlabelled(ers[is_ui], ers[~is_ui])
+
+
+def store_gamma(spark: SparkSession, cfg: ErsConfig, centroid: Centroid, gamma: float, method: str) -> None:
+    """Write gamma next to its UIC in ui_centroids (one row updated)."""
+    table = ensure_table(spark, cfg, UI_CENTROIDS)
+    table.update(
+        condition=F.col(UIC_ID) == centroid.uic_id,
+        set={GAMMA: F.lit(float(gamma)), GAMMA_METHOD: F.lit(method)},
+    )
+
+
+def run_score(spark: SparkSession, cfg: ErsConfig) -> dict:
+    """Run the score stage; counts: scored = recognizable + unrecognizable."""
+    params = ScoreParams.from_config(cfg)
+    embeddings_all = read_table(spark, cfg, EMBEDDINGS, hint="run `ers-spark embed` first")
+    model = latest_model(embeddings_all)
+    embeddings = embeddings_all.where((F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1]))
+    centroid = select_centroid(spark, cfg, model, params.uic_id)
+    run = StageRun(STAGE_NAME, params={**asdict(params), "uic_id": centroid.uic_id, "model": list(model)})
+    run.input_versions = {
+        EMBEDDINGS.name: table_version(spark, cfg, EMBEDDINGS),
+        UI_CENTROIDS.name: table_version(spark, cfg, UI_CENTROIDS),
+    }
+    if params.gamma is not None:
+        gamma, method = params.gamma, "fixed"
+    elif centroid.gamma is not None:
+        gamma, method = float(centroid.gamma), str(centroid.gamma_method)
+    else:
+        calibration = calibrate_gamma(spark, cfg, embeddings, centroid, params)
+        gamma, method = calibration.gamma, calibration.method
+        store_gamma(spark, cfg, centroid, gamma, method)
+        print(f"score: calibrated gamma = {gamma:.4f} ({method}; frr={calibration.frr:.3f}, far={calibration.far:.3f})")
+    run.params.update(gamma=gamma, gamma_method=method)
+    scores = score_dataframe(embeddings, centroid, gamma, params.enhanced)
+    ensure_table(
+        spark, cfg, SCORES,
+        properties={"ers.uic_id": centroid.uic_id, "ers.gamma": f"{gamma:.6f}", "ers.model_version": model[1]},
+    )
+    changes = merge_sync(spark, cfg, SCORES, scores, compare=(UIC_ID, GAMMA, ENHANCED_EMBEDDING))
+    totals = (
+        spark.read.format("delta").load(table_path(cfg, SCORES))
+        .where((F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1]))
+        .agg(F.count(F.lit(1)).alias("n"), F.sum(F.col(RECOGNIZABLE).cast("long")).alias("ok"))
+        .first()
+    )
+    scored, recognizable = int(totals["n"]), int(totals["ok"] or 0)
+    run.counts = {
+        "scored": scored,
+        "recognizable": recognizable,
+        "unrecognizable": scored - recognizable,
+        "inserted": changes["inserted"],
+        "rescored": changes["updated"],
+    }
+    return run.finish(spark, cfg, outputs=(SCORES, UI_CENTROIDS))
