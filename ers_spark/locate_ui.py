@@ -511,8 +511,8 @@ def _sample_hac(spark: SparkSession, points: DataFrame, n_rows: int, eps: float,
     _print_cluster_table(eps, top_sizes, len(ids))
     ui = dominant_cluster(labels, params.dominance_ratio, params.min_share)
     mask = labels == ui
-    member_ids = [i for i, keep in zip(ids, mask.tolist()) if keep]
-    members = spark.createDataFrame(pa.table({IMAGE_ID: pa.array(member_ids, pa.string())}).to_pandas())
+    member_ids = pa.array(ids, pa.string()).filter(pa.array(mask))
+    members = spark.createDataFrame(pa.table({IMAGE_ID: member_ids}))
     return UiResult(
         members=members,
         eps=eps,

@@ -1,0 +1,170 @@
+"""Embed stage inside Spark: unit vectors per crop, incremental re-runs, quarantine, any ONNX model by spec."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ers_spark.contracts import CROPS, EMBEDDINGS, QUARANTINE
+from ers_spark.demo import demo_records
+from ers_spark.embed import EmbedParams, embed_images, run_embed
+from ers_spark.errors import ConfigError, ModelError
+from ers_spark.ingest import run_ingest
+from ers_spark.io import merge_insert_new, table_path
+from ers_spark.models.onnx_runner import OnnxEmbedder
+from ers_spark.models.preprocess import decode_batch
+from onnx_builders import tiny_embedding_model
+
+pytestmark = pytest.mark.spark
+
+
+@pytest.fixture(scope="module")
+def demo_rows() -> pd.DataFrame:
+    rows = demo_records()
+    return pd.concat([rows[rows.identity == "astronaut"], rows[rows.kind == "non_face"].head(6)]).reset_index(drop=True)
+
+
+def _write_parquet(rows: pd.DataFrame, path: Path) -> Path:
+    rows[["path", "identity", "bytes"]].to_parquet(path)
+    return path
+
+
+def _ingest(spark, cfg) -> None:
+    run_ingest(spark, cfg)
+
+
+def _parquet_cfg(make_cfg, src: Path, *extra: str):
+    return make_cfg(
+        f"ingest.input_path={src}", "ingest.input_format=parquet", "ingest.path_column=path",
+        "ingest.identity_column=identity", *extra,
+    )
+
+
+def test_embed_matches_direct_inference_and_is_incremental(spark, make_cfg, demo_rows, tmp_path, capsys) -> None:
+    first, second = demo_rows.iloc[:10], demo_rows
+    cfg = _parquet_cfg(make_cfg, _write_parquet(first, tmp_path / "a.parquet"))
+    _ingest(spark, cfg)
+    record = run_embed(spark, cfg)
+    assert record["counts"] == {"crops": 10, "already_embedded": 0, "to_embed": 10, "written": 10, "quarantined": 0}
+
+    table = spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).toPandas()
+    emb = np.stack(table["embedding"].to_numpy())
+    assert emb.shape == (10, 128)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert (table["raw_norm"] > 0).all()
+    assert set(table["model_name"]) == {"dlib_resnet_v1"}
+
+    # the same numbers as running the model directly, outside Spark
+    params = EmbedParams.from_config(cfg)
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select("image_id", "bytes").toPandas()
+    batch, ok, _ = decode_batch(list(crops["bytes"]), params.spec)
+    direct, norms = OnnxEmbedder(params.model_path, params.spec).embed(batch)
+    by_id = dict(zip(table["image_id"], emb))
+    for image_id, vec in zip(crops["image_id"], direct):
+        assert float(np.dot(by_id[image_id], vec)) > 0.99999
+
+    # re-run: nothing new
+    again = run_embed(spark, cfg)
+    assert again["counts"]["to_embed"] == 0 and again["counts"]["written"] == 0
+    assert again["output_versions"]["embeddings"] == record["output_versions"]["embeddings"]
+
+    # new crops: only those are embedded
+    cfg2 = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, input_path=str(_write_parquet(second, tmp_path / "b.parquet"))))
+    _ingest(spark, cfg2)
+    capsys.readouterr()
+    more = run_embed(spark, cfg2)
+    assert more["counts"]["to_embed"] == len(second) - 10
+    assert more["counts"]["already_embedded"] == 10
+    assert f"embed: {len(second) - 10} new crops to embed" in capsys.readouterr().out
+    assert spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).count() == len(second)
+
+
+def test_undecodable_crop_goes_to_quarantine(spark, make_cfg, demo_rows) -> None:
+    cfg = make_cfg()
+    good = demo_rows.iloc[0]
+    now = datetime(2026, 1, 1)
+    rows = [
+        ("good", None, None, "a.png", "astronaut", 160, 160, "png", good["bytes"], now),
+        ("broken", None, None, "b.png", None, 10, 10, "png", b"\x89PNG broken", now),
+    ]
+    merge_insert_new(spark, cfg, CROPS, spark.createDataFrame(rows, CROPS.schema))
+    record = run_embed(spark, cfg)
+    assert record["counts"] == {"crops": 2, "already_embedded": 0, "to_embed": 2, "written": 1, "quarantined": 1}
+    (q,) = spark.read.format("delta").load(table_path(cfg, QUARANTINE)).collect()
+    assert (q.image_id, q.stage, q.reason) == ("broken", "embed", "embed_failed")
+    assert q.detail.startswith("undecodable image")
+    # a re-run does not retry or duplicate it
+    assert run_embed(spark, cfg)["counts"]["to_embed"] == 0
+
+
+def test_inference_failure_isolated_per_image(demo_rows) -> None:
+    """A failing batch is retried image by image; only the image that fails alone is marked."""
+    from ers_spark.models.spec import load_model_spec
+
+    params = EmbedParams(
+        spec=load_model_spec("dlib_resnet_v1"), model_path="unused", model_version="1", backend="onnx",
+        device="cpu", batch_size=4, intra_op_threads=1, fp16=False,
+    )
+
+    class FlakyEmbedder:
+        single_calls = 0
+
+        def embed(self, batch):
+            if len(batch) > 1:
+                raise RuntimeError("batch failed")
+            FlakyEmbedder.single_calls += 1
+            if FlakyEmbedder.single_calls == 2:
+                raise RuntimeError("boom on the second image")
+            return np.ones((1, 128), np.float32) / np.sqrt(128), np.ones(1, np.float32)
+
+    images = list(demo_rows["bytes"].iloc[:3]) + [b""]
+    unit, norms, reasons = embed_images(images, params, FlakyEmbedder())
+    assert reasons == [None, "inference failed: boom on the second image", None, "empty image (0 bytes)"]
+    assert np.isfinite(unit[[0, 2]]).all() and np.isnan(unit[[1, 3]]).all()
+    assert np.isnan(norms[[1, 3]]).all()
+
+
+def test_112_spec_runs_end_to_end(spark, make_cfg, demo_rows, tmp_path) -> None:
+    model = tiny_embedding_model(tmp_path / "arc.onnx", size=112, dim=512)
+    spec_path = tmp_path / "my_arcface.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "my_arcface", "version": "2", "onnx_path": str(model), "input_height": 112, "input_width": 112,
+        "channel_order": "RGB", "mean": [127.5, 127.5, 127.5], "std": [127.5, 127.5, 127.5], "layout": "NCHW",
+        "embedding_dim": 512,
+    }))
+    src = _write_parquet(demo_rows.iloc[:6], tmp_path / "c.parquet")
+    cfg = _parquet_cfg(make_cfg, src, f"embed.model={spec_path}")
+    _ingest(spark, cfg)
+    record = run_embed(spark, cfg)
+    assert record["counts"]["written"] == 6
+    table = spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).toPandas()
+    emb = np.stack(table["embedding"].to_numpy())
+    assert emb.shape == (6, 512)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert set(table["model_name"]) == {"my_arcface"}
+    assert all(v.startswith("2+") for v in table["model_version"])
+
+
+def test_bad_model_spec_fails_before_spark_work(make_cfg, tmp_path) -> None:
+    spec_path = tmp_path / "missing.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "gone", "onnx_path": str(tmp_path / "nope.onnx"), "input_height": 112, "input_width": 112,
+        "mean": [127.5] * 3, "std": [127.5] * 3, "embedding_dim": 512,
+    }))
+    with pytest.raises(ModelError, match="model file not found"):
+        EmbedParams.from_config(make_cfg(f"embed.model={spec_path}"))
+    model = tiny_embedding_model(tmp_path / "x.onnx")
+    spec_path.write_text(yaml.safe_dump({
+        "name": "wrongsum", "onnx_path": str(model), "input_height": 112, "input_width": 112,
+        "mean": [127.5] * 3, "std": [127.5] * 3, "embedding_dim": 512, "sha256": "0" * 64,
+    }))
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        EmbedParams.from_config(make_cfg(f"embed.model={spec_path}"))
+    with pytest.raises(ConfigError, match="embed.fp16 needs embed.backend=torch"):
+        EmbedParams.from_config(make_cfg("embed.fp16=true"))

@@ -1,0 +1,277 @@
+"""locate-ui: the distributed graph clustering against exact scipy single linkage, and the stage's I/O."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+from ers_spark.contracts import (
+    CENTROID,
+    EMBEDDED_AT,
+    EMBEDDING,
+    EMBEDDINGS,
+    EPS,
+    IMAGE_ID,
+    MEMBER_COUNT,
+    METHOD,
+    MODEL_NAME,
+    MODEL_VERSION,
+    RAW_NORM,
+    TOP_CLUSTER_SIZES,
+    UI_CENTROIDS,
+    UI_MEMBERS,
+    UIC_ID,
+)
+from ers_spark.errors import ClusteringError, ErsUserError
+from ers_spark.ers import ui_centroid
+from ers_spark.io import merge_insert_new, read_table, table_version
+from ers_spark.locate_ui import (
+    LocateUiParams,
+    check_dominance,
+    connected_components_builtin,
+    connected_components_graphframes,
+    run_locate_ui,
+)
+from ers_spark.neighbours import exact_single_linkage, jaccard, links_to_labels
+from ers_spark.synthetic import RECOMMENDED_EPS, vmf_embeddings
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+FAST = (
+    "locate_ui.kmeans_cells=4",
+    "locate_ui.nprobe=2",
+    "locate_ui.block_size=512",
+    "locate_ui.dominance_ratio=5",
+)
+
+
+def write_embeddings(spark, cfg, x: np.ndarray, ids: list[str], model=("synthetic", "1"), at: datetime | None = None):
+    """Write unit embeddings as the embeddings Delta table (through the project's MERGE)."""
+    import pandas as pd
+
+    at = at or datetime(2024, 1, 1)
+    pdf = pd.DataFrame(
+        {
+            IMAGE_ID: ids,
+            EMBEDDING: list(np.asarray(x, np.float32)),
+            RAW_NORM: np.ones(len(ids), np.float32),
+            MODEL_NAME: model[0],
+            MODEL_VERSION: model[1],
+            EMBEDDED_AT: at,
+        }
+    )
+    df = spark.createDataFrame(pdf, EMBEDDINGS.schema)
+    return merge_insert_new(spark, cfg, EMBEDDINGS, df)
+
+
+@pytest.fixture(scope="module")
+def vmf():
+    x, y = vmf_embeddings(n_identities=150, per_identity=10, ui_share=0.1, seed=3)
+    ids = [f"img{i:05d}" for i in range(x.shape[0])]
+    exact = exact_single_linkage(x, RECOMMENDED_EPS)
+    lab, cnt = np.unique(exact, return_counts=True)
+    ui_exact = np.flatnonzero(exact == lab[np.argmax(cnt)])
+    return x, y, ids, ui_exact
+
+
+def _stored(spark, cfg, uic_id: str):
+    row = read_table(spark, cfg, UI_CENTROIDS).where(F.col(UIC_ID) == uic_id).first()
+    members = [
+        r[IMAGE_ID] for r in read_table(spark, cfg, UI_MEMBERS).where(F.col(UIC_ID) == uic_id).collect()
+    ]
+    return row, members
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_params_from_config(make_cfg):
+    p = LocateUiParams.from_config(make_cfg("locate_ui.eps_grid_start=0.1", "locate_ui.eps_grid_stop=0.3"))
+    assert p.eps_grid == (0.1, 0.15, 0.2, 0.25, 0.3)
+    assert p.method == "graph" and p.connected_components == "builtin"
+
+
+def test_check_dominance():
+    check_dominance([50, 5, 1], 100, ratio=5, min_share=0.1)
+    check_dominance([3], 3, ratio=5, min_share=0.1)  # one cluster, >= 2 members
+    with pytest.raises(ClusteringError, match=r"top sizes \[50, 20, 1\] of 100 rows"):
+        check_dominance([50, 20, 1], 100, ratio=5, min_share=0.1)
+    with pytest.raises(ClusteringError):
+        check_dominance([1, 1], 2, ratio=5, min_share=0.0)
+
+
+TINY_GRAPHS = {
+    "chain": [(1, 2), (2, 3), (3, 4), (4, 5), (5, 6)],
+    "reverse_chain": [(6, 5), (5, 4), (4, 3), (3, 2), (2, 1)],
+    "star": [(10, 1), (10, 2), (10, 3), (10, 4)],
+    "two_components": [(1, 2), (2, 3), (7, 8), (9, 8)],
+    "cycle_and_dupes": [(3, 1), (1, 2), (2, 3), (3, 1), (4, 4)],
+    "isolated_self_loop": [(5, 5)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_GRAPHS))
+def test_builtin_connected_components_tiny(spark, name):
+    edges = TINY_GRAPHS[name]
+    links = spark.createDataFrame(edges, "src long, dst long")
+    comps, _ = connected_components_builtin(links)
+    got = {r["node"]: r["root"] for r in comps.collect()}
+    nodes = sorted({a for e in edges for a in e if e[0] != e[1]})
+    src, dst = np.array([e[0] for e in edges]), np.array([e[1] for e in edges])
+    expected = dict(zip(nodes, links_to_labels(nodes, src, dst).tolist())) if nodes else {}
+    assert got == expected
+
+
+def test_graphframes_missing_jar_is_one_line_user_error(spark):
+    links = spark.createDataFrame([(1, 2)], "src long, dst long")
+    try:
+        comps = connected_components_graphframes(spark, links)
+    except ErsUserError as exc:
+        msg = str(exc)
+        assert "\n" not in msg and "GraphFrames" in msg and "connected_components=builtin" in msg
+    else:  # the jar happens to be on the classpath: then it must work
+        assert {r["node"]: r["root"] for r in comps.collect()} == {1: 1, 2: 1}
+
+
+# ----------------------------------------------------------------------------- stage on synthetic data
+
+
+@pytest.mark.parametrize("nprobe", [2])
+def test_graph_matches_exact_single_linkage(spark, make_cfg, vmf, capsys, nprobe):
+    x, _, ids, ui_exact = vmf
+    cfg = make_cfg(*FAST, f"locate_ui.nprobe={nprobe}", f"locate_ui.eps={RECOMMENDED_EPS}")
+    write_embeddings(spark, cfg, x, ids)
+    rec = run_locate_ui(spark, cfg)
+    out = capsys.readouterr().out
+    assert "top cluster sizes" in out
+    row, members = _stored(spark, cfg, rec["params"]["uic_id"])
+    exact_ids = [ids[i] for i in ui_exact]
+    assert jaccard(members, exact_ids) >= 0.95
+    ref = ui_centroid(x[ui_exact])
+    assert float(np.dot(np.asarray(row[CENTROID]), ref)) >= 0.999
+    assert row[MEMBER_COUNT] == len(members) == rec["counts"]["members"]
+    assert row[METHOD] == "graph" and row[EPS] == pytest.approx(RECOMMENDED_EPS)
+    assert row[TOP_CLUSTER_SIZES][0] == len(members) and len(row[TOP_CLUSTER_SIZES]) == 5
+    assert row["input_table_version"] == table_version(spark, cfg, EMBEDDINGS)
+    assert rec["counts"]["links"] <= nprobe * len(ids) and rec["counts"]["raw_edges"] >= rec["counts"]["links"]
+    # mean member distance from the executor sums equals the direct computation
+    c = np.asarray(row[CENTROID])
+    mine = x[[ids.index(m) for m in members]]
+    assert row["mean_member_distance"] == pytest.approx(float(np.mean(1 - mine @ c)), abs=1e-4)
+
+
+def test_sample_hac_and_auto_eps(spark, make_cfg, vmf, capsys):
+    x, _, ids, ui_exact = vmf
+    cfg = make_cfg(*FAST, "locate_ui.method=sample-hac", "locate_ui.sample_hac_rows=1200",
+                   "locate_ui.grid_sample_rows=1000", "locate_ui.eps_grid_start=0.3")
+    write_embeddings(spark, cfg, x, ids)
+    rec = run_locate_ui(spark, cfg)
+    out = capsys.readouterr().out
+    assert re.search(r"eps=0\.3\s+top sizes \[", out) and "chose eps=" in out
+    eps = rec["params"]["eps_used"]
+    assert 0.3 <= eps <= 0.5
+    row, members = _stored(spark, cfg, rec["params"]["uic_id"])
+    assert row[METHOD] == "sample-hac" and rec["counts"]["sampled_rows"] == 1200
+    # compare with exact single linkage restricted to the sampled rows, at the eps used
+    member_idx = np.array([ids.index(m) for m in members])
+    exact = exact_single_linkage(x, eps)
+    lab, cnt = np.unique(exact, return_counts=True)
+    exact_ui = set(np.flatnonzero(exact == lab[np.argmax(cnt)]).tolist())
+    assert len(member_idx) > 0.5 * 1200 * len(ui_exact) / len(ids)
+    # sampled members are a subset of the exact UI (single linkage on a subset can only split clusters)
+    share = np.mean([i in exact_ui for i in member_idx])
+    assert share >= 0.95
+
+
+def test_no_dominant_cluster_writes_nothing(spark, make_cfg, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"u{i}" for i in range(len(x))]
+    cfg = make_cfg(*FAST, "locate_ui.eps_grid_start=0.05", "locate_ui.eps_grid_stop=0.3")
+    write_embeddings(spark, cfg, x, ids)
+    with pytest.raises(ClusteringError) as err:
+        run_locate_ui(spark, cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "eps=0.05: [" in msg and "eps=0.3: [" in msg
+    assert table_version(spark, cfg, UI_CENTROIDS) is None and table_version(spark, cfg, UI_MEMBERS) is None
+    # fixed eps, graph method: the full-data check raises too, nothing written
+    cfg2 = make_cfg(*FAST, "locate_ui.eps=0.2")
+    write_embeddings(spark, cfg2, x, ids)
+    with pytest.raises(ClusteringError, match="no dominant cluster: top sizes"):
+        run_locate_ui(spark, cfg2)
+    assert table_version(spark, cfg2, UI_CENTROIDS) is None and table_version(spark, cfg2, UI_MEMBERS) is None
+
+
+def test_from_members_with_rotated_model(spark, make_cfg, vmf):
+    x, _, ids, _ = vmf
+    cfg = make_cfg(*FAST, f"locate_ui.eps={RECOMMENDED_EPS}")
+    write_embeddings(spark, cfg, x, ids)
+    first = run_locate_ui(spark, cfg)
+    old_id = first["params"]["uic_id"]
+    old_row, old_members = _stored(spark, cfg, old_id)
+    q, _ = np.linalg.qr(np.random.default_rng(7).standard_normal((x.shape[1], x.shape[1])))
+    write_embeddings(spark, cfg, x @ q.T, ids, model=("rotated", "1"), at=datetime(2024, 1, 1) + timedelta(days=1))
+    versions = (table_version(spark, cfg, UI_CENTROIDS), table_version(spark, cfg, UI_MEMBERS))
+
+    with pytest.raises(ErsUserError, match="unknown uic_id 'nope'"):
+        run_locate_ui(spark, make_cfg_same(cfg, "locate_ui.from_members=nope"))
+    assert (table_version(spark, cfg, UI_CENTROIDS), table_version(spark, cfg, UI_MEMBERS)) == versions
+
+    rec = run_locate_ui(spark, make_cfg_same(cfg, f"locate_ui.from_members={old_id}"))
+    assert rec["params"]["model_name"] == "rotated" and len(rec["params"]["models_in_table"]) == 2
+    row, members = _stored(spark, cfg, rec["params"]["uic_id"])
+    assert row[METHOD] == f"from-members:{old_id}" and row[MODEL_NAME] == "rotated"
+    assert row[EPS] == pytest.approx(old_row[EPS]) and sorted(members) == sorted(old_members)
+    assert row[MEMBER_COUNT] == len(old_members) and row[TOP_CLUSTER_SIZES] == [len(old_members)]
+    rotated_old = q @ np.asarray(old_row[CENTROID], np.float64)
+    assert float(np.dot(rotated_old, np.asarray(row[CENTROID]))) >= 0.999
+
+
+def make_cfg_same(cfg, *overrides: str):
+    """The same lake and database with extra overrides."""
+    return cfg.with_overrides(list(overrides))
+
+
+# ----------------------------------------------------------------------------- real faces
+
+
+def test_real_faces_degraded_copies_form_the_ui(spark, make_cfg, tmp_path):
+    orl = SHARED_DATA / "orl_faces"
+    if not orl.is_dir():
+        pytest.skip(f"shared data {orl} is absent (real-face tests need ../shared/data next to the repo)")
+    from PIL import Image
+
+    from ers_spark.models.onnx_runner import OnnxEmbedder
+    from ers_spark.models.preprocess import prepare_arrays
+    from ers_spark.models.spec import load_model_spec, resolve_model_file
+    from ers_spark.synthetic import DEGRADATIONS, degrade
+
+    spec = load_model_spec("dlib_resnet_v1")
+    embedder = OnnxEmbedder(resolve_model_file(spec, tmp_path / "models"), spec)
+    paths = sorted(orl.glob("s*/*.pgm"))
+    rng = np.random.default_rng(0)
+    clean = [np.repeat(np.asarray(Image.open(p))[:, :, None], 3, axis=2) for p in paths]
+    degraded = [degrade(img, DEGRADATIONS[i % len(DEGRADATIONS)], rng) for i, img in enumerate(clean)]
+    vecs = [embedder.embed(prepare_arrays(clean[i : i + 100] + degraded[i : i + 100], spec))[0]
+            for i in range(0, len(clean), 100)]
+    n = len(clean)
+    # embed in chunks keeping clean/degraded order: rebuild the two halves
+    x_clean = np.concatenate([v[: len(v) // 2] for v in vecs])
+    x_deg = np.concatenate([v[len(v) // 2 :] for v in vecs])
+    x = np.concatenate([x_clean, x_deg])
+    ids = [f"clean/{p.parent.name}/{p.name}" for p in paths] + [f"degraded/{p.parent.name}/{p.name}" for p in paths]
+    cfg = make_cfg(
+        "locate_ui.kmeans_cells=4", "locate_ui.nprobe=2", "locate_ui.dominance_ratio=3",
+        "locate_ui.eps_grid_start=0.01", "locate_ui.eps_grid_stop=0.1", "locate_ui.eps_grid_step=0.005",
+    )
+    write_embeddings(spark, cfg, x, ids, model=("dlib_resnet_v1", "1"))
+    rec = run_locate_ui(spark, cfg)
+    _, members = _stored(spark, cfg, rec["params"]["uic_id"])
+    purity = np.mean([m.startswith("degraded/") for m in members])
+    assert len(members) >= 0.2 * n and purity >= 0.9, (rec["params"]["eps_used"], len(members), purity)
