@@ -119,7 +119,7 @@ EMBEDDINGS = TableContract(
     "embeddings",
     _fields(
         (IMAGE_ID, StringType(), False),
-        (EMBEDDING, ArrayType(FloatType(), False), False),
+        (EMBEDDING, ArrayType(FloatType(), True), False),
         (RAW_NORM, FloatType(), False),
         (MODEL_NAME, StringType(), False),
         (MODEL_VERSION, StringType(), False),
@@ -137,9 +137,9 @@ UI_CENTROIDS = TableContract(
         (METHOD, StringType(), False),
         (EPS, DoubleType(), True),
         (MEMBER_COUNT, LongType(), False),
-        (TOP_CLUSTER_SIZES, ArrayType(LongType(), False), False),
+        (TOP_CLUSTER_SIZES, ArrayType(LongType(), True), False),
         (MEAN_MEMBER_DISTANCE, DoubleType(), False),
-        (CENTROID, ArrayType(FloatType(), False), False),
+        (CENTROID, ArrayType(FloatType(), True), False),
         (INPUT_VERSION, LongType(), True),
         (GAMMA, DoubleType(), True),
         (GAMMA_METHOD, StringType(), True),
@@ -168,7 +168,7 @@ SCORES = TableContract(
         (GAMMA, DoubleType(), False),
         (MODEL_NAME, StringType(), False),
         (MODEL_VERSION, StringType(), False),
-        (ENHANCED_EMBEDDING, ArrayType(FloatType(), False), True),
+        (ENHANCED_EMBEDDING, ArrayType(FloatType(), True), True),
         (SCORED_AT, TimestampType(), False),
     ),
     key=(IMAGE_ID, MODEL_NAME, MODEL_VERSION),
@@ -224,15 +224,15 @@ ALL_TABLES: dict[str, TableContract] = {
 }
 
 
-def _same_type(actual: DataType, expected: DataType) -> bool:
+def same_type(actual: DataType, expected: DataType) -> bool:
     """Types match ignoring nullability (Spark often loosens it on the way)."""
     if isinstance(expected, ArrayType):
-        return isinstance(actual, ArrayType) and _same_type(actual.elementType, expected.elementType)
+        return isinstance(actual, ArrayType) and same_type(actual.elementType, expected.elementType)
     if isinstance(expected, MapType):
         return (
             isinstance(actual, MapType)
-            and _same_type(actual.keyType, expected.keyType)
-            and _same_type(actual.valueType, expected.valueType)
+            and same_type(actual.keyType, expected.keyType)
+            and same_type(actual.valueType, expected.valueType)
         )
     return type(actual) is type(expected)
 
@@ -244,7 +244,7 @@ def contract_problems(schema: StructType, required: dict[str, DataType]) -> list
     for name, dtype in required.items():
         if name not in actual:
             problems.append(f"missing column '{name}' ({dtype.simpleString()})")
-        elif not _same_type(actual[name], dtype):
+        elif not same_type(actual[name], dtype):
             problems.append(
                 f"column '{name}' is {actual[name].simpleString()}, expected {dtype.simpleString()}"
             )

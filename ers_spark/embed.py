@@ -55,7 +55,7 @@ STAGE_NAME = "embed"
 EMBED_OUTPUT_SCHEMA = StructType(
     [
         StructField(IMAGE_ID, StringType(), False),
-        StructField(EMBEDDING, ArrayType(FloatType(), False), True),
+        StructField(EMBEDDING, ArrayType(FloatType()), True),
         StructField(RAW_NORM, FloatType(), True),
         StructField(DETAIL, StringType(), True),
     ]
@@ -209,7 +209,7 @@ def make_embed_batches(params: EmbedParams):
                 schema=pa.schema(
                     [
                         pa.field(IMAGE_ID, pa.string(), False),
-                        pa.field(EMBEDDING, pa.list_(pa.field("element", pa.float32(), False))),
+                        pa.field(EMBEDDING, pa.list_(pa.field("element", pa.float32()))),
                         pa.field(RAW_NORM, pa.float32()),
                         pa.field(DETAIL, pa.string()),
                     ]

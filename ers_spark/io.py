@@ -101,8 +101,16 @@ def _merge_condition(contract: TableContract) -> str:
 
 
 def conform(df: DataFrame, contract: TableContract) -> DataFrame:
-    """Select and cast ``df`` to the contract's columns and types."""
-    return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in contract.schema.fields])
+    """Select ``df``'s contract columns in order, casting those whose type differs (nullability aside)."""
+    from ers_spark.contracts import same_type
+
+    actual = {f.name: f.dataType for f in df.schema.fields}
+    return df.select(
+        [
+            F.col(f.name) if same_type(actual[f.name], f.dataType) else F.col(f.name).cast(f.dataType).alias(f.name)
+            for f in contract.schema.fields
+        ]
+    )
 
 
 def merge_insert_new(spark: SparkSession, cfg: ErsConfig, contract: TableContract, df: DataFrame) -> int:
@@ -136,10 +144,22 @@ def merge_sync(
     """
     target = ensure_table(spark, cfg, contract)
     source = conform(df, contract).dropDuplicates(list(contract.key))
+    current = target.toDF()
+    # skip the MERGE entirely when nothing would change: Delta commits a version even for a no-op MERGE
+    same = [source[c].eqNullSafe(current[c]) for c in (*contract.key, *compare)]
+    pending = source.join(current, on=_and_all(same), how="left_anti")
+    stale_exists = False
+    if delete_scope is not None:
+        in_source = [current[c].eqNullSafe(source[c]) for c in contract.key]
+        stale_exists = not current.where(delete_scope.replace("t.", "")).join(
+            source, on=_and_all(in_source), how="left_anti"
+        ).isEmpty()
+    if pending.isEmpty() and not stale_exists:
+        return {"inserted": 0, "updated": 0, "deleted": 0}
     changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in compare)
     builder = (
         target.alias("t")
-        .merge(source.alias("s"), _merge_condition(contract))
+        .merge((source if delete_scope is not None else pending).alias("s"), _merge_condition(contract))
         .whenMatchedUpdateAll(condition=changed)
         .whenNotMatchedInsertAll()
     )
@@ -154,6 +174,13 @@ def merge_sync(
         "updated": int(row["num_updated_rows"]),
         "deleted": int(row["num_deleted_rows"]),
     }
+
+
+def _and_all(conditions: list) -> "F.Column":
+    combined = conditions[0]
+    for condition in conditions[1:]:
+        combined = combined & condition
+    return combined
 
 
 def latest_model(df: DataFrame) -> tuple[str, str]:

@@ -306,7 +306,7 @@ def _large_star(edges: DataFrame) -> DataFrame:
         edges.select(F.col("y").alias("u"), F.col("x").alias("v"))
     )
     m = adj.groupBy("u").agg(F.least(F.min("v"), F.col("u")).alias("m"))
-    return adj.where(F.col("v") > F.col("u")).join(m, "u").select(F.col("v").alias("x"), F.col("m").alias("y")).distinct()
+    return adj.where(F.col("v") > F.col("u")).join(m, "u").select(F.col("v").alias("x"), F.col("m").alias("y"))
 
 
 def _small_star(edges: DataFrame) -> DataFrame:
@@ -344,7 +344,7 @@ def connected_components_builtin(links: DataFrame, checkpoint_every: int = 2) ->
         rounds += 1
         edges = _small_star(_large_star(edges))
         if rounds % checkpoint_every == 0:
-            edges = edges.checkpoint(eager=True)
+            edges = edges.localCheckpoint(eager=True)  # cuts the plan; lineage kept short
         else:
             edges = edges.persist(StorageLevel.MEMORY_AND_DISK)
         previous.append(edges)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -110,45 +111,72 @@ TINY_GRAPHS = {
     "reverse_chain": [(6, 5), (5, 4), (4, 3), (3, 2), (2, 1)],
     "star": [(10, 1), (10, 2), (10, 3), (10, 4)],
     "two_components": [(1, 2), (2, 3), (7, 8), (9, 8)],
-    "cycle_and_dupes": [(3, 1), (1, 2), (2, 3), (3, 1), (4, 4)],
+    "cycle_and_dupes": [(3, 1), (1, 2), (2, 3), (3, 1)],
     "isolated_self_loop": [(5, 5)],
 }
 
 
-@pytest.mark.parametrize("name", sorted(TINY_GRAPHS))
-def test_builtin_connected_components_tiny(spark, name):
-    edges = TINY_GRAPHS[name]
+def _tiny_union() -> tuple[list[tuple[int, int]], dict[int, int]]:
+    """All tiny graphs as one disjoint union (ids offset by 100 per graph) and the expected roots.
+
+    One Spark run covers every shape (local Spark pays seconds per round, not per edge).
+    """
+    edges: list[tuple[int, int]] = []
+    expected: dict[int, int] = {}
+    for g, name in enumerate(sorted(TINY_GRAPHS)):
+        part = [(a + 100 * g, b + 100 * g) for a, b in TINY_GRAPHS[name]]
+        edges += part
+        real = [(a, b) for a, b in part if a != b]
+        nodes = sorted({v for e in real for v in e})
+        if nodes:
+            lab = links_to_labels(nodes, [a for a, _ in real], [b for _, b in real])
+            expected.update(zip(nodes, lab.tolist()))
+    return edges, expected
+
+
+@pytest.mark.parametrize("impl", ["builtin", "graphframes"])
+def test_connected_components_tiny_graphs(spark, impl):
+    edges, expected = _tiny_union()
     links = spark.createDataFrame(edges, "src long, dst long")
-    comps, _ = connected_components_builtin(links)
+    if impl == "builtin":
+        comps, rounds = connected_components_builtin(links)
+        assert rounds >= 1
+    else:
+        try:
+            comps = connected_components_graphframes(spark, links)
+        except ErsUserError as exc:  # the GraphFrames jar is not on the classpath (as in this sandbox)
+            msg = str(exc)
+            assert "\n" not in msg and "GraphFrames" in msg and "connected_components=builtin" in msg
+            return
     got = {r["node"]: r["root"] for r in comps.collect()}
-    nodes = sorted({a for e in edges for a in e if e[0] != e[1]})
-    src, dst = np.array([e[0] for e in edges]), np.array([e[1] for e in edges])
-    expected = dict(zip(nodes, links_to_labels(nodes, src, dst).tolist())) if nodes else {}
     assert got == expected
-
-
-def test_graphframes_missing_jar_is_one_line_user_error(spark):
-    links = spark.createDataFrame([(1, 2)], "src long, dst long")
-    try:
-        comps = connected_components_graphframes(spark, links)
-    except ErsUserError as exc:
-        msg = str(exc)
-        assert "\n" not in msg and "GraphFrames" in msg and "connected_components=builtin" in msg
-    else:  # the jar happens to be on the classpath: then it must work
-        assert {r["node"]: r["root"] for r in comps.collect()} == {1: 1, 2: 1}
+    # sorted names: chain=0, cycle_and_dupes=1, isolated_self_loop=2 (no node), reverse_chain=3, star=4, two=5
+    assert expected[2] == 1 and expected[306] == 301 and expected[410] == 401
+    assert expected[503] == 501 and expected[509] == 507 and 205 not in got
 
 
 # ----------------------------------------------------------------------------- stage on synthetic data
 
 
-@pytest.mark.parametrize("nprobe", [2])
-def test_graph_matches_exact_single_linkage(spark, make_cfg, vmf, capsys, nprobe):
-    x, _, ids, ui_exact = vmf
-    cfg = make_cfg(*FAST, f"locate_ui.nprobe={nprobe}", f"locate_ui.eps={RECOMMENDED_EPS}")
+@pytest.fixture(scope="module")
+def graph_run(spark, vmf, tmp_path_factory):
+    """One graph-method run on the vMF data, shared by the tests that inspect it (Spark is slow)."""
+    from ers_spark.config import load_config
+
+    x, _, ids, _ = vmf
+    root = tmp_path_factory.mktemp("graph_run")
+    cfg = load_config(
+        overrides=[f"storage.root={root / 'lake'}", f"storage.database=ers_graph_run_{os.getpid()}",
+                   *FAST, f"locate_ui.eps={RECOMMENDED_EPS}"]
+    )
     write_embeddings(spark, cfg, x, ids)
-    rec = run_locate_ui(spark, cfg)
-    out = capsys.readouterr().out
-    assert "top cluster sizes" in out
+    return cfg, run_locate_ui(spark, cfg)
+
+
+def test_graph_matches_exact_single_linkage(spark, vmf, graph_run):
+    x, _, ids, ui_exact = vmf
+    cfg, rec = graph_run
+    nprobe = cfg.locate_ui.nprobe
     row, members = _stored(spark, cfg, rec["params"]["uic_id"])
     exact_ids = [ids[i] for i in ui_exact]
     assert jaccard(members, exact_ids) >= 0.95
@@ -157,7 +185,7 @@ def test_graph_matches_exact_single_linkage(spark, make_cfg, vmf, capsys, nprobe
     assert row[MEMBER_COUNT] == len(members) == rec["counts"]["members"]
     assert row[METHOD] == "graph" and row[EPS] == pytest.approx(RECOMMENDED_EPS)
     assert row[TOP_CLUSTER_SIZES][0] == len(members) and len(row[TOP_CLUSTER_SIZES]) == 5
-    assert row["input_table_version"] == table_version(spark, cfg, EMBEDDINGS)
+    assert rec["input_versions"]["embeddings"] == table_version(spark, cfg, EMBEDDINGS)
     assert rec["counts"]["links"] <= nprobe * len(ids) and rec["counts"]["raw_edges"] >= rec["counts"]["links"]
     # mean member distance from the executor sums equals the direct computation
     c = np.asarray(row[CENTROID])
@@ -208,11 +236,9 @@ def test_no_dominant_cluster_writes_nothing(spark, make_cfg, capsys):
     assert table_version(spark, cfg2, UI_CENTROIDS) is None and table_version(spark, cfg2, UI_MEMBERS) is None
 
 
-def test_from_members_with_rotated_model(spark, make_cfg, vmf):
+def test_from_members_with_rotated_model(spark, vmf, graph_run):
     x, _, ids, _ = vmf
-    cfg = make_cfg(*FAST, f"locate_ui.eps={RECOMMENDED_EPS}")
-    write_embeddings(spark, cfg, x, ids)
-    first = run_locate_ui(spark, cfg)
+    cfg, first = graph_run
     old_id = first["params"]["uic_id"]
     old_row, old_members = _stored(spark, cfg, old_id)
     q, _ = np.linalg.qr(np.random.default_rng(7).standard_normal((x.shape[1], x.shape[1])))

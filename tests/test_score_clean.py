@@ -1,0 +1,140 @@
+"""Score and clean: ERS against a broadcast UIC, gamma calibration stored with the UIC, cleaned/quarantine tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ers_spark import ers as ers_math
+from ers_spark.clean import calibrate_max_angle, run_clean
+from ers_spark.contracts import CLEANED, QUARANTINE, SCORES, UI_CENTROIDS
+from ers_spark.errors import ContractError
+from ers_spark.io import table_path, table_version
+from ers_spark.score import run_score
+from ers_spark.synthetic import vmf_embeddings
+from stage_data import write_embeddings, write_uic
+
+pytestmark = pytest.mark.spark
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    """6 identities x 12 images plus a diffuse UI cluster; one image of p0 is really p1 (label noise)."""
+    emb, labels = vmf_embeddings(n_identities=6, per_identity=12, dim=64, ui_share=0.2, seed=11)
+    ids = [f"img{i:03d}" for i in range(len(emb))]
+    identities = [None if y < 0 else f"p{y}" for y in labels]
+    wrong = int(np.flatnonzero(labels == 1)[0])
+    identities[wrong] = "p0"
+    ui_rows = np.flatnonzero(labels < 0)
+    uic = ers_math.ui_centroid(emb[ui_rows])
+    return {"emb": emb, "labels": labels, "ids": ids, "identities": identities, "wrong": ids[wrong],
+            "ui_members": [ids[i] for i in ui_rows], "uic": uic}
+
+
+def _table(spark, cfg, contract):
+    return spark.read.format("delta").load(table_path(cfg, contract))
+
+
+def test_score_fixed_gamma_matches_numpy(spark, make_cfg, dataset) -> None:
+    cfg = make_cfg("score.gamma=0.5", "score.enhanced=true")
+    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
+    uic_id = write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
+    record = run_score(spark, cfg)
+    n = len(dataset["ids"])
+    assert record["counts"]["scored"] == n and record["counts"]["inserted"] == n
+    assert record["counts"]["recognizable"] + record["counts"]["unrecognizable"] == n
+
+    scores = _table(spark, cfg, SCORES).toPandas().set_index("image_id").loc[dataset["ids"]]
+    expected_raw = 1.0 - dataset["emb"].astype(np.float64) @ dataset["uic"].astype(np.float64)
+    np.testing.assert_allclose(scores["ers_raw"], expected_raw, atol=1e-5)
+    np.testing.assert_allclose(scores["ers"], np.minimum(1.0, expected_raw), atol=1e-5)
+    assert (scores["recognizable"] == (scores["ers"] >= 0.5)).all()
+    assert set(scores["uic_id"]) == {uic_id} and set(scores["gamma"]) == {0.5}
+    enhanced = np.stack(scores["enhanced_embedding"].to_numpy())
+    np.testing.assert_allclose(enhanced, ers_math.enhance_embeddings(dataset["emb"], dataset["uic"]), atol=1e-5)
+    np.testing.assert_allclose(enhanced @ dataset["uic"], 0.0, atol=1e-5)
+    # UI members score low, identities high
+    ui = scores.loc[dataset["ui_members"], "ers"]
+    assert ui.max() < scores.drop(index=dataset["ui_members"])["ers"].min()
+
+
+def test_score_rerun_changes_nothing_and_new_uic_rescores(spark, make_cfg, dataset) -> None:
+    cfg = make_cfg("score.gamma=0.5")
+    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
+    write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
+    run_score(spark, cfg)
+    version = table_version(spark, cfg, SCORES)
+    again = run_score(spark, cfg)
+    assert again["counts"]["inserted"] == 0 and again["counts"]["rescored"] == 0
+    assert table_version(spark, cfg, SCORES) == version
+
+    rotated = ers_math.normalize_rows((dataset["uic"] + 0.3 * dataset["emb"][0])[None, :])[0]
+    new_uic = write_uic(spark, cfg, rotated, dataset["ui_members"][:3], minutes=5)
+    third = run_score(spark, cfg)
+    assert third["counts"]["rescored"] == len(dataset["ids"])
+    now = _table(spark, cfg, SCORES)
+    assert {r.uic_id for r in now.select("uic_id").distinct().collect()} == {new_uic}
+    old = spark.read.format("delta").option("versionAsOf", version).load(table_path(cfg, SCORES))
+    assert old.where(old.uic_id == new_uic).count() == 0 and old.count() == len(dataset["ids"])
+    props = spark.sql(f"SHOW TBLPROPERTIES delta.`{table_path(cfg, SCORES)}`").toPandas().set_index("key")["value"]
+    assert props["ers.uic_id"] == new_uic
+
+
+def test_gamma_calibrated_with_identities_and_stored(spark, make_cfg, dataset) -> None:
+    cfg = make_cfg("score.target_far=0.05")
+    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
+    uic_id = write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
+    record = run_score(spark, cfg)
+    (row,) = _table(spark, cfg, UI_CENTROIDS).where(f"uic_id = '{uic_id}'").collect()
+    assert row.gamma_method == "pairs-frr-at-far"
+    assert row.gamma == pytest.approx(record["params"]["gamma"])
+    # the stored gamma is reused on the next run, not recalibrated
+    assert run_score(spark, cfg)["params"]["gamma_method"] == "pairs-frr-at-far"
+
+
+def test_gamma_calibrated_without_labels(spark, make_cfg, dataset) -> None:
+    cfg = make_cfg("score.calibration=unlabelled")
+    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], None)
+    write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
+    record = run_score(spark, cfg)
+    scores = _table(spark, cfg, SCORES).toPandas().set_index("image_id")
+    gamma = record["params"]["gamma"]
+    # the unlabelled rule separates UI members from identities on this clean synthetic data
+    assert (scores.loc[dataset["ui_members"], "ers"] < gamma).all()
+    assert (scores.drop(index=dataset["ui_members"])["ers"] >= gamma).all()
+
+
+def test_score_without_uic_is_a_clear_error(spark, make_cfg, dataset) -> None:
+    cfg = make_cfg()
+    write_embeddings(spark, cfg, dataset["ids"][:5], dataset["emb"][:5])
+    with pytest.raises(ContractError, match="input table 'ui_centroids' not found .*run `ers-spark locate-ui` first"):
+        run_score(spark, cfg)
+
+
+def test_clean_counts_add_up_and_label_noise(spark, make_cfg, dataset) -> None:
+    cfg = make_cfg("score.gamma=0.5")
+    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
+    write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
+    run_score(spark, cfg)
+    record = run_clean(spark, cfg)
+    c = record["counts"]
+    n = len(dataset["ids"])
+    assert c["scored"] == n == c["cleaned"] + c["quarantined"]
+    assert c["quarantined"] == c["unrecognizable"] + c["label_noise"]
+    assert c["unrecognizable"] == len(dataset["ui_members"])
+    quarantine = _table(spark, cfg, QUARANTINE).where("stage = 'clean'").toPandas().set_index("image_id")
+    assert set(quarantine.index[quarantine.reason == "unrecognizable"]) == set(dataset["ui_members"])
+    assert list(quarantine.index[quarantine.reason == "label_noise"]) == [dataset["wrong"]]
+    cleaned = _table(spark, cfg, CLEANED).toPandas()
+    assert len(cleaned) == c["cleaned"] and dataset["wrong"] not in set(cleaned.image_id)
+
+    # re-run: no row changes
+    again = run_clean(spark, cfg)
+    assert again["counts"]["cleaned_changed"] == 0 and again["counts"]["quarantine_changed"] == 0
+
+
+def test_calibrate_max_angle_is_impostor_percentile() -> None:
+    centres = np.eye(3, dtype=np.float32)
+    emb = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
+    identity = np.array(["a", "b", "c"])
+    assert calibrate_max_angle(centres, np.array(["a", "b", "c"]), emb, identity) == pytest.approx(90.0)
