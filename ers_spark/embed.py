@@ -13,17 +13,19 @@ it never fails the job.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+from pyspark.sql.types import ArrayType, BinaryType, FloatType, IntegerType, StringType, StructField, StructType
 
 from ers_spark.config import ErsConfig
 from ers_spark.contracts import (
@@ -34,17 +36,25 @@ from ers_spark.contracts import (
     EMBEDDING,
     EMBEDDINGS,
     ERS,
+    FACE_INDEX,
+    FORMAT,
+    HEIGHT,
+    IDENTITY,
     IMAGE_ID,
+    INGESTED_AT,
     MODEL_NAME,
     MODEL_VERSION,
+    PARENT_IMAGE_ID,
     QUARANTINE,
     QUARANTINED_AT,
     RAW_NORM,
     REASON,
     REASON_EMBED_FAILED,
+    REASON_NO_FACE,
     SOURCE_PATH,
     STAGE,
     UIC_ID,
+    WIDTH,
 )
 from ers_spark.errors import ConfigError
 from ers_spark.io import StageRun, ensure_table, merge_insert_new, read_table, table_exists, table_path, table_version
@@ -242,6 +252,99 @@ def pending_crops(spark: SparkSession, cfg: ErsConfig, crops: DataFrame, params:
     return crops.join(done, IMAGE_ID, "left_anti")
 
 
+ALIGN_OUTPUT_SCHEMA = StructType(
+    [
+        StructField(PARENT_IMAGE_ID, StringType(), False),
+        StructField(FACE_INDEX, IntegerType(), True),
+        StructField(BYTES, BinaryType(), True),
+        StructField(DETAIL, StringType(), True),
+    ]
+)
+
+
+def make_align_batches(size: int):
+    """mapInPandas function: photos -> one aligned chip (PNG bytes) per detected face, or a reason."""
+
+    def align_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from PIL import Image
+
+        from ers_spark.models.align import align_faces
+
+        for pdf in batches:
+            out: list[tuple[str, int | None, bytes | None, str | None]] = []
+            for image_id, data in zip(pdf[IMAGE_ID], pdf[BYTES]):
+                try:
+                    with Image.open(io.BytesIO(data)) as img:
+                        rgb = np.asarray(img.convert("RGB"))
+                    chips = align_faces(rgb, size=size)
+                except Exception as exc:  # noqa: BLE001 - one bad photo must not fail the job
+                    out.append((image_id, None, None, f"alignment failed: {str(exc).splitlines()[0][:300]}"))
+                    continue
+                if not chips:
+                    out.append((image_id, None, None, "no face detected"))
+                for k, chip in enumerate(chips):
+                    buf = io.BytesIO()
+                    Image.fromarray(chip).save(buf, format="PNG")
+                    out.append((image_id, k, buf.getvalue(), None))
+            yield pd.DataFrame(out, columns=[PARENT_IMAGE_ID, FACE_INDEX, BYTES, DETAIL])
+
+    return align_batches
+
+
+def align_photos(spark: SparkSession, cfg: ErsConfig, spec: ModelSpec) -> dict[str, int]:
+    """Cut aligned chips out of photos not aligned yet; chips become crops rows (parent id + face index).
+
+    Photos are the crops rows without a parent; each face becomes a new crop whose
+    image_id is the sha256 of the chip's PNG bytes. A photo with no face goes to
+    quarantine (reason ``no_face``). Already-aligned photos are skipped on re-runs.
+    """
+    crops = read_table(spark, cfg, CROPS)
+    photos = crops.where(F.col(PARENT_IMAGE_ID).isNull())
+    done = crops.where(F.col(PARENT_IMAGE_ID).isNotNull()).select(F.col(PARENT_IMAGE_ID).alias(IMAGE_ID))
+    if table_exists(spark, cfg, QUARANTINE):
+        no_face = (
+            spark.read.format("delta").load(table_path(cfg, QUARANTINE))
+            .where((F.col(STAGE) == "align") & (F.col(REASON) == REASON_NO_FACE))
+            .select(IMAGE_ID)
+        )
+        done = done.unionByName(no_face)
+    todo = photos.join(done.distinct(), IMAGE_ID, "left_anti")
+    aligned = (
+        todo.select(IMAGE_ID, BYTES)
+        .mapInPandas(make_align_batches(spec.input_width), ALIGN_OUTPUT_SCHEMA)
+        .join(todo.select(F.col(IMAGE_ID).alias(PARENT_IMAGE_ID), SOURCE_PATH, IDENTITY), PARENT_IMAGE_ID)
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    try:
+        chips = aligned.where(F.col(DETAIL).isNull()).select(
+            F.sha2(F.col(BYTES), 256).alias(IMAGE_ID),
+            PARENT_IMAGE_ID,
+            FACE_INDEX,
+            F.concat(F.col(SOURCE_PATH), F.lit("#face"), F.col(FACE_INDEX).cast("string")).alias(SOURCE_PATH),
+            IDENTITY,
+            F.lit(spec.input_width).alias(WIDTH),
+            F.lit(spec.input_height).alias(HEIGHT),
+            F.lit("png").alias(FORMAT),
+            BYTES,
+            F.current_timestamp().alias(INGESTED_AT),
+        )
+        failed = aligned.where(F.col(DETAIL).isNotNull()).select(
+            F.col(PARENT_IMAGE_ID).alias(IMAGE_ID),
+            SOURCE_PATH,
+            F.lit("align").alias(STAGE),
+            F.lit(REASON_NO_FACE).alias(REASON),
+            DETAIL,
+            F.lit(None).cast("double").alias(ERS),
+            F.lit(None).cast("string").alias(UIC_ID),
+            F.current_timestamp().alias(QUARANTINED_AT),
+        )
+        new_chips = merge_insert_new(spark, cfg, CROPS, chips)
+        no_faces = merge_insert_new(spark, cfg, QUARANTINE, failed)
+    finally:
+        aligned.unpersist()
+    return {"chips_written": new_chips, "photos_without_face": no_faces}
+
+
 def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the embed stage; counts: to_embed = written + quarantined, crops = to_embed + already_embedded."""
     params = EmbedParams.from_config(cfg)
@@ -251,7 +354,12 @@ def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
             "(and spark.executor.resource.gpu.amount) or use embed.device=auto"
         )
     run = StageRun(STAGE_NAME, params=params.loggable())
+    align_counts: dict[str, int] = {}
     crops = read_table(spark, cfg, CROPS, hint="run `ers-spark ingest` first")
+    if cfg.embed.align:
+        align_counts = align_photos(spark, cfg, params.spec)
+        # with alignment on, the model sees the aligned chips, not the whole photos
+        crops = read_table(spark, cfg, CROPS).where(F.col(PARENT_IMAGE_ID).isNotNull())
     run.input_versions = {CROPS.name: table_version(spark, cfg, CROPS)}
     total = crops.count()
     pending = pending_crops(spark, cfg, crops, params)
@@ -294,6 +402,7 @@ def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
         "to_embed": to_embed,
         "written": written,
         "quarantined": quarantined,
+        **align_counts,
     }
     print(f"embed: {to_embed} new crops to embed ({total - to_embed} already embedded with {params.spec.name} {params.model_version})")
     return run.finish(spark, cfg, outputs=(EMBEDDINGS, QUARANTINE))

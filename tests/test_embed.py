@@ -168,3 +168,44 @@ def test_bad_model_spec_fails_before_spark_work(make_cfg, tmp_path) -> None:
         EmbedParams.from_config(make_cfg(f"embed.model={spec_path}"))
     with pytest.raises(ConfigError, match="embed.fp16 needs embed.backend=torch"):
         EmbedParams.from_config(make_cfg("embed.fp16=true"))
+
+
+def test_align_cuts_one_crop_per_face(spark, make_cfg, tmp_path) -> None:
+    """Raw photos: one aligned chip per face (parent id + face index), no-face photos to quarantine."""
+    pytest.importorskip("dlib", reason="alignment needs dlib-bin (the dev extra)")
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    from conftest import SHARED_DATA
+
+    def png(array) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+
+    photos = [("astronaut.png", png(skimage.data.astronaut())), ("coffee.png", png(skimage.data.coffee()))]
+    couple = SHARED_DATA / "deepface_photos" / "couple.jpg"
+    if couple.is_file():
+        photos.append(("couple.jpg", couple.read_bytes()))
+    src = tmp_path / "photos.parquet"
+    pd.DataFrame({"path": [p for p, _ in photos], "bytes": [b for _, b in photos]}).to_parquet(src)
+    cfg = make_cfg(f"ingest.input_path={src}", "ingest.input_format=parquet", "embed.align=true")
+    run_ingest(spark, cfg)
+    record = run_embed(spark, cfg)
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS)).toPandas()
+    chips = crops[crops.parent_image_id.notna()]
+    by_photo = chips.groupby(chips.source_path.str.split("#").str[0]).face_index.apply(sorted).to_dict()
+    assert by_photo["astronaut.png"][0] == 0
+    assert "coffee.png" not in by_photo
+    if couple.is_file():
+        assert by_photo["couple.jpg"] == [0, 1]
+    assert (chips.width == 150).all() and (chips.height == 150).all()
+    assert record["counts"]["chips_written"] == len(chips)
+    assert record["counts"]["photos_without_face"] == 1
+    assert record["counts"]["written"] == len(chips)  # only the chips are embedded, not the photos
+    (q,) = spark.read.format("delta").load(table_path(cfg, QUARANTINE)).where("stage = 'align'").collect()
+    assert (q.source_path, q.reason) == ("coffee.png", "no_face")
+    again = run_embed(spark, cfg)
+    assert again["counts"]["chips_written"] == 0 and again["counts"]["to_embed"] == 0

@@ -1,0 +1,187 @@
+"""Embed benchmark: raw ONNX Runtime vs our embed stage vs Spark's predict_batch_udf, side by side in one run.
+
+    python bench/embed.py [--crops 2000] [--out bench/results/embed.json]
+
+(a) raw ONNX Runtime over pre-decoded batches (one process, the same total thread count),
+(b) the embed stage end to end: crops Delta table -> embeddings Delta table,
+(c) the same job written with ``pyspark.ml.functions.predict_batch_udf`` (decode + embed in its
+    predict function, result written to a Delta table).
+Same machine, model, batch size and thread count for all three. Images: the shared ORL crops
+(5 variants each) when ../shared/data is present, else the demo images with jitter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ers_spark.config import load_config  # noqa: E402
+from ers_spark.contracts import CROPS, EMBEDDINGS  # noqa: E402
+from ers_spark.embed import EmbedParams, run_embed  # noqa: E402
+from ers_spark.ingest import run_ingest  # noqa: E402
+from ers_spark.io import table_path  # noqa: E402
+from ers_spark.models.onnx_runner import OnnxEmbedder  # noqa: E402
+from ers_spark.models.preprocess import decode_batch  # noqa: E402
+from ers_spark.session import build_session  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data" / "orl_faces"
+BATCH = 64
+SPARK_CORES = 2
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_images(n: int) -> tuple[list[bytes], str]:
+    """n distinct face images as PNG bytes."""
+    if SHARED.is_dir():
+        base = [Image.open(p).convert("RGB") for p in sorted(SHARED.glob("s*/*.pgm"))]
+        source = "shared ORL faces (5 variants each)"
+    else:
+        from ers_spark.demo import demo_records
+
+        rows = demo_records()
+        base = [Image.open(io.BytesIO(b)).convert("RGB") for b in rows["bytes"]]
+        source = "demo images (scikit-image) with jitter"
+    out: list[bytes] = []
+    k = 0
+    while len(out) < n:
+        img = base[k % len(base)]
+        variant = k // len(base)
+        w, h = img.size
+        v = img if variant % 2 == 0 else ImageOps.mirror(img)
+        shift = variant // 2
+        if shift:
+            v = v.crop((shift, shift, w - shift, h - shift)).resize((w, h))
+        out.append(_png(v))
+        k += 1
+    return out, source
+
+
+def bench_raw(images: list[bytes], params: EmbedParams, threads: int) -> float:
+    """Images per second of the model alone over pre-decoded batches."""
+    embedder = OnnxEmbedder(params.model_path, params.spec, intra_op_threads=threads)
+    batch, ok, _ = decode_batch(images, params.spec)
+    assert ok.all()
+    embedder.embed(batch[:BATCH])  # warm-up
+    t0 = time.perf_counter()
+    for start in range(0, len(batch), BATCH):
+        embedder.embed(batch[start : start + BATCH])
+    return len(batch) / (time.perf_counter() - t0)
+
+
+def bench_pbu(spark, cfg, params: EmbedParams, out_path: str) -> float:
+    """The same job with Spark's predict_batch_udf (decode + embed inside its predict function)."""
+    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.sql.types import ArrayType, FloatType
+
+    spec, model_path = params.spec, params.model_path
+
+    def make_predict_fn():
+        embedder = OnnxEmbedder(model_path, spec, intra_op_threads=1)
+
+        def predict(images: np.ndarray) -> np.ndarray:
+            batch, _, _ = decode_batch(list(images), spec)
+            unit, _ = embedder.embed(batch)
+            return unit
+
+        return predict
+
+    udf = predict_batch_udf(make_predict_fn, return_type=ArrayType(FloatType()), batch_size=BATCH)
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS))
+    n = crops.count()
+    t0 = time.perf_counter()
+    crops.select("image_id", udf("bytes").alias("embedding")).write.format("delta").mode("overwrite").save(out_path)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--crops", type=int, default=2000)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "embed.json"))
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ers-bench-embed-"))
+    images, source = make_images(args.crops)
+    pd.DataFrame({"path": [f"bench/{i}.png" for i in range(len(images))], "bytes": images}).to_parquet(
+        work / "in.parquet"
+    )
+    overrides = [
+        f"storage.root={work / 'lake'}",
+        f"spark.master=local[{SPARK_CORES}]",
+        "spark.shuffle_partitions=4",
+        f"spark.checkpoint_dir={work / 'ckpt'}",
+        f"ingest.input_path={work / 'in.parquet'}",
+        "ingest.input_format=parquet",
+        "ingest.identity_column=null",
+        f"embed.batch_size={BATCH}",
+        "embed.intra_op_threads=1",
+        "spark.hive_metastore=false",
+    ]
+    cfg = load_config(overrides=overrides)
+    spark = build_session(cfg, "bench-embed")
+    run_ingest(spark, cfg)
+    params = EmbedParams.from_config(cfg)
+
+    # warm the Python workers (model loaded once per worker) on a throw-away lake
+    warm = load_config(overrides=[*overrides, f"storage.root={work / 'warm'}"])
+    run_ingest(spark, warm)
+    bench_pbu(spark, warm, params, str(work / "warm_pbu"))
+
+    raw_ips = bench_raw(images, params, threads=SPARK_CORES)
+    t0 = time.perf_counter()
+    record = run_embed(spark, cfg)
+    stage_ips = record["counts"]["written"] / (time.perf_counter() - t0)
+    pbu_ips = bench_pbu(spark, cfg, params, str(work / "pbu"))
+    assert spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).count() == len(images)
+
+    import onnxruntime
+    import pyspark
+
+    result = {
+        "crops": len(images),
+        "images": source,
+        "model": f"{params.spec.name} {params.model_version}",
+        "batch_size": BATCH,
+        "threads": {"raw_intra_op": SPARK_CORES, "spark_tasks": SPARK_CORES, "spark_intra_op_per_task": 1},
+        "raw_ips": round(raw_ips, 1),
+        "stage_ips": round(stage_ips, 1),
+        "predict_batch_udf_ips": round(pbu_ips, 1),
+        "ratio_stage_vs_raw": round(stage_ips / raw_ips, 3),
+        "ratio_stage_vs_pbu": round(stage_ips / pbu_ips, 3),
+        "targets": {"ratio_stage_vs_raw": ">= 0.85", "ratio_stage_vs_pbu": ">= 1.2"},
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "pyspark": pyspark.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "gpu": None,
+        "gpu_note": "no GPU machine was lent to this task; gpu_* keys not measured",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    spark.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
