@@ -12,11 +12,9 @@ it never fails the job.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -58,7 +56,7 @@ from ers_spark.contracts import (
 )
 from ers_spark.errors import ConfigError
 from ers_spark.io import StageRun, ensure_table, merge_insert_new, read_table, table_exists, table_path, table_version
-from ers_spark.models.spec import ModelSpec, load_model_spec, resolve_model_file
+from ers_spark.models.spec import ModelSpec, file_sha256, load_model_spec, resolve_model_file
 
 STAGE_NAME = "embed"
 
@@ -91,7 +89,7 @@ class EmbedParams:
         emb = cfg.embed
         spec = load_model_spec(emb.model)
         path = resolve_model_file(spec, os.path.expanduser(emb.model_cache_dir))
-        digest = _sha256(path)
+        digest = file_sha256(path)
         params = cls(
             spec=spec,
             model_path=str(path),
@@ -119,14 +117,6 @@ class EmbedParams:
         data = asdict(self)
         data["spec"] = self.spec.name
         return data
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # one model per Python worker process, keyed by what makes it different

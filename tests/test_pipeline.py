@@ -1,0 +1,92 @@
+"""The whole pipeline on the demo data: ingest -> embed -> locate-ui -> score -> clean, re-runs, SQL from the README."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from ers_spark.cli import run_pipeline
+from ers_spark.contracts import ALL_TABLES, CLEANED, CROPS, EMBEDDINGS, SCORES, UI_CENTROIDS
+from ers_spark.demo import write_demo_input
+from ers_spark.io import table_path, table_version
+from ers_spark.sql import run_sql
+
+pytestmark = pytest.mark.spark
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_sql_queries() -> list[str]:
+    """Every `ers-spark sql "..."` example in the README."""
+    queries = []
+    for line in README.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("ers-spark sql "):
+            queries.append(shlex.split(line)[2])
+    return queries
+
+
+@pytest.fixture(scope="module")
+def demo_lake(spark, tmp_path_factory):
+    """The demo input run through every stage once (module-scoped: the slow part of the suite)."""
+    from ers_spark.config import load_config
+
+    folder = tmp_path_factory.mktemp("demo")
+    src = write_demo_input(folder / "input")
+    cfg = load_config(overrides=[
+        f"storage.root={folder / 'lake'}", "storage.database=ers_demo_test", "spark.shuffle_partitions=2",
+        f"spark.checkpoint_dir={folder / 'ckpt'}", f"ingest.input_path={src}", "ingest.input_format=parquet",
+        "ingest.path_column=path", "ingest.identity_column=identity", "locate_ui.kmeans_cells=4",
+    ])
+    records = run_pipeline(cfg)
+    return cfg, records
+
+
+def test_demo_pipeline_writes_every_table(spark, demo_lake, capsys) -> None:
+    cfg, records = demo_lake
+    assert [r["stage"] for r in records] == ["ingest", "embed", "locate-ui", "score", "clean"]
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS))
+    assert crops.count() == records[0]["counts"]["written"] > 200
+    assert spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).count() == crops.count()
+    assert spark.read.format("delta").load(table_path(cfg, UI_CENTROIDS)).count() == 1
+    clean = records[-1]["counts"]
+    assert clean["scored"] == clean["cleaned"] + clean["quarantined"] == crops.count()
+    assert spark.read.format("delta").load(table_path(cfg, CLEANED)).count() == clean["cleaned"]
+
+
+def test_rerun_changes_no_row(spark, demo_lake) -> None:
+    cfg, _ = demo_lake
+    watched = (CROPS, EMBEDDINGS, SCORES, CLEANED)
+    before = {c.name: table_version(spark, cfg, c) for c in watched}
+    records = run_pipeline(cfg)
+    after = {c.name: table_version(spark, cfg, c) for c in watched}
+    assert after == before
+    by_stage = {r["stage"]: r["counts"] for r in records}
+    assert by_stage["ingest"]["written"] == 0
+    assert by_stage["embed"]["to_embed"] == 0
+    assert by_stage["score"]["inserted"] == 0 and by_stage["score"]["rescored"] == 0
+
+
+@pytest.mark.parametrize("query", readme_sql_queries())
+def test_readme_sql_runs_on_demo_tables(demo_lake, query) -> None:
+    cfg, _ = demo_lake
+    query = query.replace("ers.", f"{cfg.storage.database}.")
+    out = run_sql(cfg, query)
+    assert out != "(no rows)", query
+
+
+def test_readme_has_the_promised_queries() -> None:
+    text = " ".join(readme_sql_queries())
+    for table in ("ers.scores", "ers.crops", "ers.cleaned", "ers.ui_centroids"):
+        assert table in text
+
+
+def test_sql_prints_a_table(demo_lake) -> None:
+    cfg, _ = demo_lake
+    out = run_sql(cfg, f"SELECT count(*) AS n FROM {cfg.storage.database}.crops")
+    lines = out.splitlines()
+    assert lines[0].strip() == "n" and int(lines[1]) > 200
+    assert set(ALL_TABLES) >= {"crops", "runs"}
