@@ -11,14 +11,13 @@ python - "$dest" "$config" <<'PY'
 import shutil, sys, tempfile
 from pathlib import Path
 from ers_spark.config import load_config
+from ers_spark.session import build_session
 dest, config = Path(sys.argv[1]), sys.argv[2] or None
-cfg = load_config(config)
 ivy = Path(tempfile.mkdtemp(prefix="ers-ivy-"))
-# Spark resolves spark.jars.packages with Ivy at session start; point Ivy at a fresh folder and copy what it fetched.
-from pyspark.sql import SparkSession
-spark = (SparkSession.builder.master("local[1]").config("spark.jars.packages", ",".join(cfg.spark.packages))
-         .config("spark.jars.ivy", str(ivy)).getOrCreate())
-spark.stop()
+# Spark resolves spark.jars.packages with Ivy when the session starts: point Ivy at a fresh folder, copy what it fetched.
+cfg = load_config(config, ["spark.master=local[1]", "spark.jars_dir=null", "spark.hive_metastore=false",
+                           f"storage.root={ivy / 'lake'}", f"spark.conf={{spark.jars.ivy: '{ivy}'}}"])
+build_session(cfg, "fetch-jars").stop()
 jars = sorted((ivy / "jars").glob("*.jar"))
 for jar in jars:
     shutil.copy2(jar, dest / jar.name)
