@@ -44,6 +44,7 @@ from ers_spark.contracts import (
     REASON_LABEL_NOISE,
     REASON_UNRECOGNIZABLE,
     RECOGNIZABLE,
+    SCORED_AT,
     SCORES,
     SOURCE_PATH,
     STAGE,
@@ -139,7 +140,7 @@ def run_clean(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the clean stage; counts: scored = cleaned + quarantined (unrecognizable + label_noise)."""
     params = CleanParams.from_config(cfg)
     scores_all = read_table(spark, cfg, SCORES, hint="run `ers-spark score` first")
-    model = latest_model(scores_all.withColumnRenamed("scored_at", "embedded_at"))
+    model = latest_model(scores_all, time_column=SCORED_AT)[:2]
     scores = scores_all.where((F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1]))
     crops = read_table(spark, cfg, CROPS).select(IMAGE_ID, SOURCE_PATH, IDENTITY)
     run = StageRun(STAGE_NAME, params={**asdict(params), "model": list(model)})

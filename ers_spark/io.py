@@ -183,18 +183,27 @@ def _and_all(conditions: list) -> "F.Column":
     return combined
 
 
-def latest_model(df: DataFrame) -> tuple[str, str]:
-    """(model_name, model_version) of the most recently written rows of an embeddings-like table."""
-    from ers_spark.contracts import EMBEDDED_AT, MODEL_NAME, MODEL_VERSION
+def latest_model(df: DataFrame, time_column: str = "embedded_at") -> tuple[str, str, list[dict[str, Any]]]:
+    """The (model_name, model_version) with the most recent ``time_column``, plus every model seen.
 
-    time_col = EMBEDDED_AT if EMBEDDED_AT in df.columns else None
-    ordered = df.groupBy(MODEL_NAME, MODEL_VERSION).agg(
-        (F.max(time_col) if time_col else F.count(F.lit(1))).alias("_latest")
+    A table may hold rows of several models; mixing embedding spaces is
+    meaningless, so stages work on the latest model only.
+    """
+    from ers_spark.contracts import MODEL_NAME, MODEL_VERSION
+
+    models = (
+        df.groupBy(MODEL_NAME, MODEL_VERSION)
+        .agg(F.max(time_column).alias("latest"), F.count(F.lit(1)).alias("rows"))
+        .orderBy(F.desc("latest"), MODEL_NAME, MODEL_VERSION)
+        .collect()
     )
-    row = ordered.orderBy(F.col("_latest").desc()).first()
-    if row is None:
-        raise ContractError("the embeddings table is empty: run `ers-spark embed` on a non-empty crops table first")
-    return str(row[MODEL_NAME]), str(row[MODEL_VERSION])
+    if not models:
+        raise ContractError("the input table is empty: run the previous stage on a non-empty table first")
+    seen = [
+        {"model_name": r[MODEL_NAME], "model_version": r[MODEL_VERSION], "rows": int(r["rows"]), "latest": str(r["latest"])}
+        for r in models
+    ]
+    return models[0][MODEL_NAME], models[0][MODEL_VERSION], seen
 
 
 def _inserted(metrics: DataFrame | None) -> int:

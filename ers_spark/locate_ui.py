@@ -63,14 +63,13 @@ from ers_spark.contracts import (
 )
 from ers_spark.errors import ClusteringError, ErsUserError
 from ers_spark.ers import normalize_rows, ui_centroid_from_sum
-from ers_spark.io import StageRun, append, merge_insert_new, read_table, table_exists, table_version
+from ers_spark.io import StageRun, append, latest_model, merge_insert_new, read_table, table_exists, table_version
 from ers_spark.neighbours import choose_eps, cluster_sizes, dominant_cluster, eps_spanning_links, exact_single_linkage
 
 __all__ = [
     "LocateUiParams",
     "UiResult",
     "run_locate_ui",
-    "latest_model",
     "connected_components_builtin",
     "connected_components_graphframes",
     "check_dominance",
@@ -260,28 +259,6 @@ def _print_size_table(table: list[tuple[float, list[int]]]) -> None:
 
 
 # --------------------------------------------------------------------------- input
-
-
-def latest_model(emb: DataFrame) -> tuple[str, str, list[dict[str, Any]]]:
-    """The (model_name, model_version) with the most recent ``embedded_at``, plus every model seen.
-
-    A table may hold embeddings of several models; clustering mixes of
-    embedding spaces is meaningless, so only the latest model is used.
-    """
-    models = (
-        emb.groupBy(MODEL_NAME, MODEL_VERSION)
-        .agg(F.max(EMBEDDED_AT).alias("latest"), F.count(F.lit(1)).alias("rows"))
-        .orderBy(F.desc("latest"), MODEL_NAME, MODEL_VERSION)
-        .collect()
-    )
-    if not models:
-        raise ErsUserError("input table 'embeddings' is empty; run `ers-spark embed` first")
-    seen = [
-        {"model_name": r[MODEL_NAME], "model_version": r[MODEL_VERSION], "rows": int(r["rows"]),
-         "latest": str(r["latest"])}
-        for r in models
-    ]
-    return models[0][MODEL_NAME], models[0][MODEL_VERSION], seen
 
 
 # --------------------------------------------------------------------------- connected components

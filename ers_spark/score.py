@@ -230,7 +230,7 @@ def run_score(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the score stage; counts: scored = recognizable + unrecognizable."""
     params = ScoreParams.from_config(cfg)
     embeddings_all = read_table(spark, cfg, EMBEDDINGS, hint="run `ers-spark embed` first")
-    model = latest_model(embeddings_all)
+    model = latest_model(embeddings_all)[:2]
     embeddings = embeddings_all.where((F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1]))
     centroid = select_centroid(spark, cfg, model, params.uic_id)
     run = StageRun(STAGE_NAME, params={**asdict(params), "uic_id": centroid.uic_id, "model": list(model)})
