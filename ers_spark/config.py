@@ -165,6 +165,7 @@ class LocateUiConfig:
     connected_components: str = "builtin"
     seed: int = 0
     from_members: str | None = None
+    recompute: bool = False
 
     def validate(self, source: str) -> None:
         if self.method not in ("graph", "sample-hac"):

@@ -576,6 +576,23 @@ def _from_members(
 # --------------------------------------------------------------------------- the stage
 
 
+def _existing_uic(
+    spark: SparkSession, cfg: ErsConfig, model: tuple[str, str], version: int | None, params: LocateUiParams
+) -> Any:
+    """The newest UIC already computed from this very embeddings version with this method, if any."""
+    if version is None or not table_exists(spark, cfg, UI_CENTROIDS):
+        return None
+    rows = read_table(spark, cfg, UI_CENTROIDS).where(
+        (F.col(MODEL_NAME) == model[0])
+        & (F.col(MODEL_VERSION) == model[1])
+        & (F.col(INPUT_VERSION) == version)
+        & (F.col(METHOD) == params.method)
+    )
+    if params.eps is not None:
+        rows = rows.where(F.abs(F.col(EPS) - F.lit(float(params.eps))) < 1e-12)
+    return rows.orderBy(F.col(CREATED_AT).desc()).first()
+
+
 def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Find the unrecognizable-identity cluster and store its centroid (UIC) and members.
 
@@ -625,6 +642,17 @@ def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
     emb = emb_all.where((F.col(MODEL_NAME) == name) & (F.col(MODEL_VERSION) == model_version))
     if params.from_members:
         return _from_members(spark, cfg, run, emb, (name, model_version), version)
+    if not cfg.locate_ui.recompute:
+        existing = _existing_uic(spark, cfg, (name, model_version), version, params)
+        if existing is not None:
+            print(
+                f"locate-ui: UIC {existing[UIC_ID]} was already computed from embeddings version {version} "
+                f"with method {params.method}; reusing it (locate_ui.recompute=true clusters again)",
+                flush=True,
+            )
+            run.params.update(uic_id=existing[UIC_ID], eps_used=existing[EPS], reused=True)
+            run.counts = {"input_rows": 0, "members": int(existing[MEMBER_COUNT]), "reused": 1}
+            return run.finish(spark, cfg, outputs=(UI_CENTROIDS, UI_MEMBERS))
 
     points = emb.select(F.monotonically_increasing_id().alias(_ID), IMAGE_ID, EMBEDDING).persist(
         StorageLevel.MEMORY_AND_DISK

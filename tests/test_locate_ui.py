@@ -92,7 +92,9 @@ def _stored(spark, cfg, uic_id: str):
 
 
 def test_params_from_config(make_cfg):
-    p = LocateUiParams.from_config(make_cfg("locate_ui.eps_grid_start=0.1", "locate_ui.eps_grid_stop=0.3"))
+    p = LocateUiParams.from_config(
+        make_cfg("locate_ui.eps_grid_start=0.1", "locate_ui.eps_grid_stop=0.3", "locate_ui.eps_grid_step=0.05")
+    )
     assert p.eps_grid == (0.1, 0.15, 0.2, 0.25, 0.3)
     assert p.method == "graph" and p.connected_components == "builtin"
 
