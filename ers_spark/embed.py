@@ -378,12 +378,13 @@ def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
                 now.alias(QUARANTINED_AT),
             )
         )
-        to_embed = embedded.count()
+        totals = embedded.agg(F.count(F.lit(1)).alias("n"), F.count(DETAIL).alias("bad")).first()
+        to_embed, quarantined = int(totals["n"]), int(totals["bad"])
         properties = {"ers.model_name": params.spec.name, "ers.model_version": params.model_version}
         ensure_table(spark, cfg, EMBEDDINGS, properties=properties)
-        written = merge_insert_new(spark, cfg, EMBEDDINGS, good)
-        quarantined = to_embed - int(embedded.where(F.col(DETAIL).isNull()).count())
-        merge_insert_new(spark, cfg, QUARANTINE, bad)
+        written = merge_insert_new(spark, cfg, EMBEDDINGS, good) if to_embed > quarantined else 0
+        if quarantined:
+            merge_insert_new(spark, cfg, QUARANTINE, bad)
     finally:
         embedded.unpersist()
     run.counts = {
