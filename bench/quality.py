@@ -80,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     parser.add_argument("--dominance-ratio", type=float, default=3.0)
+    parser.add_argument("--eps", type=float, default=None, help="fixed cosine distance cut (default: the grid)")
     args = parser.parse_args()
     if not ORL.is_dir():
         raise SystemExit(f"quality bench needs the shared ORL faces at {ORL}")
@@ -101,6 +102,8 @@ def main() -> None:
         "locate_ui.kmeans_cells=4",
         "locate_ui.nprobe=2",
     ]
+    if args.eps is not None:
+        overrides.append(f"locate_ui.eps={args.eps}")
     cfg = load_config(overrides=overrides)
     spark = build_session(cfg, "bench-quality")
     from ers_spark.clean import run_clean
