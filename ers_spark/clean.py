@@ -51,7 +51,7 @@ from ers_spark.contracts import (
     SUBCENTER_ANGLE,
     UIC_ID,
 )
-from ers_spark.io import StageRun, latest_model, merge_sync, read_table, table_path, table_version
+from ers_spark.io import StageRun, ensure_table, latest_model, merge_sync, read_table, table_version
 
 STAGE_NAME = "clean"
 IMPOSTOR_PERCENTILE = 1.0
@@ -180,6 +180,11 @@ def run_clean(spark: SparkSession, cfg: ErsConfig) -> dict:
         ERS,
         UIC_ID,
         now.alias(QUARANTINED_AT),
+    )
+    uic_ids = [r[UIC_ID] for r in scores.select(UIC_ID).distinct().limit(2).collect()]
+    ensure_table(
+        spark, cfg, CLEANED,
+        properties={"ers.model_name": model[0], "ers.model_version": model[1], "ers.uic_id": ",".join(uic_ids)},
     )
     cleaned_changes = merge_sync(
         spark, cfg, CLEANED, cleaned, compare=(ERS, UIC_ID, SUBCENTER_ANGLE, MODEL_VERSION), delete_scope="true"

@@ -128,6 +128,10 @@ def test_clean_counts_add_up_and_label_noise(spark, make_cfg, dataset) -> None:
     cleaned = _table(spark, cfg, CLEANED).toPandas()
     assert len(cleaned) == c["cleaned"] and dataset["wrong"] not in set(cleaned.image_id)
 
+    props = spark.sql(f"SHOW TBLPROPERTIES delta.`{table_path(cfg, CLEANED)}`").toPandas().set_index("key")["value"]
+    assert props["ers.model_name"] == "synthetic" and props["ers.model_version"] == "1"
+    assert props["ers.uic_id"] == cleaned.uic_id.iloc[0]
+
     # re-run: no row changes
     again = run_clean(spark, cfg)
     assert again["counts"]["cleaned_changed"] == 0 and again["counts"]["quarantine_changed"] == 0
