@@ -209,3 +209,18 @@ def test_align_cuts_one_crop_per_face(spark, make_cfg, tmp_path) -> None:
     assert (q.source_path, q.reason) == ("coffee.png", "no_face")
     again = run_embed(spark, cfg)
     assert again["counts"]["chips_written"] == 0 and again["counts"]["to_embed"] == 0
+
+
+def test_torch_backend_in_spark_matches_onnx(spark, make_cfg, demo_rows, tmp_path) -> None:
+    pytest.importorskip("torch", reason="torch is optional: pip install 'ers-spark[torch]'")
+    src = _write_parquet(demo_rows.iloc[:4], tmp_path / "t.parquet")
+    cfg = _parquet_cfg(make_cfg, src, "embed.backend=torch")
+    _ingest(spark, cfg)
+    assert run_embed(spark, cfg)["counts"]["written"] == 4
+    table = spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).toPandas()
+    params = EmbedParams.from_config(cfg)
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select("image_id", "bytes").toPandas()
+    batch, _, _ = decode_batch(list(crops["bytes"]), params.spec)
+    direct, _ = OnnxEmbedder(params.model_path, params.spec).embed(batch)
+    by_id = dict(zip(table["image_id"], np.stack(table["embedding"].to_numpy())))
+    assert min(float(np.dot(by_id[i], v)) for i, v in zip(crops["image_id"], direct)) >= 0.999

@@ -65,6 +65,16 @@ def test_torch_matches_onnx_cpu(model_path, spec, batch):
 
 
 @needs_torch
+def test_torch_fp16_matches_onnx_on_cpu(model_path, spec, batch):
+    """fp16 parity (cosine >= 0.999) checked on CPU too, so it is tested on machines without a GPU."""
+    from ers_spark.models.torch_runner import TorchEmbedder
+
+    ref_unit, _ = OnnxEmbedder(model_path, spec).embed(batch)
+    unit, _ = TorchEmbedder(model_path, spec, device="cpu", fp16=True).embed(batch)
+    assert np.sum(unit * ref_unit, axis=1).min() >= 0.999
+
+
+@needs_torch
 def test_torch_matches_onnx_cuda_fp16(model_path, spec, batch):
     import torch
 
