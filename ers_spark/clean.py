@@ -30,7 +30,6 @@ from ers_spark.contracts import (
     CLEANED,
     CLEANED_AT,
     CROPS,
-    DETAIL,
     EMBEDDING,
     EMBEDDINGS,
     ERS,
@@ -39,7 +38,6 @@ from ers_spark.contracts import (
     MODEL_NAME,
     MODEL_VERSION,
     QUARANTINE,
-    QUARANTINED_AT,
     REASON,
     REASON_LABEL_NOISE,
     REASON_UNRECOGNIZABLE,
@@ -51,7 +49,7 @@ from ers_spark.contracts import (
     SUBCENTER_ANGLE,
     UIC_ID,
 )
-from ers_spark.io import StageRun, ensure_table, latest_model, merge_sync, read_table, table_version
+from ers_spark.io import StageRun, ensure_table, latest_model, merge_sync, quarantine_rows, read_table, table_version
 
 STAGE_NAME = "clean"
 IMPOSTOR_PERCENTILE = 1.0
@@ -171,15 +169,8 @@ def run_clean(spark: SparkSession, cfg: ErsConfig) -> dict:
     detail = F.when(
         F.col(REASON) == REASON_UNRECOGNIZABLE, F.format_string("ers=%.4f below gamma", F.col(ERS))
     ).otherwise(F.format_string("angle %.1f deg to dominant sub-centre > %.1f", F.col(SUBCENTER_ANGLE), F.lit(threshold or 0.0)))
-    quarantined = decided.where(F.col(REASON).isNotNull()).select(
-        IMAGE_ID,
-        SOURCE_PATH,
-        F.lit(STAGE_NAME).alias(STAGE),
-        REASON,
-        detail.alias(DETAIL),
-        ERS,
-        UIC_ID,
-        now.alias(QUARANTINED_AT),
+    quarantined = quarantine_rows(
+        decided.where(F.col(REASON).isNotNull()), STAGE_NAME, F.col(REASON), detail, ers=F.col(ERS), uic_id=F.col(UIC_ID)
     )
     uic_ids = [r[UIC_ID] for r in scores.select(UIC_ID).distinct().limit(2).collect()]
     ensure_table(

@@ -13,7 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 from ers_spark.config import ErsConfig, load_config
-from ers_spark.errors import EXIT_USER_ERROR, ErsUserError
+from ers_spark.errors import ErsUserError
 
 STAGES = ("ingest", "embed", "locate-ui", "score", "clean")
 COMMANDS = STAGES + ("run", "demo", "sql")

@@ -33,7 +33,6 @@ from ers_spark.contracts import (
     EMBEDDED_AT,
     EMBEDDING,
     EMBEDDINGS,
-    ERS,
     FACE_INDEX,
     FORMAT,
     HEIGHT,
@@ -44,18 +43,25 @@ from ers_spark.contracts import (
     MODEL_VERSION,
     PARENT_IMAGE_ID,
     QUARANTINE,
-    QUARANTINED_AT,
     RAW_NORM,
     REASON,
     REASON_EMBED_FAILED,
     REASON_NO_FACE,
     SOURCE_PATH,
     STAGE,
-    UIC_ID,
     WIDTH,
 )
 from ers_spark.errors import ConfigError
-from ers_spark.io import StageRun, ensure_table, merge_insert_new, read_table, table_exists, table_path, table_version
+from ers_spark.io import (
+    StageRun,
+    ensure_table,
+    merge_insert_new,
+    quarantine_rows,
+    read_table,
+    table_exists,
+    table_path,
+    table_version,
+)
 from ers_spark.models.spec import ModelSpec, file_sha256, load_model_spec, resolve_model_file
 
 STAGE_NAME = "embed"
@@ -318,15 +324,11 @@ def align_photos(spark: SparkSession, cfg: ErsConfig, spec: ModelSpec) -> dict[s
             BYTES,
             F.current_timestamp().alias(INGESTED_AT),
         )
-        failed = aligned.where(F.col(DETAIL).isNotNull()).select(
-            F.col(PARENT_IMAGE_ID).alias(IMAGE_ID),
-            SOURCE_PATH,
-            F.lit("align").alias(STAGE),
-            F.lit(REASON_NO_FACE).alias(REASON),
-            DETAIL,
-            F.lit(None).cast("double").alias(ERS),
-            F.lit(None).cast("string").alias(UIC_ID),
-            F.current_timestamp().alias(QUARANTINED_AT),
+        failed = quarantine_rows(
+            aligned.where(F.col(DETAIL).isNotNull()).withColumnRenamed(PARENT_IMAGE_ID, IMAGE_ID),
+            "align",
+            F.lit(REASON_NO_FACE),
+            F.col(DETAIL),
         )
         new_chips = merge_insert_new(spark, cfg, CROPS, chips)
         no_faces = merge_insert_new(spark, cfg, QUARANTINE, failed)
@@ -364,19 +366,11 @@ def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
             F.lit(params.model_version).alias(MODEL_VERSION),
             now.alias(EMBEDDED_AT),
         )
-        bad = (
-            embedded.where(F.col(DETAIL).isNotNull())
-            .join(pending.select(IMAGE_ID, SOURCE_PATH), IMAGE_ID)
-            .select(
-                IMAGE_ID,
-                SOURCE_PATH,
-                F.lit(STAGE_NAME).alias(STAGE),
-                F.lit(REASON_EMBED_FAILED).alias(REASON),
-                DETAIL,
-                F.lit(None).cast("double").alias(ERS),
-                F.lit(None).cast("string").alias(UIC_ID),
-                now.alias(QUARANTINED_AT),
-            )
+        bad = quarantine_rows(
+            embedded.where(F.col(DETAIL).isNotNull()).join(pending.select(IMAGE_ID, SOURCE_PATH), IMAGE_ID),
+            STAGE_NAME,
+            F.lit(REASON_EMBED_FAILED),
+            F.col(DETAIL),
         )
         totals = embedded.agg(F.count(F.lit(1)).alias("n"), F.count(DETAIL).alias("bad")).first()
         to_embed, quarantined = int(totals["n"]), int(totals["bad"])

@@ -23,7 +23,6 @@ from ers_spark.contracts import (
     BYTES,
     CROPS,
     DETAIL,
-    ERS,
     FACE_INDEX,
     FORMAT,
     HEIGHT,
@@ -32,17 +31,14 @@ from ers_spark.contracts import (
     INGESTED_AT,
     PARENT_IMAGE_ID,
     QUARANTINE,
-    QUARANTINED_AT,
     REASON,
     REASON_EMPTY,
     REASON_UNDECODABLE,
     SOURCE_PATH,
-    STAGE,
-    UIC_ID,
     WIDTH,
     check_columns,
 )
-from ers_spark.io import StageRun, merge_insert_new
+from ers_spark.io import StageRun, merge_insert_new, quarantine_rows
 
 STAGE_NAME = "ingest"
 
@@ -222,15 +218,8 @@ def run_ingest(spark: SparkSession, cfg: ErsConfig) -> dict:
             BYTES,
             now.alias(INGESTED_AT),
         )
-        bad = everything.where(F.col(REASON).isNotNull()).select(
-            IMAGE_ID,
-            SOURCE_PATH,
-            F.lit(STAGE_NAME).alias(STAGE),
-            REASON,
-            DETAIL,
-            F.lit(None).cast("double").alias(ERS),
-            F.lit(None).cast("string").alias(UIC_ID),
-            now.alias(QUARANTINED_AT),
+        bad = quarantine_rows(
+            everything.where(F.col(REASON).isNotNull()), STAGE_NAME, F.col(REASON), F.col(DETAIL)
         )
         written = merge_insert_new(spark, cfg, CROPS, good)
         merge_insert_new(spark, cfg, QUARANTINE, bad)

@@ -72,6 +72,29 @@ def set_properties(spark: SparkSession, cfg: ErsConfig, contract: TableContract,
     spark.sql(f"ALTER TABLE delta.`{table_path(cfg, contract)}` SET TBLPROPERTIES ({assignments})")
 
 
+def quarantine_rows(
+    df: DataFrame,
+    stage: str,
+    reason: "F.Column",
+    detail: "F.Column",
+    ers: "F.Column | None" = None,
+    uic_id: "F.Column | None" = None,
+) -> DataFrame:
+    """Rows for the quarantine table from ``df`` (which has image_id and source_path)."""
+    from ers_spark.contracts import DETAIL, ERS, IMAGE_ID, QUARANTINED_AT, REASON, SOURCE_PATH, STAGE, UIC_ID
+
+    return df.select(
+        IMAGE_ID,
+        SOURCE_PATH,
+        F.lit(stage).alias(STAGE),
+        reason.alias(REASON),
+        detail.alias(DETAIL),
+        (ers if ers is not None else F.lit(None)).cast("double").alias(ERS),
+        (uic_id if uic_id is not None else F.lit(None)).cast("string").alias(UIC_ID),
+        F.current_timestamp().alias(QUARANTINED_AT),
+    )
+
+
 def table_exists(spark: SparkSession, cfg: ErsConfig, contract: TableContract) -> bool:
     return DeltaTable.isDeltaTable(spark, table_path(cfg, contract))
 

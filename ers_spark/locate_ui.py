@@ -43,7 +43,6 @@ from ers_spark.config import ErsConfig, LocateUiConfig
 from ers_spark.contracts import (
     CENTROID,
     CREATED_AT,
-    EMBEDDED_AT,
     EMBEDDING,
     EMBEDDINGS,
     EPS,
