@@ -213,7 +213,7 @@ def calibrate_gamma(
             "score.calibration=identities needs crops with at least 2 identities of 2+ images each; "
             "use score.calibration=unlabelled or set score.gamma"
         )
-    is_ui = pdf["_ui"].fillna(False).to_numpy(dtype=bool)
+    is_ui = pdf["_ui"].eq(True).to_numpy(dtype=bool)
     return ers_math.calibrate_gamma_unlabelled(ers[is_ui], ers[~is_ui])
 
 
