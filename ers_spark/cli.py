@@ -8,7 +8,10 @@ A user-fixable problem prints ``error: <one line>`` and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
+import subprocess
 import sys
 from typing import Callable, Sequence
 
@@ -46,15 +49,10 @@ def _stage_runner(name: str) -> Callable[..., dict]:
 
 def check_java() -> None:
     """Spark needs Java 17+; say so in one line instead of a gateway traceback."""
-    import os
-    import subprocess
-
     java = os.path.join(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") else shutil.which("java")
     if not java or not os.path.exists(java):
         raise ErsUserError("Java 17+ not found: install a JDK 17 or newer (e.g. apt-get install openjdk-17-jre) or set JAVA_HOME")
     out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
-    import re
-
     match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
     if match:
         major = int(match.group(1))
