@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ers_spark.cli import run_pipeline
@@ -49,7 +50,9 @@ def test_demo_pipeline_writes_every_table(spark, demo_lake, capsys) -> None:
     assert [r["stage"] for r in records] == ["ingest", "embed", "locate-ui", "score", "clean"]
     crops = spark.read.format("delta").load(table_path(cfg, CROPS))
     assert crops.count() == records[0]["counts"]["written"] > 200
-    assert spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).count() == crops.count()
+    embeddings = spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).select("image_id", "embedding").toPandas()
+    assert len(embeddings) == embeddings.image_id.nunique() == crops.count()  # one unit vector per crop
+    np.testing.assert_allclose(np.linalg.norm(np.stack(embeddings.embedding.to_numpy()), axis=1), 1.0, atol=1e-5)
     assert spark.read.format("delta").load(table_path(cfg, UI_CENTROIDS)).count() == 1
     clean = records[-1]["counts"]
     assert clean["scored"] == clean["cleaned"] + clean["quarantined"] == crops.count()
