@@ -171,17 +171,18 @@ def embed_images(images: list[bytes | None], params: EmbedParams, embedder: Any)
     of a whole sub-batch is retried image by image, so one bad image cannot
     take its neighbours down with it.
     """
-    from ers_spark.models.preprocess import decode_batch
+    from ers_spark.models.preprocess import decode_images, prepare_arrays
 
     n = len(images)
     dim = params.spec.embedding_dim
     unit = np.full((n, dim), np.nan, dtype=np.float32)
     norms = np.full(n, np.nan, dtype=np.float32)
-    batch, ok, reasons = decode_batch(images, params.spec)
-    rows = np.flatnonzero(ok)
+    decoded, reasons = decode_images(images, params.spec)
+    rows = np.array([i for i, arr in enumerate(decoded) if arr is not None], dtype=np.int64)
     for start in range(0, len(rows), params.batch_size):
         chunk = rows[start : start + params.batch_size]
-        sub = batch[start : start + params.batch_size]
+        # float conversion per sub-batch: a small working set that stays in cache
+        sub = prepare_arrays([decoded[row] for row in chunk], params.spec)
         try:
             unit[chunk], norms[chunk] = embedder.embed(sub)
         except Exception:  # noqa: BLE001 - isolate the failing image(s), never fail the job

@@ -9,7 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterable
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
@@ -64,8 +64,8 @@ def ensure_table(
 
 def set_properties(spark: SparkSession, cfg: ErsConfig, contract: TableContract, properties: dict[str, str]) -> None:
     """Set table properties (model and UIC versions) on an existing table; no new version when unchanged."""
-    current = DeltaTable.forPath(spark, table_path(cfg, contract)).detail().select("properties").first()[0] or {}
-    properties = {k: v for k, v in properties.items() if current.get(k) != v}
+    current = table_properties(spark, table_path(cfg, contract), properties)
+    properties = {k: v for k, v in properties.items() if current[k] != v}
     if not properties:
         return
     assignments = ", ".join(f"'{k}' = '{v}'" for k, v in properties.items())
@@ -110,13 +110,47 @@ def read_table(spark: SparkSession, cfg: ErsConfig, contract: TableContract, hin
     return df
 
 
+def _delta_snapshot(spark: SparkSession, path: str) -> Any | None:
+    """The table's latest snapshot from Delta's JVM ``DeltaLog``, or None when that API is not reachable.
+
+    Reading the version or the properties this way replays only the Delta log (milliseconds);
+    ``history(1)`` and ``detail()`` each run a Spark job (about half a second on a small
+    machine), and every stage asks for several versions.
+    """
+    try:
+        jvm = spark._jvm  # absent on Spark Connect
+        log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, path)
+        none = jvm.scala.Option.empty()
+        return log.update(False, none, none)
+    except Exception:  # noqa: BLE001 - internal API: fall back to the public, slower one
+        return None
+
+
 def table_version(spark: SparkSession, cfg: ErsConfig, contract: TableContract) -> int | None:
     """The latest Delta version of a table, or None when it does not exist."""
     path = table_path(cfg, contract)
+    snapshot = _delta_snapshot(spark, path)
+    if snapshot is not None:
+        version = int(snapshot.version())
+        return version if version >= 0 else None
     if not DeltaTable.isDeltaTable(spark, path):
         return None
     row = DeltaTable.forPath(spark, path).history(1).select("version").first()
     return int(row[0]) if row is not None else None
+
+
+def table_properties(spark: SparkSession, path: str, keys: Iterable[str]) -> dict[str, str | None]:
+    """Current values of some table properties (None when unset)."""
+    snapshot = _delta_snapshot(spark, path)
+    if snapshot is not None:
+        configuration = snapshot.metadata().configuration()
+        values: dict[str, str | None] = {}
+        for key in keys:
+            option = configuration.get(key)
+            values[key] = str(option.get()) if option.isDefined() else None
+        return values
+    current = DeltaTable.forPath(spark, path).detail().select("properties").first()[0] or {}
+    return {key: current.get(key) for key in keys}
 
 
 def _merge_condition(contract: TableContract) -> str:
