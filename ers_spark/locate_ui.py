@@ -332,26 +332,46 @@ def connected_components_builtin(links: DataFrame, checkpoint_every: int = 2) ->
     return out, rounds
 
 
-def connected_components_graphframes(spark: SparkSession, links: DataFrame) -> DataFrame:
-    """``(node, root)`` via GraphFrames' connectedComponents; needs the GraphFrames jar on the classpath."""
-    hint = (
-        "locate_ui.connected_components=graphframes needs the graphframes Python package and the "
-        "GraphFrames jar on Spark's classpath (spark.packages or spark.jars_dir); "
-        "or use locate_ui.connected_components=builtin"
-    )
+_GRAPHFRAMES_HINT = (
+    "locate_ui.connected_components=graphframes needs the graphframes Python package and the "
+    "GraphFrames jar on Spark's classpath (spark.packages, spark.jars_dir, or a jar built with "
+    "deploy/build_graphframes_jar.sh); or use locate_ui.connected_components=builtin"
+)
+
+
+def require_graphframes(spark: SparkSession) -> None:
+    """Fail fast, before any clustering work, when GraphFrames is asked for but cannot run.
+
+    Raises
+    ------
+    ErsUserError
+        The Python package is missing, or the JVM has no ``org.graphframes.GraphFrame`` class.
+    """
     try:
-        from graphframes import GraphFrame  # type: ignore[import-untyped,unused-ignore]
+        import graphframes  # type: ignore[import-untyped,unused-ignore]  # noqa: F401
     except ImportError:
-        raise ErsUserError(f"{hint} (python package 'graphframes' is not installed)") from None
+        raise ErsUserError(f"{_GRAPHFRAMES_HINT} (python package 'graphframes' is not installed)") from None
+    jvm = getattr(spark, "_jvm", None)
+    if jvm is None:
+        return  # Spark Connect: the server's classpath is checked when the job runs
+    from py4j.java_gateway import JavaClass
+
+    # py4j resolves a name it cannot load as a JavaPackage (what graphframes-py itself calls into)
+    if not isinstance(jvm.org.graphframes.GraphFrame, JavaClass):
+        raise ErsUserError(f"{_GRAPHFRAMES_HINT} (the GraphFrames jar is not loaded)")
+
+
+def connected_components_graphframes(spark: SparkSession, links: DataFrame) -> DataFrame:
+    """``(node, root)`` via GraphFrames' connectedComponents (root = the smallest node id of the component).
+
+    Uses the session's checkpoint directory and a checkpoint every 2 iterations.
+    """
+    require_graphframes(spark)
+    from graphframes import GraphFrame  # type: ignore[import-untyped,unused-ignore]
+
     edges = links.select(F.col(_SRC).alias("src"), F.col(_DST).alias("dst"))
     vertices = edges.select(F.col("src").alias("id")).unionByName(edges.select(F.col("dst").alias("id"))).distinct()
-    try:
-        cc = GraphFrame(vertices, edges).connectedComponents(checkpointInterval=2)
-    except Exception as exc:  # py4j: the JVM class is missing when the jar is absent
-        text = str(exc)
-        if "graphframes" in text.lower() or "JavaPackage" in text or "ClassNotFound" in text:
-            raise ErsUserError(f"{hint} (the GraphFrames jar is not loaded)") from None
-        raise
+    cc = GraphFrame(vertices, edges).connectedComponents(checkpointInterval=2)
     return cc.select(F.col("id").alias(_NODE), F.col("component").alias(_ROOT))
 
 
@@ -627,6 +647,8 @@ def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
     1667
     """
     params = LocateUiParams.from_config(cfg)
+    if params.method == "graph" and params.connected_components == "graphframes" and not params.from_members:
+        require_graphframes(spark)
     run = StageRun(STAGE_NAME, params=asdict(params))
     version = table_version(spark, cfg, EMBEDDINGS)
     emb_all = read_table(spark, cfg, EMBEDDINGS, hint="run `ers-spark embed` first")

@@ -22,6 +22,12 @@ def shared_data_dir(name: str) -> Path:
     return folder
 
 
+def _extra_jars_override() -> list[str]:
+    """ERS_TEST_EXTRA_JARS=/a.jar,/b.jar adds local jars (e.g. a GraphFrames build) to the test session."""
+    jars = os.environ.get("ERS_TEST_EXTRA_JARS", "").strip()
+    return [f"spark.conf={{spark.jars: '{jars}'}}"] if jars else []
+
+
 @pytest.fixture(scope="session")
 def spark_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("spark")
@@ -39,6 +45,7 @@ def spark(spark_root: Path):
             "spark.shuffle_partitions=2",
             f"spark.checkpoint_dir={spark_root / 'checkpoints'}",
             "spark.driver_memory=2g",
+            *_extra_jars_override(),
         ]
     )
     session = build_session(cfg, "tests")

@@ -195,6 +195,31 @@ def test_graph_matches_exact_single_linkage(spark, vmf, graph_run):
     assert row["mean_member_distance"] == pytest.approx(float(np.mean(1 - mine @ c)), abs=1e-4)
 
 
+def test_graphframes_connected_components_in_the_stage(spark, make_cfg, vmf, graph_run):
+    """With GraphFrames the stage finds the builtin run's members; without it, it stops before any work.
+
+    Set ERS_TEST_EXTRA_JARS to a GraphFrames jar (deploy/build_graphframes_jar.sh) and install
+    graphframes-py of the same version to run the GraphFrames branch.
+    """
+    x, _, ids, _ = vmf
+    cfg = make_cfg(*FAST, f"locate_ui.eps={RECOMMENDED_EPS}", "locate_ui.connected_components=graphframes")
+    write_embeddings(spark, cfg, x, ids)
+    versions = table_version(spark, cfg, EMBEDDINGS), table_version(spark, cfg, UI_CENTROIDS)
+    try:
+        rec = run_locate_ui(spark, cfg)
+    except ErsUserError as exc:
+        msg = str(exc)
+        assert "\n" not in msg and "GraphFrames" in msg and "connected_components=builtin" in msg
+        assert (table_version(spark, cfg, EMBEDDINGS), table_version(spark, cfg, UI_CENTROIDS)) == versions
+        assert versions[1] is None
+        return
+    builtin_cfg, builtin_rec = graph_run
+    _, members = _stored(spark, cfg, rec["params"]["uic_id"])
+    _, builtin_members = _stored(spark, builtin_cfg, builtin_rec["params"]["uic_id"])
+    assert sorted(members) == sorted(builtin_members)
+    assert rec["params"]["connected_components"] == "graphframes"
+
+
 def test_sample_hac_and_auto_eps(spark, make_cfg, vmf, capsys):
     x, _, ids, ui_exact = vmf
     cfg = make_cfg(*FAST, "locate_ui.method=sample-hac", "locate_ui.sample_hac_rows=1200",
