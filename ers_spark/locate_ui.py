@@ -369,7 +369,8 @@ def connected_components_graphframes(spark: SparkSession, links: DataFrame) -> D
     require_graphframes(spark)
     from graphframes import GraphFrame  # type: ignore[import-untyped,unused-ignore]
 
-    edges = links.select(F.col(_SRC).alias("src"), F.col(_DST).alias("dst"))
+    # self-loops alone make no component (as in the builtin pass): drop them before building the graph
+    edges = links.where(F.col(_SRC) != F.col(_DST)).select(F.col(_SRC).alias("src"), F.col(_DST).alias("dst"))
     vertices = edges.select(F.col("src").alias("id")).unionByName(edges.select(F.col("dst").alias("id"))).distinct()
     cc = GraphFrame(vertices, edges).connectedComponents(checkpointInterval=2)
     return cc.select(F.col("id").alias(_NODE), F.col("component").alias(_ROOT))

@@ -146,7 +146,7 @@ def test_connected_components_tiny_graphs(spark, impl):
     else:
         try:
             comps = connected_components_graphframes(spark, links)
-        except ErsUserError as exc:  # the GraphFrames jar is not on the classpath (as in this sandbox)
+        except ErsUserError as exc:  # GraphFrames is not installed (set ERS_TEST_EXTRA_JARS to run it)
             msg = str(exc)
             assert "\n" not in msg and "GraphFrames" in msg and "connected_components=builtin" in msg
             return
