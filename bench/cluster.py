@@ -141,7 +141,7 @@ def members_of(spark: Any, cfg: Any, uic_id: str) -> tuple[np.ndarray, np.ndarra
     return idx, np.asarray(row["centroid"], np.float64)
 
 
-def bench_size(spark: Any, base: list[str], n: int, seed: int) -> dict[str, Any]:
+def bench_size(spark: Any, base: list[str], n: int, seed: int, graphframes: bool = False) -> dict[str, Any]:
     from pyspark.ml.clustering import KMeans
     from pyspark.ml.functions import array_to_vector
 
@@ -167,6 +167,15 @@ def bench_size(spark: Any, base: list[str], n: int, seed: int) -> dict[str, Any]
     res["graph_top_sizes"] = rec["params"]["top_cluster_sizes"]
     g_idx, g_c = members_of(spark, cfg, rec["params"]["uic_id"])
     print(f"[n={n}] graph {res['graph_s']}s", flush=True)
+
+    if graphframes:  # the same graph method with GraphFrames' connected components instead of the builtin pass
+        cfg_g = load_config(overrides=base + common + ["locate_ui.connected_components=graphframes",
+                                                        "locate_ui.recompute=true"])
+        rec_g, res["graph_graphframes_s"], res["graph_graphframes_peak_mib"] = timed(lambda: run_locate_ui(spark, cfg_g))
+        gf_idx, gf_c = members_of(spark, cfg_g, rec_g["params"]["uic_id"])
+        res["graphframes_jaccard_vs_builtin"] = round(jaccard(gf_idx, g_idx), 5)
+        res["graphframes_uic_cos_vs_builtin"] = round(float(gf_c @ g_c), 6)
+        print(f"[n={n}] graph with GraphFrames {res['graph_graphframes_s']}s", flush=True)
 
     cfg_s = load_config(overrides=base + common + ["locate_ui.method=sample-hac"])
     rec_s, res["sample_hac_s"], res["sample_hac_peak_mib"] = timed(lambda: run_locate_ui(spark, cfg_s))
@@ -206,6 +215,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--graphframes-jar", default=None,
+                    help="also time the graph method with GraphFrames connected components (jar from "
+                         "deploy/build_graphframes_jar.sh; graphframes-py of the same version importable)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
 
@@ -216,6 +228,8 @@ def main() -> None:
     base = [f"storage.root={BENCH_ROOT}", "spark.master=local[2]", "spark.driver_memory=10g",
             "spark.shuffle_partitions=8", f"spark.checkpoint_dir={BENCH_ROOT / 'checkpoints'}",
             "spark.hive_metastore=false"]
+    if args.graphframes_jar:
+        base.append(f"spark.conf={{spark.jars: '{args.graphframes_jar}'}}")
     spark = build_session(load_config(overrides=base), "bench-cluster")
     out_path = Path(args.out)
     result: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
@@ -227,7 +241,7 @@ def main() -> None:
     })
     per_n = {str(r["n"]): r for r in result.get("sizes", [])}
     for n in sizes:
-        per_n[str(n)] = bench_size(spark, base, n, args.seed)
+        per_n[str(n)] = bench_size(spark, base, n, args.seed, graphframes=bool(args.graphframes_jar))
         result["sizes"] = [per_n[k] for k in sorted(per_n, key=int)]
         t100k, t1m = per_n.get("100000", {}).get("graph_s"), per_n.get("1000000", {}).get("graph_s")
         result["growth_exponent_100k_1m"] = (
