@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ers_spark.config import load_config  # noqa: E402
-from ers_spark.contracts import EMBEDDING, EMBEDDINGS, IMAGE_ID, UI_CENTROIDS, UI_MEMBERS, UIC_ID  # noqa: E402
-from ers_spark.ers import ui_centroid  # noqa: E402
-from ers_spark.io import append, read_table  # noqa: E402
-from ers_spark.neighbours import exact_single_linkage, jaccard  # noqa: E402
-from ers_spark.synthetic import RECOMMENDED_EPS, iter_vmf_chunks  # noqa: E402
+from ers_spark.lake.contracts import EMBEDDING, EMBEDDINGS, IMAGE_ID, UI_CENTROIDS, UI_MEMBERS, UIC_ID  # noqa: E402
+from ers_spark.core.ers import ui_centroid  # noqa: E402
+from ers_spark.lake.tables import append, read_table  # noqa: E402
+from ers_spark.core.neighbours import exact_single_linkage, jaccard  # noqa: E402
+from ers_spark.core.synthetic import RECOMMENDED_EPS, iter_vmf_chunks  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "cluster.json"
 BENCH_ROOT = Path("/tmp/ers-bench")
@@ -145,7 +145,7 @@ def bench_size(spark: Any, base: list[str], n: int, seed: int, graphframes: bool
     from pyspark.ml.clustering import KMeans
     from pyspark.ml.functions import array_to_vector
 
-    from ers_spark.locate_ui import run_locate_ui
+    from ers_spark.stages.locate_ui import run_locate_ui
 
     root = BENCH_ROOT / f"n{n}"
     shutil.rmtree(root, ignore_errors=True)
@@ -223,7 +223,7 @@ def main() -> None:
 
     import pyspark
 
-    from ers_spark.session import build_session
+    from ers_spark.lake.session import build_session
 
     base = [f"storage.root={BENCH_ROOT}", "spark.master=local[2]", "spark.driver_memory=10g",
             "spark.shuffle_partitions=8", f"spark.checkpoint_dir={BENCH_ROOT / 'checkpoints'}",

@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ers_spark.config import load_config  # noqa: E402
-from ers_spark.contracts import CROPS, EMBEDDINGS  # noqa: E402
-from ers_spark.embed import EmbedParams, run_embed  # noqa: E402
-from ers_spark.ingest import run_ingest  # noqa: E402
-from ers_spark.io import table_path  # noqa: E402
+from ers_spark.lake.contracts import CROPS, EMBEDDINGS  # noqa: E402
+from ers_spark.stages.embed import EmbedParams, run_embed  # noqa: E402
+from ers_spark.stages.ingest import run_ingest  # noqa: E402
+from ers_spark.lake.tables import table_path  # noqa: E402
 from ers_spark.models.onnx_runner import OnnxEmbedder  # noqa: E402
 from ers_spark.models.preprocess import decode_batch  # noqa: E402
-from ers_spark.session import build_session  # noqa: E402
+from ers_spark.lake.session import build_session  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "orl_faces"
 BATCH = 64
@@ -161,7 +161,7 @@ def bench_size(spark, base_overrides: list[str], work: Path, n: int) -> dict:
     settle()
     pbu_ips = bench_pbu(spark, cfg, params, str(work / f"pbu{n}"))
     # the stage's inference pass alone (mapInArrow to a no-op sink), to split stage cost from Delta I/O
-    from ers_spark.embed import embed_dataframe
+    from ers_spark.stages.embed import embed_dataframe
 
     crops = spark.read.format("delta").load(table_path(cfg, CROPS))
     settle()

@@ -31,14 +31,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ers_spark import ers as ers_math  # noqa: E402
+from ers_spark.core import ers as ers_math  # noqa: E402
 from ers_spark.config import load_config  # noqa: E402
-from ers_spark.contracts import CROPS, EMBEDDINGS, SCORES, UI_CENTROIDS, UI_MEMBERS  # noqa: E402
-from ers_spark.embed import run_embed  # noqa: E402
-from ers_spark.ingest import run_ingest  # noqa: E402
-from ers_spark.io import table_path  # noqa: E402
-from ers_spark.session import build_session  # noqa: E402
-from ers_spark.synthetic import DEGRADATIONS, degrade  # noqa: E402
+from ers_spark.lake.contracts import CROPS, EMBEDDINGS, SCORES, UI_CENTROIDS, UI_MEMBERS  # noqa: E402
+from ers_spark.stages.embed import run_embed  # noqa: E402
+from ers_spark.stages.ingest import run_ingest  # noqa: E402
+from ers_spark.lake.tables import table_path  # noqa: E402
+from ers_spark.lake.session import build_session  # noqa: E402
+from ers_spark.core.synthetic import DEGRADATIONS, degrade  # noqa: E402
 
 ORL = ROOT.parent / "shared" / "data" / "orl_faces"
 
@@ -106,9 +106,9 @@ def main() -> None:
         overrides.append(f"locate_ui.eps={args.eps}")
     cfg = load_config(overrides=overrides)
     spark = build_session(cfg, "bench-quality")
-    from ers_spark.clean import run_clean
-    from ers_spark.locate_ui import run_locate_ui
-    from ers_spark.score import run_score
+    from ers_spark.stages.clean import run_clean
+    from ers_spark.stages.locate_ui import run_locate_ui
+    from ers_spark.stages.score import run_score
 
     run_ingest(spark, cfg)
     run_embed(spark, cfg)

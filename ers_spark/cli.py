@@ -13,38 +13,13 @@ import re
 import shutil
 import subprocess
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ers_spark.config import ErsConfig, load_config
 from ers_spark.errors import ErsUserError
+from ers_spark.pipeline import STAGES, run_pipeline, run_stage
 
-STAGES = ("ingest", "embed", "locate-ui", "score", "clean")
 COMMANDS = STAGES + ("run", "demo", "sql")
-
-
-def _stage_runner(name: str) -> Callable[..., dict]:
-    """Import a stage lazily so `--help` and config errors never start a JVM."""
-    if name == "ingest":
-        from ers_spark.ingest import run_ingest
-
-        return run_ingest
-    if name == "embed":
-        from ers_spark.embed import run_embed
-
-        return run_embed
-    if name == "locate-ui":
-        from ers_spark.locate_ui import run_locate_ui
-
-        return run_locate_ui
-    if name == "score":
-        from ers_spark.score import run_score
-
-        return run_score
-    if name == "clean":
-        from ers_spark.clean import run_clean
-
-        return run_clean
-    raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
 
 
 def check_java() -> None:
@@ -60,25 +35,6 @@ def check_java() -> None:
             major = int(match.group(2))
         if major < 17:
             raise ErsUserError(f"Java {major} found at {java}; Spark 4 needs Java 17 or newer (set JAVA_HOME)")
-
-
-def run_stage(cfg: ErsConfig, stage: str) -> dict:
-    """Build the session for ``stage`` and run it."""
-    from ers_spark.session import build_session
-
-    spark = build_session(cfg, stage)
-    return _stage_runner(stage)(spark, cfg)
-
-
-def run_pipeline(cfg: ErsConfig) -> list[dict]:
-    """ingest (when an input is configured) -> embed -> locate-ui -> score -> clean, in one session."""
-    records = []
-    for stage in STAGES:
-        if stage == "ingest" and not cfg.ingest.input_path:
-            print("ingest skipped: ingest.input_path is not set; using the existing crops table", file=sys.stderr)
-            continue
-        records.append(run_stage(cfg, stage))
-    return records
 
 
 def build_parser() -> argparse.ArgumentParser:

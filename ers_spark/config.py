@@ -33,7 +33,7 @@ def embedded_config_path() -> Path:
 
 @dataclass(frozen=True)
 class SparkConfig:
-    """How the one SparkSession is built (see :mod:`ers_spark.session`)."""
+    """How the one SparkSession is built (see :mod:`ers_spark.lake.session`)."""
 
     master: str | None = None
     app_name_prefix: str = "ers-spark"

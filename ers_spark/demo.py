@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image, ImageFilter
 
 from ers_spark.config import ErsConfig
+from ers_spark.pipeline import run_pipeline
 
 DEMO_HOME = "~/.ers-spark/demo"
 # the astronaut's face in skimage.data.astronaut() (found once with dlib's HOG detector)
@@ -105,8 +106,6 @@ def demo_overrides(user_overrides: list[str]) -> list[str]:
 
 def run_demo(cfg: ErsConfig) -> None:
     """Run every pipeline stage on the demo input and say where the tables are."""
-    from ers_spark.cli import run_pipeline
-
     run_pipeline(cfg)
     root = cfg.storage.table_path("")
     print(

@@ -36,7 +36,7 @@ def spark_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def spark(spark_root: Path):
     """The one SparkSession of the test run, built by the project's own session factory."""
-    from ers_spark.session import build_session
+    from ers_spark.lake.session import build_session
 
     cfg = load_config(
         overrides=[

@@ -7,8 +7,8 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-from ers_spark.contracts import CROPS, EMBEDDINGS, UI_CENTROIDS, UI_MEMBERS
-from ers_spark.io import append, merge_insert_new
+from ers_spark.lake.contracts import CROPS, EMBEDDINGS, UI_CENTROIDS, UI_MEMBERS
+from ers_spark.lake.tables import append, merge_insert_new
 
 T0 = datetime(2026, 1, 1)
 

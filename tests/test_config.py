@@ -10,7 +10,7 @@ import pytest
 
 from ers_spark.config import embedded_config_path, load_config
 from ers_spark.errors import ConfigError
-from ers_spark.session import session_settings
+from ers_spark.lake.session import session_settings
 
 
 def test_embedded_default_is_local_with_delta() -> None:

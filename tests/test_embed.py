@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from ers_spark.contracts import CROPS, EMBEDDINGS, QUARANTINE
+from ers_spark.lake.contracts import CROPS, EMBEDDINGS, QUARANTINE
 from ers_spark.demo import demo_records
-from ers_spark.embed import EmbedParams, embed_images, run_embed
+from ers_spark.stages.embed import EmbedParams, embed_images, run_embed
 from ers_spark.errors import ConfigError, ModelError
-from ers_spark.ingest import run_ingest
-from ers_spark.io import merge_insert_new, table_path
+from ers_spark.stages.ingest import run_ingest
+from ers_spark.lake.tables import merge_insert_new, table_path
 from ers_spark.models.onnx_runner import OnnxEmbedder
 from ers_spark.models.preprocess import decode_batch
 from onnx_builders import tiny_embedding_model

@@ -1,4 +1,4 @@
-"""Tests for ers_spark.ers: expected values are computed independently (by hand or brute force)."""
+"""Tests for ers_spark.core.ers: expected values are computed independently (by hand or brute force)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import norm
 
 from ers_spark.errors import ClusteringError, ErsUserError
-from ers_spark.ers import (
+from ers_spark.core.ers import (
     GammaCalibration,
     build_identity_pairs,
     calibrate_gamma_identities,
@@ -29,7 +29,7 @@ from ers_spark.ers import (
     ui_centroid,
     ui_centroid_from_sum,
 )
-from ers_spark.synthetic import sample_vmf
+from ers_spark.core.synthetic import sample_vmf
 
 # --------------------------------------------------------------------------- basics
 

@@ -11,10 +11,10 @@ import pytest
 from chispa import assert_df_equality
 from PIL import Image
 
-from ers_spark.contracts import CROPS, QUARANTINE
+from ers_spark.lake.contracts import CROPS, QUARANTINE
 from ers_spark.errors import ContractError
-from ers_spark.ingest import probe_image, run_ingest
-from ers_spark.io import table_path
+from ers_spark.stages.ingest import probe_image, run_ingest
+from ers_spark.lake.tables import table_path
 
 pytestmark = pytest.mark.spark
 

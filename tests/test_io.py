@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import ers_spark.io as ers_io
-from ers_spark.contracts import RUNS
-from ers_spark.io import StageRun, ensure_table, set_properties, table_path, table_properties, table_version
+import ers_spark.lake.tables as ers_io
+from ers_spark.lake.contracts import RUNS
+from ers_spark.lake.tables import StageRun, ensure_table, set_properties, table_path, table_properties, table_version
 
 
 @pytest.fixture(params=["delta-log", "public-api"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from ers_spark.contracts import (
+from ers_spark.lake.contracts import (
     CENTROID,
     EMBEDDED_AT,
     EMBEDDING,
@@ -29,17 +29,17 @@ from ers_spark.contracts import (
     UIC_ID,
 )
 from ers_spark.errors import ClusteringError, ErsUserError
-from ers_spark.ers import ui_centroid
-from ers_spark.io import merge_insert_new, read_table, table_version
-from ers_spark.locate_ui import (
+from ers_spark.core.ers import ui_centroid
+from ers_spark.lake.tables import merge_insert_new, read_table, table_version
+from ers_spark.stages.locate_ui import (
     LocateUiParams,
     check_dominance,
     connected_components_builtin,
     connected_components_graphframes,
     run_locate_ui,
 )
-from ers_spark.neighbours import exact_single_linkage, jaccard, links_to_labels
-from ers_spark.synthetic import RECOMMENDED_EPS, vmf_embeddings
+from ers_spark.core.neighbours import exact_single_linkage, jaccard, links_to_labels
+from ers_spark.core.synthetic import RECOMMENDED_EPS, vmf_embeddings
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -303,7 +303,7 @@ def test_real_faces_degraded_copies_form_the_ui(spark, make_cfg, tmp_path):
     from ers_spark.models.onnx_runner import OnnxEmbedder
     from ers_spark.models.preprocess import prepare_arrays
     from ers_spark.models.spec import load_model_spec, resolve_model_file
-    from ers_spark.synthetic import DEGRADATIONS, degrade
+    from ers_spark.core.synthetic import DEGRADATIONS, degrade
 
     spec = load_model_spec("dlib_resnet_v1")
     embedder = OnnxEmbedder(resolve_model_file(spec, tmp_path / "models"), spec)

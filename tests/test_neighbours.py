@@ -1,4 +1,4 @@
-"""Tests for ers_spark.neighbours (local eps-links, reference single linkage, eps choice)."""
+"""Tests for ers_spark.core.neighbours (local eps-links, reference single linkage, eps choice)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy.spatial.distance import pdist
 
 from ers_spark.errors import ClusteringError
-from ers_spark.neighbours import (
+from ers_spark.core.neighbours import (
     EpsChoice,
     LocalLinks,
     choose_eps,
@@ -21,7 +21,7 @@ from ers_spark.neighbours import (
     jaccard,
     links_to_labels,
 )
-from ers_spark.synthetic import RECOMMENDED_EPS, vmf_embeddings
+from ers_spark.core.synthetic import RECOMMENDED_EPS, vmf_embeddings
 
 
 def _circle(degrees: list[float]) -> np.ndarray:
@@ -231,7 +231,7 @@ def test_jaccard(a, b, expected) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("block_size", [16, 40, 100])
 def test_dense_blob_path_matches_exact(block_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ers_spark.neighbours as nb
+    import ers_spark.core.neighbours as nb
 
     calls = {"n": 0}
     real_group = nb._group
@@ -242,7 +242,7 @@ def test_dense_blob_path_matches_exact(block_size: int, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(nb, "_group", counting_group)
     rng = np.random.default_rng(8)
-    from ers_spark.synthetic import sample_vmf
+    from ers_spark.core.synthetic import sample_vmf
 
     mu = np.zeros(16)
     mu[0] = 1.0

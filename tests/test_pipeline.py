@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ers_spark.cli import run_pipeline
-from ers_spark.contracts import ALL_TABLES, CLEANED, CROPS, EMBEDDINGS, SCORES, UI_CENTROIDS
+from ers_spark.pipeline import run_pipeline
+from ers_spark.lake.contracts import ALL_TABLES, CLEANED, CROPS, EMBEDDINGS, SCORES, UI_CENTROIDS
 from ers_spark.demo import write_demo_input
-from ers_spark.io import table_path, table_version
+from ers_spark.lake.tables import table_path, table_version
 from ers_spark.sql import run_sql
 
 pytestmark = pytest.mark.spark

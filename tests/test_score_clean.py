@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ers_spark import ers as ers_math
-from ers_spark.clean import calibrate_max_angle, run_clean
-from ers_spark.contracts import CLEANED, QUARANTINE, SCORES, UI_CENTROIDS
+from ers_spark.core import ers as ers_math
+from ers_spark.stages.clean import calibrate_max_angle, run_clean
+from ers_spark.lake.contracts import CLEANED, QUARANTINE, SCORES, UI_CENTROIDS
 from ers_spark.errors import ContractError
-from ers_spark.io import table_path, table_version
-from ers_spark.score import run_score
-from ers_spark.synthetic import vmf_embeddings
+from ers_spark.lake.tables import table_path, table_version
+from ers_spark.stages.score import run_score
+from ers_spark.core.synthetic import vmf_embeddings
 from stage_data import write_embeddings, write_uic
 
 pytestmark = pytest.mark.spark

@@ -1,4 +1,4 @@
-"""Tests for ers_spark.synthetic (vMF embeddings and image degradations)."""
+"""Tests for ers_spark.core.synthetic (vMF embeddings and image degradations)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from scipy import ndimage
 from scipy.special import ive
 
-from ers_spark.neighbours import cluster_sizes, exact_single_linkage
-from ers_spark.synthetic import (
+from ers_spark.core.neighbours import cluster_sizes, exact_single_linkage
+from ers_spark.core.synthetic import (
     DEFAULT_KAPPA,
     DEFAULT_UI_KAPPA,
     DEGRADATIONS,

@@ -24,9 +24,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, StringType, StructField, StructType
 
-from ers_spark import ers as ers_math
+from ers_spark.core import ers as ers_math
 from ers_spark.config import ErsConfig
-from ers_spark.contracts import (
+from ers_spark.lake.contracts import (
     CLEANED,
     CLEANED_AT,
     CROPS,
@@ -49,7 +49,7 @@ from ers_spark.contracts import (
     SUBCENTER_ANGLE,
     UIC_ID,
 )
-from ers_spark.io import StageRun, ensure_table, latest_model, merge_sync, quarantine_rows, read_table, table_version
+from ers_spark.lake.tables import StageRun, ensure_table, latest_model, merge_sync, quarantine_rows, read_table, table_version
 
 STAGE_NAME = "clean"
 IMPOSTOR_PERCENTILE = 1.0

@@ -8,14 +8,14 @@ memory on one machine, so the default ``graph`` method distributes it:
    sample) assigns every point to its ``nprobe`` nearest cells, so eps-pairs
    that straddle a cell border still meet in some cell (exact when
    ``nprobe == kmeans_cells``, approximate otherwise);
-2. inside each cell :func:`~ers_spark.neighbours.eps_spanning_links` finds all
+2. inside each cell :func:`~ers_spark.core.neighbours.eps_spanning_links` finds all
    eps-pairs with blocked matrix products and emits only ``point -> local
    root`` links (at most one per point and cell, whatever the density);
 3. a global connected-components pass over those links (DataFrame
    large-star / small-star alternation, or GraphFrames) gives the clusters;
    points in no link are singletons;
 4. the largest component must dominate (same rule as
-   :func:`~ers_spark.neighbours.dominant_cluster`); its members' unit
+   :func:`~ers_spark.core.neighbours.dominant_cluster`); its members' unit
    embeddings are summed on the executors and normalised on the driver into
    the UIC.
 
@@ -40,7 +40,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from ers_spark.config import ErsConfig, LocateUiConfig
-from ers_spark.contracts import (
+from ers_spark.lake.contracts import (
     CENTROID,
     CREATED_AT,
     EMBEDDING,
@@ -61,9 +61,9 @@ from ers_spark.contracts import (
     UIC_ID,
 )
 from ers_spark.errors import ClusteringError, ErsUserError
-from ers_spark.ers import normalize_rows, ui_centroid_from_sum
-from ers_spark.io import StageRun, append, latest_model, merge_insert_new, read_table, table_exists, table_version
-from ers_spark.neighbours import choose_eps, cluster_sizes, dominant_cluster, eps_spanning_links, exact_single_linkage
+from ers_spark.core.ers import normalize_rows, ui_centroid_from_sum
+from ers_spark.lake.tables import StageRun, append, latest_model, merge_insert_new, read_table, table_exists, table_version
+from ers_spark.core.neighbours import choose_eps, cluster_sizes, dominant_cluster, eps_spanning_links, exact_single_linkage
 
 __all__ = [
     "LocateUiParams",
@@ -237,7 +237,7 @@ def _sample(df: DataFrame, n_rows: int, at_most: int, seed: int) -> DataFrame:
 def check_dominance(top_sizes: list[int], n_rows: int, ratio: float, min_share: float) -> None:
     """Raise :class:`ClusteringError` unless the largest cluster dominates.
 
-    Same rule as :func:`ers_spark.neighbours.dominant_cluster`, but on cluster
+    Same rule as :func:`ers_spark.core.neighbours.dominant_cluster`, but on cluster
     sizes (largest first, at least the top two) so the full-data labels never
     have to reach the driver.
     """
@@ -619,7 +619,7 @@ def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
     Parameters
     ----------
     spark : SparkSession
-        The project's session (:func:`ers_spark.session.build_session`); its
+        The project's session (:func:`ers_spark.lake.session.build_session`); its
         checkpoint dir is used by the connected-components loop.
     cfg : ErsConfig
         ``cfg.locate_ui`` holds the method and its parameters.

@@ -26,7 +26,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, BinaryType, FloatType, IntegerType, StringType, StructField, StructType
 
 from ers_spark.config import ErsConfig
-from ers_spark.contracts import (
+from ers_spark.lake.contracts import (
     BYTES,
     CROPS,
     DETAIL,
@@ -52,7 +52,7 @@ from ers_spark.contracts import (
     WIDTH,
 )
 from ers_spark.errors import ConfigError
-from ers_spark.io import (
+from ers_spark.lake.tables import (
     StageRun,
     ensure_table,
     merge_insert_new,

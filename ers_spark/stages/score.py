@@ -20,9 +20,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, FloatType
 
-from ers_spark import ers as ers_math
+from ers_spark.core import ers as ers_math
 from ers_spark.config import ErsConfig
-from ers_spark.contracts import (
+from ers_spark.lake.contracts import (
     CENTROID,
     CREATED_AT,
     CROPS,
@@ -45,7 +45,7 @@ from ers_spark.contracts import (
     UIC_ID,
 )
 from ers_spark.errors import ContractError
-from ers_spark.io import (
+from ers_spark.lake.tables import (
     StageRun,
     ensure_table,
     latest_model,

@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, IntegerType, StringType, StructField, StructType
 
 from ers_spark.config import ErsConfig, IngestConfig
-from ers_spark.contracts import (
+from ers_spark.lake.contracts import (
     BYTES,
     CROPS,
     DETAIL,
@@ -38,7 +38,7 @@ from ers_spark.contracts import (
     WIDTH,
     check_columns,
 )
-from ers_spark.io import StageRun, merge_insert_new, quarantine_rows
+from ers_spark.lake.tables import StageRun, merge_insert_new, quarantine_rows
 
 STAGE_NAME = "ingest"
 

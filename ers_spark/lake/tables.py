@@ -16,7 +16,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ers_spark.config import ErsConfig
-from ers_spark.contracts import RUNS, TableContract, check_contract
+from ers_spark.lake.contracts import RUNS, TableContract, check_contract
 from ers_spark.errors import ContractError
 
 log = logging.getLogger("ers_spark")
@@ -81,7 +81,7 @@ def quarantine_rows(
     uic_id: "F.Column | None" = None,
 ) -> DataFrame:
     """Rows for the quarantine table from ``df`` (which has image_id and source_path)."""
-    from ers_spark.contracts import DETAIL, ERS, IMAGE_ID, QUARANTINED_AT, REASON, SOURCE_PATH, STAGE, UIC_ID
+    from ers_spark.lake.contracts import DETAIL, ERS, IMAGE_ID, QUARANTINED_AT, REASON, SOURCE_PATH, STAGE, UIC_ID
 
     return df.select(
         IMAGE_ID,
@@ -159,7 +159,7 @@ def _merge_condition(contract: TableContract) -> str:
 
 def conform(df: DataFrame, contract: TableContract) -> DataFrame:
     """Select ``df``'s contract columns in order, casting those whose type differs (nullability aside)."""
-    from ers_spark.contracts import same_type
+    from ers_spark.lake.contracts import same_type
 
     actual = {f.name: f.dataType for f in df.schema.fields}
     return df.select(
@@ -246,7 +246,7 @@ def latest_model(df: DataFrame, time_column: str = "embedded_at") -> tuple[str, 
     A table may hold rows of several models; mixing embedding spaces is
     meaningless, so stages work on the latest model only.
     """
-    from ers_spark.contracts import MODEL_NAME, MODEL_VERSION
+    from ers_spark.lake.contracts import MODEL_NAME, MODEL_VERSION
 
     models = (
         df.groupBy(MODEL_NAME, MODEL_VERSION)

@@ -1,0 +1,60 @@
+"""Run stages by name: one stage in its session, or the whole pipeline in order.
+
+Both the command line (:mod:`ers_spark.cli`) and the demo (:mod:`ers_spark.demo`)
+use this module, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from ers_spark.config import ErsConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "embed", "locate-ui", "score", "clean")
+
+
+def stage_runner(name: str) -> Callable[..., dict]:
+    """Import a stage lazily so `--help` and config errors never start a JVM."""
+    if name == "ingest":
+        from ers_spark.stages.ingest import run_ingest
+
+        return run_ingest
+    if name == "embed":
+        from ers_spark.stages.embed import run_embed
+
+        return run_embed
+    if name == "locate-ui":
+        from ers_spark.stages.locate_ui import run_locate_ui
+
+        return run_locate_ui
+    if name == "score":
+        from ers_spark.stages.score import run_score
+
+        return run_score
+    if name == "clean":
+        from ers_spark.stages.clean import run_clean
+
+        return run_clean
+    raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
+
+
+def run_stage(cfg: ErsConfig, stage: str) -> dict:
+    """Build the session for ``stage`` and run it."""
+    from ers_spark.lake.session import build_session
+
+    spark = build_session(cfg, stage)
+    return stage_runner(stage)(spark, cfg)
+
+
+def run_pipeline(cfg: ErsConfig) -> list[dict]:
+    """ingest (when an input is configured) -> embed -> locate-ui -> score -> clean, in one session."""
+    records = []
+    for stage in STAGES:
+        if stage == "ingest" and not cfg.ingest.input_path:
+            log.warning("ingest skipped: ingest.input_path is not set; using the existing crops table")
+            continue
+        records.append(run_stage(cfg, stage))
+    return records

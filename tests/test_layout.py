@@ -1,0 +1,78 @@
+"""The layout's import rules hold: core/ is pure math, lake/ never reaches up to stages/."""
+
+from __future__ import annotations
+
+import ast
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ers_spark
+
+PACKAGE_DIR = Path(ers_spark.__file__).parent
+
+
+def _modules(subpackage: str) -> list[str]:
+    folder = PACKAGE_DIR / subpackage
+    return [f"ers_spark.{subpackage}.{m.name}" for m in pkgutil.iter_modules([str(folder)])]
+
+
+def _project_imports(module_file: Path) -> set[str]:
+    tree = ast.parse(module_file.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ers_spark"):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("ers_spark"))
+    return names
+
+
+# Blocks every pyspark import, then imports each module of core/ (and delta's Python package too).
+_NO_PYSPARK = """
+import importlib, sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pyspark" or name.startswith("pyspark.") or name == "delta" or name.startswith("delta."):
+            raise ImportError(f"{name} is blocked: core/ must not import Spark")
+        return None
+sys.meta_path.insert(0, _Block())
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+"""
+
+
+def test_core_imports_without_pyspark() -> None:
+    modules = _modules("core")
+    assert {"ers_spark.core.ers", "ers_spark.core.neighbours", "ers_spark.core.synthetic"} <= set(modules)
+    result = subprocess.run([sys.executable, "-c", _NO_PYSPARK, *modules], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_blocker_catches_a_pyspark_import(tmp_path: Path) -> None:
+    """The check above fails when a module imports pyspark (so it cannot pass by accident)."""
+    (tmp_path / "uses_spark.py").write_text("import pyspark.sql\n")
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_PYSPARK, "uses_spark"], capture_output=True, text=True, cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode != 0 and "core/ must not import Spark" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("subpackage", "allowed"),
+    [
+        ("core", ("ers_spark.errors", "ers_spark.core")),
+        ("lake", ("ers_spark.errors", "ers_spark.config", "ers_spark.lake")),
+        ("models", ("ers_spark.errors", "ers_spark.models")),
+        ("stages", ("ers_spark.errors", "ers_spark.config", "ers_spark.core", "ers_spark.lake", "ers_spark.models",
+                    "ers_spark.stages")),
+    ],
+)
+def test_imports_point_down(subpackage: str, allowed: tuple[str, ...]) -> None:
+    for module_file in sorted((PACKAGE_DIR / subpackage).glob("*.py")):
+        bad = {m for m in _project_imports(module_file) if not any(m == a or m.startswith(a + ".") for a in allowed)}
+        assert not bad, f"{module_file.relative_to(PACKAGE_DIR)} imports {sorted(bad)}"
