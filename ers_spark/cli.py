@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from ers_spark.config import ErsConfig, load_config
-from ers_spark.errors import ErsUserError
+from ers_spark.errors import ErsUserError, user_error_from_executor
 from ers_spark.pipeline import STAGES, run_pipeline, run_stage
 
 COMMANDS = STAGES + ("run", "demo", "sql")
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         p = sub.add_parser(name, help=helps[name], description=helps[name])
         p.add_argument("--config", "-c", default=None, help="YAML config (default: the embedded conf/local.yaml)")
+        p.add_argument(
+            "--verbose", "-v", action="store_true",
+            help="show Spark's full logging (Ivy's resolution report, Hive WARN lines) and DEBUG lines",
+        )
         if name == "sql":
             p.add_argument("query", help='e.g. "SELECT count(*) FROM ers.crops"')
             p.add_argument("--limit", type=int, default=50, help="rows to print (default 50)")
@@ -73,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ers_spark.lake.logs import configure_logging
+
+    configure_logging(verbose=args.verbose)
     try:
         overrides = list(args.overrides)
         if args.command == "locate-ui" and args.from_members:
@@ -98,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ErsUserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a Spark job failed: an executor's ErsUserError is still a one-line error
+        user_error = user_error_from_executor(exc)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        return user_error.exit_code
     return 0
 
 

@@ -26,9 +26,14 @@ from ers_spark.errors import ConfigError
 EMBEDDED_CONFIG_NAME = "local.yaml"
 
 
+def embedded_config() -> Any:
+    """The embedded default config as a Traversable (a file, or a member of the --py-files zip)."""
+    return resources.files("ers_spark").joinpath("conf", EMBEDDED_CONFIG_NAME)
+
+
 def embedded_config_path() -> Path:
     """Path of the embedded default config (``ers_spark/conf/local.yaml``)."""
-    return Path(str(resources.files("ers_spark").joinpath("conf", EMBEDDED_CONFIG_NAME)))
+    return Path(str(embedded_config()))
 
 
 @dataclass(frozen=True)
@@ -133,8 +138,11 @@ class EmbedConfig:
     fp16: bool = False
     align: bool = False
     model_cache_dir: str = "~/.cache/ers-spark/models"
+    max_failed_share: float = 0.5
 
     def validate(self, source: str) -> None:
+        if not 0.0 < self.max_failed_share <= 1.0:
+            raise ConfigError(f"embed.max_failed_share must be in (0, 1], got {self.max_failed_share} (in {source})")
         if self.backend not in ("onnx", "torch"):
             raise ConfigError(f"embed.backend must be 'onnx' or 'torch', got {self.backend!r} (in {source})")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -372,7 +380,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     >>> cfg.embed.batch_size
     32
     """
-    cfg_path = Path(path) if path is not None else embedded_config_path()
+    cfg_path = Path(path) if path is not None else embedded_config()
     source = str(cfg_path)
     if not cfg_path.is_file():
         raise ConfigError(f"config file {source} not found; pass --config PATH or omit it to use the embedded default")

@@ -104,13 +104,54 @@ def demo_overrides(user_overrides: list[str]) -> list[str]:
     return defaults + list(user_overrides)
 
 
-def run_demo(cfg: ErsConfig) -> None:
-    """Run every pipeline stage on the demo input and say where the tables are."""
-    run_pipeline(cfg)
-    root = cfg.storage.table_path("")
-    print(
-        "\nDemo tables written under " + root.rstrip("/") + "\n"
-        "Read one from Python:  spark.read.format('delta').load('" + cfg.storage.table_path("crops") + "')\n"
+def demo_summary(spark, cfg: ErsConfig, records: list[dict]) -> str:
+    """The human summary the demo ends with: crops, unrecognizable crops, the UIC, gamma, where the tables are.
+
+    Reads the tables the run left (small) and the score stage's record (which UIC and gamma it used).
+    """
+    from pyspark.sql import functions as F
+
+    from ers_spark.lake.contracts import CLEANED, CROPS, MEMBER_COUNT, RECOGNIZABLE, SCORES, UI_CENTROIDS, UIC_ID
+    from ers_spark.lake.tables import table_path
+
+    def load(contract):
+        return spark.read.format("delta").load(table_path(cfg, contract))
+
+    score = next((r for r in reversed(records) if r.get("stage") == "score"), {})
+    uic_id, gamma = score.get("params", {}).get("uic_id"), score.get("params", {}).get("gamma")
+    gamma_method = score.get("params", {}).get("gamma_method")
+    crops = load(CROPS).count()
+    scores = load(SCORES)
+    if uic_id is not None:
+        scores = scores.where(F.col(UIC_ID) == uic_id)
+    scored = scores.count()
+    unrecognizable = scores.where(~F.col(RECOGNIZABLE)).count()
+    members = None
+    if uic_id is not None:
+        row = load(UI_CENTROIDS).where(F.col(UIC_ID) == uic_id).select(MEMBER_COUNT).first()
+        members = row[0] if row is not None else None
+    cleaned = load(CLEANED).count()
+    root = cfg.storage.table_path("").rstrip("/")
+    share = f" ({unrecognizable / scored:.0%} of {scored} scored)" if scored else ""
+    lines = [
+        "",
+        "ers-spark demo: summary",
+        f"  crops:            {crops}",
+        f"  unrecognizable:   {unrecognizable}{share}",
+        f"  UIC:              {uic_id} ({members} members)",
+        f"  gamma:            {gamma:.4f} ({gamma_method})" if isinstance(gamma, (int, float)) else f"  gamma:            {gamma}",
+        f"  cleaned:          {cleaned}",
+        f"  tables:           {root}/<table> (catalog database `{cfg.storage.database}`)",
+        "Read one from Python:  spark.read.format('delta').load('" + cfg.storage.table_path("crops") + "')",
         "Query them with SQL:   ers-spark sql \"SELECT identity, count(*) FROM ers.crops GROUP BY identity\" "
-        f"storage.root={cfg.storage.root}"
-    )
+        f"storage.root={cfg.storage.root}",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(cfg: ErsConfig) -> None:
+    """Run every pipeline stage on the demo input and end with a summary (and where the tables are)."""
+    from pyspark.sql import SparkSession
+
+    records = run_pipeline(cfg)
+    print(demo_summary(SparkSession.getActiveSession(), cfg, records), flush=True)

@@ -8,6 +8,8 @@ status 2; no traceback is shown for these.
 
 from __future__ import annotations
 
+import re
+
 EXIT_USER_ERROR = 2
 
 
@@ -31,3 +33,27 @@ class ModelError(ErsUserError):
 
 class ClusteringError(ErsUserError):
     """locate-ui could not find a dominant unrecognizable-identity cluster."""
+
+
+_ERROR_TYPES = {cls.__name__: cls for cls in (ErsUserError, ConfigError, ContractError, ModelError, ClusteringError)}
+_EXECUTOR_ERROR = re.compile(r"ers_spark\.errors\.(\w+): (.+)")
+
+
+def user_error_from_executor(exc: BaseException) -> ErsUserError | None:
+    """The :class:`ErsUserError` an executor raised, recovered from the Spark job failure that carries it.
+
+    A Python worker's exception reaches the driver as text (the worker's traceback inside
+    a ``PythonException`` or ``Py4JJavaError``); its last ``ers_spark.errors.X: message``
+    line is the job-level failure to report in one line. None for any other failure.
+
+    Example
+    -------
+    >>> err = user_error_from_executor(RuntimeError("Traceback ...\\ners_spark.errors.ModelError: bad model\\n"))
+    >>> type(err).__name__, str(err)
+    ('ModelError', 'bad model (raised on an executor)')
+    """
+    matches = _EXECUTOR_ERROR.findall(str(exc))
+    if not matches:
+        return None
+    name, message = matches[-1]
+    return _ERROR_TYPES.get(name, ErsUserError)(f"{message.strip()} (raised on an executor)")

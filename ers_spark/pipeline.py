@@ -42,11 +42,13 @@ def stage_runner(name: str) -> Callable[..., dict]:
 
 
 def run_stage(cfg: ErsConfig, stage: str) -> dict:
-    """Build the session for ``stage`` and run it."""
+    """Build the session for ``stage`` and run it, logging progress while its Spark jobs run."""
+    from ers_spark.lake.progress import stage_progress
     from ers_spark.lake.session import build_session
 
     spark = build_session(cfg, stage)
-    return stage_runner(stage)(spark, cfg)
+    with stage_progress(spark, stage):
+        return stage_runner(stage)(spark, cfg)
 
 
 def run_pipeline(cfg: ErsConfig) -> list[dict]:

@@ -46,12 +46,17 @@ def _parquet_cfg(make_cfg, src: Path, *extra: str):
     )
 
 
-def test_embed_matches_direct_inference_and_is_incremental(spark, make_cfg, demo_rows, tmp_path, capsys) -> None:
+def test_embed_matches_direct_inference_and_is_incremental(spark, make_cfg, demo_rows, tmp_path, caplog) -> None:
     first, second = demo_rows.iloc[:10], demo_rows
     cfg = _parquet_cfg(make_cfg, _write_parquet(first, tmp_path / "a.parquet"))
     _ingest(spark, cfg)
     record = run_embed(spark, cfg)
     assert record["counts"] == {"crops": 10, "already_embedded": 0, "to_embed": 10, "written": 10, "quarantined": 0}
+    # tasks read the model from the copy Spark shipped them, not from the driver's path; the log says where they ran
+    runtime = record["runtime"]
+    assert runtime["model_copies"] and all("userFiles" in p for p in runtime["model_copies"])
+    assert EmbedParams.from_config(cfg).model_path not in runtime["model_copies"]
+    assert set(runtime["tasks_by_device"]) == {"cpu CPUExecutionProvider"}
 
     table = spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).toPandas()
     emb = np.stack(table["embedding"].to_numpy())
@@ -77,15 +82,15 @@ def test_embed_matches_direct_inference_and_is_incremental(spark, make_cfg, demo
     # new crops: only those are embedded
     cfg2 = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, input_path=str(_write_parquet(second, tmp_path / "b.parquet"))))
     _ingest(spark, cfg2)
-    capsys.readouterr()
-    more = run_embed(spark, cfg2)
+    with caplog.at_level("INFO", logger="ers_spark.stages.embed"):
+        more = run_embed(spark, cfg2)
     assert more["counts"]["to_embed"] == len(second) - 10
     assert more["counts"]["already_embedded"] == 10
-    assert f"embed: {len(second) - 10} new crops to embed" in capsys.readouterr().out
+    assert f"embed: {len(second) - 10} new crops to embed" in caplog.text
     assert spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).count() == len(second)
 
 
-def test_undecodable_crop_goes_to_quarantine(spark, make_cfg, demo_rows) -> None:
+def test_undecodable_crop_goes_to_quarantine(spark, make_cfg, demo_rows, tmp_path) -> None:
     cfg = make_cfg()
     good = demo_rows.iloc[0]
     now = datetime(2026, 1, 1)
@@ -99,35 +104,102 @@ def test_undecodable_crop_goes_to_quarantine(spark, make_cfg, demo_rows) -> None
     (q,) = spark.read.format("delta").load(table_path(cfg, QUARANTINE)).collect()
     assert (q.image_id, q.stage, q.reason) == ("broken", "embed", "embed_failed")
     assert q.detail.startswith("undecodable image")
-    # a re-run does not retry or duplicate it
+    assert q.model_version == record["params"]["model_version"]  # tagged with the model that failed on it
+    # a re-run with the same model does not retry or duplicate it
     assert run_embed(spark, cfg)["counts"]["to_embed"] == 0
+    # a new model version tries it again (and it fails again, recorded under that version)
+    model = tiny_embedding_model(tmp_path / "v2.onnx", size=150, dim=128)
+    spec_path = tmp_path / "v2.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "dlib_resnet_v1", "version": "2", "onnx_path": str(model), "input_height": 150, "input_width": 150,
+        "mean": [0.0] * 3, "std": [255.0] * 3, "embedding_dim": 128,
+    }))
+    cfg2 = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, model=str(spec_path)))
+    retried = run_embed(spark, cfg2)
+    assert retried["counts"]["to_embed"] == 2 and retried["counts"]["quarantined"] == 1
+    versions = {r.model_version for r in spark.read.format("delta").load(table_path(cfg, QUARANTINE)).collect()}
+    assert versions == {record["params"]["model_version"], retried["params"]["model_version"]}
 
 
-def test_inference_failure_isolated_per_image(demo_rows) -> None:
-    """A failing batch is retried image by image; only the image that fails alone is marked."""
+def _params(**changes) -> EmbedParams:
     from ers_spark.models.spec import load_model_spec
 
-    params = EmbedParams(
-        spec=load_model_spec("dlib_resnet_v1"), model_path="unused", model_version="1", backend="onnx",
-        device="cpu", batch_size=4, intra_op_threads=1, fp16=False,
-    )
+    base = dict(spec=load_model_spec("dlib_resnet_v1"), model_path="unused", model_sha256="0" * 64, model_version="1",
+                backend="onnx", device="cpu", batch_size=4, intra_op_threads=1, fp16=False)
+    return EmbedParams(**{**base, **changes})
 
-    class FlakyEmbedder:
-        single_calls = 0
 
+def test_model_exception_is_a_job_failure_not_bad_data(demo_rows) -> None:
+    """An exception of the model itself propagates (the task fails); only undecodable bytes become reasons."""
+
+    class BrokenEmbedder:
         def embed(self, batch):
-            if len(batch) > 1:
-                raise RuntimeError("batch failed")
-            FlakyEmbedder.single_calls += 1
-            if FlakyEmbedder.single_calls == 2:
-                raise RuntimeError("boom on the second image")
-            return np.ones((1, 128), np.float32) / np.sqrt(128), np.ones(1, np.float32)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     images = list(demo_rows["bytes"].iloc[:3]) + [b""]
-    unit, norms, reasons = embed_images(images, params, FlakyEmbedder())
-    assert reasons == [None, "inference failed: boom on the second image", None, "empty image (0 bytes)"]
-    assert np.isfinite(unit[[0, 2]]).all() and np.isnan(unit[[1, 3]]).all()
-    assert np.isnan(norms[[1, 3]]).all()
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        embed_images(images, _params(), BrokenEmbedder())
+
+    class NanForSecond:
+        def embed(self, batch):
+            unit = np.ones((len(batch), 128), np.float32) / np.sqrt(128)
+            norms = np.ones(len(batch), np.float32)
+            norms[1] = np.nan
+            return unit, norms
+
+    unit, norms, reasons = embed_images(images, _params(), NanForSecond())
+    assert reasons == [None, "model returned a zero or non-finite embedding", None, "empty image (0 bytes)"]
+    assert np.isnan(unit[3]).all() and np.isfinite(norms[[0, 2]]).all()
+
+
+def test_missing_dlib_fails_alignment_instead_of_quarantining(monkeypatch, demo_rows) -> None:
+    """Without dlib on an executor, alignment raises (a broken job), never 'no face' for every photo."""
+    from ers_spark.models import align
+    from ers_spark.stages.embed import make_align_batches
+
+    def no_dlib():
+        raise ModelError("face alignment needs dlib: pip install 'ers-spark[align]' (dlib-bin)")
+
+    monkeypatch.setattr(align, "_dlib_models", no_dlib)
+    batch = pd.DataFrame({"image_id": ["a", "b"], "bytes": list(demo_rows["bytes"].iloc[:2])})
+    with pytest.raises(ModelError, match="face alignment needs dlib"):
+        list(make_align_batches(150)(iter([batch])))
+    undecodable = pd.DataFrame({"image_id": ["x"], "bytes": [b"not an image"]})
+    (out,) = list(make_align_batches(150)(iter([undecodable])))
+    assert out.detail[0].startswith("undecodable photo")
+
+
+@pytest.mark.parametrize(
+    ("failed", "rows", "fails"),
+    [(0, 100, False), (50, 100, False), (51, 100, True), (9, 9, False), (10, 10, True), (5, 10, False)],
+)
+def test_partition_with_mostly_failures_fails_the_task(failed, rows, fails) -> None:
+    from ers_spark.stages.embed import check_failed_share
+
+    if fails:
+        with pytest.raises(ModelError, match=f"{failed} of {rows} crops in one partition failed"):
+            check_failed_share(failed, rows, "undecodable image", _params())
+    else:
+        check_failed_share(failed, rows, "undecodable image", _params())
+
+
+def test_broken_model_fails_the_stage_and_quarantines_nothing(spark, make_cfg, demo_rows, tmp_path) -> None:
+    """A corrupt model file: ModelError before any crop is touched (the CLI prints it in one line, exit 2)."""
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a model" * 50)
+    spec_path = tmp_path / "corrupt.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "corrupt", "onnx_path": str(corrupt), "input_height": 112, "input_width": 112,
+        "mean": [127.5] * 3, "std": [127.5] * 3, "embedding_dim": 512,
+    }))
+    cfg = _parquet_cfg(make_cfg, _write_parquet(demo_rows.iloc[:3], tmp_path / "c.parquet"), f"embed.model={spec_path}")
+    _ingest(spark, cfg)
+    with pytest.raises(ModelError, match="cannot load ONNX model"):
+        run_embed(spark, cfg)
+    from delta.tables import DeltaTable
+
+    assert spark.read.format("delta").load(table_path(cfg, QUARANTINE)).count() == 0  # ingest made it, empty
+    assert not DeltaTable.isDeltaTable(spark, table_path(cfg, EMBEDDINGS))
 
 
 def test_112_spec_runs_end_to_end(spark, make_cfg, demo_rows, tmp_path) -> None:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from ers_spark.errors import ConfigError, ModelError
-from ers_spark.models.onnx_runner import OnnxEmbedder, gpu_device_id_from_task
+from ers_spark.models.onnx_runner import OnnxEmbedder
 from ers_spark.models.preprocess import decode_batch, prepare_arrays
 from ers_spark.models.spec import SPECS_DIR, ModelSpec, load_model_spec, resolve_model_file
 
@@ -224,13 +224,3 @@ def test_gpu_request_without_cuda_warns(tiny, arc_spec, caplog):
     assert "onnxruntime-gpu" in caplog.text
 
 
-def test_gpu_device_id_from_task(monkeypatch):
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert gpu_device_id_from_task(None) is None
-    assert gpu_device_id_from_task([]) is None
-    assert gpu_device_id_from_task(["3"]) == 3
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    assert gpu_device_id_from_task(["3"]) == 0
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    with pytest.raises(ModelError, match="cannot use GPU address 'gpu-a'"):
-        gpu_device_id_from_task(["gpu-a"])

@@ -92,3 +92,19 @@ def test_sql_prints_a_table(demo_lake) -> None:
     lines = out.splitlines()
     assert lines[0].strip() == "n" and int(lines[1]) > 200
     assert set(ALL_TABLES) >= {"crops", "runs"}
+
+
+def test_demo_summary_says_crops_unrecognizable_uic_gamma_and_where(spark, demo_lake) -> None:
+    from ers_spark.demo import demo_summary
+
+    cfg, records = demo_lake
+    score = next(r for r in records if r["stage"] == "score")
+    text = demo_summary(spark, cfg, records)
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS)).count()
+    unrecognizable = score["counts"].get("unrecognizable")
+    assert f"crops:            {crops}" in text
+    assert f"UIC:              {score['params']['uic_id']} (" in text and "members)" in text
+    assert f"gamma:            {score['params']['gamma']:.4f}" in text
+    if unrecognizable is not None:
+        assert f"unrecognizable:   {unrecognizable} (" in text
+    assert str(cfg.storage.table_path("crops")) in text and "ers-spark sql" in text

@@ -42,6 +42,7 @@ EMBEDDING = "embedding"
 RAW_NORM = "raw_norm"
 MODEL_NAME = "model_name"
 MODEL_VERSION = "model_version"
+RUNTIME = "runtime"  # runs: JSON of where tasks ran (device, model copy, code origin)
 EMBEDDED_AT = "embedded_at"
 UIC_ID = "uic_id"
 METHOD = "method"
@@ -199,9 +200,11 @@ QUARANTINE = TableContract(
         (DETAIL, StringType(), True),
         (ERS, DoubleType(), True),
         (UIC_ID, StringType(), True),
+        (MODEL_VERSION, StringType(), True),
         (QUARANTINED_AT, TimestampType(), False),
     ),
-    key=(IMAGE_ID, STAGE, SOURCE_PATH),
+    # a crop quarantined by embed under one model version is tried again under the next
+    key=(IMAGE_ID, STAGE, SOURCE_PATH, MODEL_VERSION),
 )
 
 RUNS = TableContract(
@@ -215,6 +218,7 @@ RUNS = TableContract(
         (COUNTS, MapType(StringType(), LongType(), False), False),
         (SECONDS, DoubleType(), False),
         (STARTED_AT, TimestampType(), False),
+        (RUNTIME, StringType(), True),
     ),
     key=(RUN_ID,),
 )

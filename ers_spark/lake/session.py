@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+from pyspark import SparkContext
 from pyspark.sql import SparkSession
 
 from ers_spark.config import ErsConfig
+from ers_spark.lake.logs import QUIET_LOG4J, add_java_option, hidden_ivy_output, is_verbose, quiet_java_option
+from ers_spark.errors import ErsUserError
+from ers_spark.lake.shipping import ship_code
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
@@ -61,8 +66,29 @@ def session_settings(cfg: ErsConfig, stage: str) -> dict[str, str]:
             settings["spark.driver.extraJavaOptions"] = f"-Dderby.system.home={local_root}"
     else:
         settings["spark.sql.catalogImplementation"] = "in-memory"
+    if not is_verbose() and QUIET_LOG4J.is_file():  # conf/log4j2-quiet.properties; --verbose keeps Spark's
+        java_options = add_java_option(settings.get("spark.driver.extraJavaOptions"), quiet_java_option())
+        settings["spark.driver.extraJavaOptions"] = java_options
     settings.update(spark.conf)
     return settings
+
+
+def require_delta(jvm: Any, cfg: ErsConfig) -> None:
+    """Fail in one line when Delta Lake's jar is not on the driver's classpath.
+
+    Spark only warns when a session extension class is missing; the first Delta call
+    would then fail with a Py4J traceback. Under spark-submit the builder's
+    ``spark.jars.packages`` comes too late: the jar must be on the command line.
+    """
+    from py4j.java_gateway import JavaClass
+
+    if isinstance(jvm.io.delta.tables.DeltaTable, JavaClass):
+        return
+    packages = ",".join(cfg.spark.packages) or "io.delta:delta-spark_4.2_2.13:4.4.0"
+    raise ErsUserError(
+        f"Delta Lake's classes are not on the classpath ({DELTA_EXTENSION} not found): add "
+        f"--packages {packages} to spark-submit (or --jars from deploy/fetch_jars.sh), or submit with deploy/ers-submit"
+    )
 
 
 def build_session(cfg: ErsConfig, stage: str) -> SparkSession:
@@ -78,11 +104,18 @@ def build_session(cfg: ErsConfig, stage: str) -> SparkSession:
     if active is not None:
         spark = active
     else:
+        if running_under_spark_submit():
+            # the JVM is already up: check its classpath before Spark warns with a stack trace
+            SparkContext._ensure_initialized()
+            require_delta(SparkContext._jvm, cfg)
         builder = SparkSession.builder
         for key, value in session_settings(cfg, stage).items():
             builder = builder.config(key, value)
-        spark = builder.getOrCreate()
+        with hidden_ivy_output(not is_verbose() and not running_under_spark_submit(), cfg.spark):
+            spark = builder.getOrCreate()
         spark.sparkContext.setLogLevel(cfg.spark.log_level)
+        require_delta(spark._jvm, cfg)
+        ship_code(spark.sparkContext)
     spark.sparkContext.setJobGroup(stage, f"ers-spark {stage}")
     checkpoint_dir = os.path.expanduser(cfg.spark.checkpoint_dir)
     spark.sparkContext.setCheckpointDir(checkpoint_dir)

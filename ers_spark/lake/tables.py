@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
@@ -20,6 +21,7 @@ from ers_spark.lake.contracts import RUNS, TableContract, check_contract
 from ers_spark.errors import ContractError
 
 log = logging.getLogger("ers_spark")
+T = TypeVar("T")
 
 
 def table_path(cfg: ErsConfig, contract: TableContract) -> str:
@@ -56,10 +58,25 @@ def ensure_table(
         for key, value in (properties or {}).items():
             builder = builder.property(key, value)
         builder.execute()
-    elif properties:
-        set_properties(spark, cfg, contract, properties)
+    else:
+        add_missing_columns(spark, path, contract)
+        if properties:
+            set_properties(spark, cfg, contract, properties)
     register_table(spark, cfg, contract)
     return DeltaTable.forPath(spark, path)
+
+
+def add_missing_columns(spark: SparkSession, path: str, contract: TableContract) -> None:
+    """Bring a table written by an older ers-spark up to its contract: add the nullable columns it lacks."""
+    present = {f.name for f in spark.read.format("delta").load(path).schema.fields}
+    missing = [f for f in contract.schema.fields if f.name not in present]
+    if not missing:
+        return
+    required = [f.name for f in missing if not f.nullable]
+    if required:
+        raise ContractError(f"table '{contract.name}' at {path} lacks required columns {', '.join(required)}")
+    columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+    spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({columns})")
 
 
 def set_properties(spark: SparkSession, cfg: ErsConfig, contract: TableContract, properties: dict[str, str]) -> None:
@@ -79,9 +96,12 @@ def quarantine_rows(
     detail: "F.Column",
     ers: "F.Column | None" = None,
     uic_id: "F.Column | None" = None,
+    model_version: "F.Column | None" = None,
 ) -> DataFrame:
     """Rows for the quarantine table from ``df`` (which has image_id and source_path)."""
-    from ers_spark.lake.contracts import DETAIL, ERS, IMAGE_ID, QUARANTINED_AT, REASON, SOURCE_PATH, STAGE, UIC_ID
+    from ers_spark.lake.contracts import (
+        DETAIL, ERS, IMAGE_ID, MODEL_VERSION, QUARANTINED_AT, REASON, SOURCE_PATH, STAGE, UIC_ID,
+    )
 
     return df.select(
         IMAGE_ID,
@@ -91,6 +111,7 @@ def quarantine_rows(
         detail.alias(DETAIL),
         (ers if ers is not None else F.lit(None)).cast("double").alias(ERS),
         (uic_id if uic_id is not None else F.lit(None)).cast("string").alias(UIC_ID),
+        (model_version if model_version is not None else F.lit(None)).cast("string").alias(MODEL_VERSION),
         F.current_timestamp().alias(QUARANTINED_AT),
     )
 
@@ -170,17 +191,59 @@ def conform(df: DataFrame, contract: TableContract) -> DataFrame:
     )
 
 
+WRITE_CONFLICT_RETRIES = 8
+
+
+# A concurrent writer creating the same table: its files are there before its first commit.
+_CONCURRENT_CREATE = "DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION"
+
+
+# Delta's conflict exceptions, matched by name: delta's Python package may be loaded twice (site-packages
+# and the jar Spark puts on sys.path), and ProtocolChangedException does not derive from the base in Python.
+_CONFLICTS = {
+    "DeltaConcurrentModificationException", "ConcurrentAppendException", "ConcurrentWriteException",
+    "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
+    "MetadataChangedException", "ProtocolChangedException",
+}
+
+
+def is_write_conflict(exc: BaseException) -> bool:
+    """A Delta optimistic-concurrency conflict, or another job creating the same table right now."""
+    return any(cls.__name__ in _CONFLICTS for cls in type(exc).__mro__) or _CONCURRENT_CREATE in str(exc)
+
+
+def retry_on_conflict(write: Callable[[], T], what: str, retries: int = WRITE_CONFLICT_RETRIES) -> T:
+    """Run a Delta write again when a concurrent writer committed first (optimistic concurrency).
+
+    Every write here is a MERGE on the table's key, so re-running it against the new
+    snapshot is correct: rows the other writer inserted are simply matched.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return write()
+        except Exception as exc:  # noqa: BLE001 - only write conflicts are retried, the rest re-raised
+            if attempt == retries or not is_write_conflict(exc):
+                raise
+            delay = min(8.0, 0.25 * 2**attempt) * (0.5 + random.random())
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            log.warning("%s: concurrent write (%s); retry %d of %d in %.1f s", what, first, attempt + 1, retries, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def merge_insert_new(spark: SparkSession, cfg: ErsConfig, contract: TableContract, df: DataFrame) -> int:
     """Insert the rows whose key is not in the table yet; return how many were inserted.
 
     Duplicate keys inside ``df`` are collapsed first (MERGE would insert both).
     """
-    target = ensure_table(spark, cfg, contract)
     source = conform(df, contract).dropDuplicates(list(contract.key))
-    metrics = (
-        target.alias("t").merge(source.alias("s"), _merge_condition(contract)).whenNotMatchedInsertAll().execute()
-    )
-    return _inserted(metrics)
+
+    def attempt() -> int:
+        target = ensure_table(spark, cfg, contract)
+        merge = target.alias("t").merge(source.alias("s"), _merge_condition(contract)).whenNotMatchedInsertAll()
+        return _inserted(merge.execute())
+
+    return retry_on_conflict(attempt, f"MERGE into {contract.name}")
 
 
 def merge_sync(
@@ -197,8 +260,21 @@ def merge_sync(
     ``compare`` columns differs (so a re-run with the same inputs writes
     nothing); with ``delete_scope`` (a SQL condition on the target ``t``), target
     rows in that scope whose key is absent from ``df`` are deleted.
-    Returns inserted / updated / deleted counts.
+    Returns inserted / updated / deleted counts. A concurrent writer's commit makes it run again.
     """
+    return retry_on_conflict(
+        lambda: _merge_sync_once(spark, cfg, contract, df, compare, delete_scope), f"MERGE into {contract.name}"
+    )
+
+
+def _merge_sync_once(
+    spark: SparkSession,
+    cfg: ErsConfig,
+    contract: TableContract,
+    df: DataFrame,
+    compare: tuple[str, ...],
+    delete_scope: str | None,
+) -> dict[str, int]:
     target = ensure_table(spark, cfg, contract)
     source = conform(df, contract).dropDuplicates(list(contract.key))
     current = target.toDF()
@@ -269,8 +345,13 @@ def _inserted(metrics: DataFrame | None) -> int:
 
 
 def append(spark: SparkSession, cfg: ErsConfig, contract: TableContract, df: DataFrame) -> None:
-    ensure_table(spark, cfg, contract)
-    conform(df, contract).write.format("delta").mode("append").save(table_path(cfg, contract))
+    """Blind append (the run log); only the table's creation can meet a concurrent writer."""
+
+    def attempt() -> None:
+        ensure_table(spark, cfg, contract)
+        conform(df, contract).write.format("delta").mode("append").save(table_path(cfg, contract))
+
+    retry_on_conflict(attempt, f"append to {contract.name}")
 
 
 @dataclass
@@ -289,6 +370,7 @@ class StageRun:
     counts: dict[str, int] = field(default_factory=dict)
     input_versions: dict[str, int | None] = field(default_factory=dict)
     output_versions: dict[str, int | None] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     _t0: float = field(default_factory=time.perf_counter)
@@ -301,6 +383,7 @@ class StageRun:
             "input_versions": self.input_versions,
             "output_versions": self.output_versions,
             "counts": self.counts,
+            **({"runtime": self.runtime} if self.runtime else {}),
             "seconds": round(time.perf_counter() - self._t0, 3),
         }
 
@@ -319,6 +402,7 @@ class StageRun:
             "counts": {k: int(v) for k, v in self.counts.items()},
             "seconds": float(record["seconds"]),
             "started_at": self.started_at.replace(tzinfo=None),
+            "runtime": json.dumps(self.runtime, sort_keys=True) if self.runtime else None,
         }
         append(spark, cfg, RUNS, spark.createDataFrame([row], RUNS.schema))
         return record

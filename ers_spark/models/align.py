@@ -40,6 +40,11 @@ def _dlib_models() -> tuple[Any, Any, Any]:
     return dlib, dlib.get_frontal_face_detector(), predictor
 
 
+def require_dlib() -> None:
+    """Fail at once (one line, exit 2) when alignment is asked for and dlib or its landmark model is missing."""
+    _dlib_models()
+
+
 def align_faces(
     image_rgb: np.ndarray, size: int = 150, padding: float = 0.25, upsample: int = 1
 ) -> list[np.ndarray]:

@@ -26,36 +26,10 @@ from typing import Any
 import numpy as np
 
 from ers_spark.errors import ModelError
+from ers_spark.models.devices import CPU_PROVIDER, CUDA_PROVIDER, check_onnxruntime
 from ers_spark.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-CUDA_PROVIDER = "CUDAExecutionProvider"
-CPU_PROVIDER = "CPUExecutionProvider"
-
-
-def gpu_device_id_from_task(addresses: list[str] | None) -> int | None:
-    """CUDA device id for this Spark task from its GPU resource addresses.
-
-    When ``CUDA_VISIBLE_DEVICES`` is set (e.g. by a resource manager that isolates GPUs), the
-    task sees only its own device, which is then device 0; otherwise the address is the id.
-
-    Example
-    -------
-    >>> gpu_device_id_from_task(None) is None  # no GPU assigned: run on CPU
-    True
-    >>> gpu_device_id_from_task(["3"])  # 3, or 0 when CUDA_VISIBLE_DEVICES is set  # doctest: +SKIP
-    3
-    """
-    if not addresses:
-        return None
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
-        return 0
-    try:
-        return int(str(addresses[0]).strip())
-    except ValueError as exc:
-        raise ModelError(f"cannot use GPU address {addresses[0]!r} as a CUDA device id") from exc
-
 
 def l2_normalize(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unit-length rows and their original norms (zero rows stay zero)."""
@@ -78,6 +52,10 @@ class OnnxEmbedder:
         CUDA device to run on; None runs on CPU.
     intra_op_threads : int
         ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose.
+    require_gpu : bool
+        With ``device_id`` set: True raises :class:`ModelError` when the CUDA provider is missing
+        or fails to start (``embed.device=cuda``); False falls back to the CPU and says so in
+        :attr:`runtime` (``embed.device=auto``).
 
     Example
     -------
@@ -91,11 +69,14 @@ class OnnxEmbedder:
         spec: ModelSpec,
         device_id: int | None = None,
         intra_op_threads: int = 0,
+        *,
+        require_gpu: bool = False,
     ) -> None:
         self.model_path = str(model_path)
         self.spec = spec
         self.device_id = device_id
         self.intra_op_threads = int(intra_op_threads)
+        self.require_gpu = bool(require_gpu)
         self._session: Any = None
         self._input_name: str | None = None
         if not Path(self.model_path).is_file():
@@ -123,9 +104,10 @@ class OnnxEmbedder:
 
         if self.device_id is None:
             return [CPU_PROVIDER]
+        check_onnxruntime(require_cuda=self.require_gpu)
         if CUDA_PROVIDER not in ort.get_available_providers():
             log.warning(
-                "GPU %s requested but this onnxruntime has no %s (install onnxruntime-gpu); "
+                "GPU %s given to the task but this onnxruntime has no %s (install onnxruntime-gpu); "
                 "running %s on CPU", self.device_id, CUDA_PROVIDER, self.spec.name,
             )
             return [CPU_PROVIDER]
@@ -144,17 +126,36 @@ class OnnxEmbedder:
                 session = ort.InferenceSession(
                     self.model_path, sess_options=opts, providers=self._requested_providers()
                 )
+            except ModelError:
+                raise
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ModelError(f"cannot load ONNX model {self.model_path}: {first}") from exc
-            if self.device_id is not None and CUDA_PROVIDER not in session.get_providers():
-                log.warning(
-                    "GPU %s requested but the ONNX Runtime session runs on %s only",
-                    self.device_id, ", ".join(session.get_providers()),
-                )
+            self._check_gpu_started(session)
             self._input_name = self._check_input(session)
             self._session = session
         return self._session
+
+    def _check_gpu_started(self, session: Any) -> None:
+        """ONNX Runtime drops a CUDA provider that fails to start without raising: check what it kept."""
+        if self.device_id is None or CUDA_PROVIDER in session.get_providers():
+            return
+        used = ", ".join(session.get_providers())
+        if self.require_gpu:
+            raise ModelError(
+                f"embed.device=cuda but ONNX Runtime could not start {CUDA_PROVIDER} on device {self.device_id} "
+                f"(the session runs on {used}): check the CUDA and cuDNN libraries on the executors"
+            )
+        log.warning("GPU %s given to the task but the ONNX Runtime session runs on %s only", self.device_id, used)
+
+    @property
+    def runtime(self) -> str:
+        """Where inference actually runs, e.g. ``cuda:0 CUDAExecutionProvider`` or ``cpu CPUExecutionProvider``."""
+        providers = self.session.get_providers()
+        if self.device_id is not None and CUDA_PROVIDER in providers:
+            return f"cuda:{self.device_id} {CUDA_PROVIDER}"
+        fallback = f" (gpu {self.device_id} given, not used)" if self.device_id is not None else ""
+        return f"cpu {providers[0]}{fallback}"
 
     def _check_input(self, session: Any) -> str:
         inputs = session.get_inputs()

@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,7 +32,8 @@ from ers_spark.errors import ConfigError, ModelError
 BUILTIN_MODELS = ("dlib_resnet_v1",)
 
 #: Specs shipped with the package (``conf/models`` in the repository is a link to this folder).
-SPECS_DIR = Path(__file__).resolve().parents[1] / "conf" / "models"
+# a Traversable, not a Path: the package may be imported from the --py-files zip
+SPECS_DIR = resources.files("ers_spark").joinpath("conf", "models")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -130,7 +132,7 @@ class ModelSpec:
         return cls(**values).validate()
 
 
-def _candidate_dirs(models_dir: str | os.PathLike[str] | None) -> list[Path]:
+def _candidate_dirs(models_dir: str | os.PathLike[str] | None) -> list[Any]:
     if models_dir is not None:
         return [Path(models_dir)]
     return [d for d in (SPECS_DIR,) if d.is_dir()]
@@ -138,7 +140,7 @@ def _candidate_dirs(models_dir: str | os.PathLike[str] | None) -> list[Path]:
 
 def available_specs(models_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """Names of the specs that :func:`load_model_spec` can load by name."""
-    names = {p.stem for d in _candidate_dirs(models_dir) for p in d.glob("*.yaml")}
+    names = {p.name[: -len(".yaml")] for d in _candidate_dirs(models_dir) for p in d.iterdir() if p.name.endswith(".yaml")}
     return sorted(names)
 
 

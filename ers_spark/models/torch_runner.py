@@ -232,9 +232,24 @@ class TorchEmbedder:
         if self._module is None:
             import onnx
 
+            self._check_device()
             module = build_torch_module(onnx.load(self.model_path)).to(self.device)
             self._module = module.half() if self.fp16 else module
         return self._module
+
+    def _check_device(self) -> None:
+        """A CUDA device that torch cannot use is a job-level failure, not a silent CPU run."""
+        torch = _import_torch()
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError(
+                f"torch device {self.device} requested but torch {torch.__version__} sees no CUDA device "
+                "(CPU-only wheel, or no driver on this executor); install a CUDA build of torch or use embed.device=auto"
+            )
+
+    @property
+    def runtime(self) -> str:
+        """Where inference runs, e.g. ``cuda:0 torch-fp16`` (parallels :attr:`OnnxEmbedder.runtime`)."""
+        return f"{self.device} torch{'-fp16' if self.fp16 else ''}"
 
     @property
     def providers(self) -> list[str]:

@@ -2,19 +2,24 @@
 
 Inference runs on the executors that hold the crops, in Arrow batches
 (``mapInArrow``): each Python worker opens the model once (ONNX Runtime, or
-torch), decodes a whole batch, and runs it in sub-batches of
-``embed.batch_size``. When Spark gave the task a GPU (``TaskContext``
-resources ``gpu``), that device is used; otherwise the CPU. Only crops without
-an embedding for the current model are embedded, so re-runs embed nothing.
-A crop that cannot be decoded or embedded goes to quarantine with the reason;
-it never fails the job.
+torch) from the copy Spark shipped to its executor, decodes a whole batch, and
+runs it in sub-batches of ``embed.batch_size``. When Spark gave the task a GPU
+(``TaskContext`` resources ``gpu``), that device is used; otherwise the CPU.
+Only crops without an embedding for the current model version are embedded, so
+re-runs embed nothing. A crop whose bytes do not decode, or whose embedding comes
+out zero or non-finite, goes to quarantine tagged with the model version; a
+broken model or executor fails the job instead (see :func:`plan_embed`).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -47,11 +52,12 @@ from ers_spark.lake.contracts import (
     REASON,
     REASON_EMBED_FAILED,
     REASON_NO_FACE,
+    REASON_UNDECODABLE,
     SOURCE_PATH,
     STAGE,
     WIDTH,
 )
-from ers_spark.errors import ConfigError
+from ers_spark.errors import ConfigError, ModelError
 from ers_spark.lake.tables import (
     StageRun,
     ensure_table,
@@ -62,9 +68,12 @@ from ers_spark.lake.tables import (
     table_path,
     table_version,
 )
+from ers_spark.models.devices import check_onnxruntime, onnxruntime_report, task_cuda_index
 from ers_spark.models.spec import ModelSpec, file_sha256, load_model_spec, resolve_model_file
 
 STAGE_NAME = "embed"
+TASK_RUNTIME = "task_runtime"
+log = logging.getLogger(__name__)
 
 EMBED_OUTPUT_SCHEMA = StructType(
     [
@@ -72,22 +81,35 @@ EMBED_OUTPUT_SCHEMA = StructType(
         StructField(EMBEDDING, ArrayType(FloatType()), True),
         StructField(RAW_NORM, FloatType(), True),
         StructField(DETAIL, StringType(), True),
+        StructField(TASK_RUNTIME, StringType(), True),
     ]
 )
 
 
+# Below this share of failed rows a partition is data with some bad crops; above it, a broken model or executor.
+MIN_ROWS_FOR_FAILED_SHARE = 10
+
+
 @dataclass(frozen=True)
 class EmbedParams:
-    """Everything an executor needs to embed a batch; small and picklable (the model travels by path)."""
+    """Everything an executor needs to embed a batch; small and picklable.
+
+    The model travels through Spark itself: :func:`ship_model` registers the file with
+    ``SparkContext.addFile`` under ``shipped_name`` and every executor reads its own copy
+    (checked against ``model_sha256``); ``model_path`` is the driver's file.
+    """
 
     spec: ModelSpec
     model_path: str
+    model_sha256: str
     model_version: str
     backend: str
     device: str
     batch_size: int
     intra_op_threads: int
     fp16: bool
+    max_failed_share: float = 0.5
+    shipped_name: str | None = None
 
     @classmethod
     def from_config(cls, cfg: ErsConfig) -> "EmbedParams":
@@ -99,12 +121,14 @@ class EmbedParams:
         params = cls(
             spec=spec,
             model_path=str(path),
+            model_sha256=digest,
             model_version=f"{spec.version}+{digest[:12]}",
             backend=emb.backend,
             device=emb.device,
             batch_size=emb.batch_size,
             intra_op_threads=emb.intra_op_threads,
             fp16=emb.fp16,
+            max_failed_share=emb.max_failed_share,
         )
         params.validate()
         return params
@@ -125,40 +149,109 @@ class EmbedParams:
         return data
 
 
+def ship_model(spark: SparkSession, params: EmbedParams) -> EmbedParams:
+    """Send the model file to every executor through Spark (``addFile``), under a content-addressed name.
+
+    The name carries the sha256, so a changed model never collides with a copy an
+    executor already holds; executors fetch it once into their own work directory.
+    """
+    name = f"{params.spec.name}-{params.model_sha256[:16]}{Path(params.model_path).suffix or '.onnx'}"
+    staged = Path(params.model_path).parent / "shipped" / name
+    if not staged.is_file():
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        tmp = staged.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(params.model_path, tmp)
+        os.replace(tmp, staged)
+    spark.sparkContext.addFile(str(staged))
+    return replace(params, shipped_name=name)
+
+
+def local_model_path(params: EmbedParams) -> str:
+    """This process's copy of the model: the executor's shipped file (sha256 checked), else the driver's path."""
+    if params.shipped_name is None:
+        return params.model_path
+    from pyspark import SparkFiles
+
+    path = SparkFiles.get(params.shipped_name)
+    if not os.path.isfile(path):
+        raise ModelError(f"model {params.shipped_name} did not reach this executor (looked at {path})")
+    actual = file_sha256(path)
+    if actual != params.model_sha256:
+        raise ModelError(
+            f"model copy {path} on this executor has sha256 {actual[:16]}..., the driver's has "
+            f"{params.model_sha256[:16]}...: the transfer corrupted it or the file changed during the job"
+        )
+    return path
+
+
+def preflight_model(params: EmbedParams) -> None:
+    """Open the model on the driver's CPU and embed two blank images, so a broken model fails the job at once.
+
+    Catches a corrupt file, a wrong input shape and a wrong output dimension before any
+    Spark work; what only an executor can see (its CUDA) is checked in the task.
+    """
+    from ers_spark.models.preprocess import prepare_arrays
+
+    spec = params.spec
+    blank = [np.full((spec.input_height, spec.input_width, 3), 128, np.uint8)] * 2
+    embedder = open_embedder(params, params.model_path, device_id=None)
+    unit, norms = embedder.embed(prepare_arrays(blank, spec))
+    if not np.isfinite(unit).all() or not np.isfinite(norms).all():
+        raise ModelError(f"model {params.model_path} returns non-finite embeddings for a blank image; it is broken")
+
+
 # one model per Python worker process, keyed by what makes it different
 _EMBEDDERS: dict[tuple[Any, ...], Any] = {}
 
 
-def task_device_id(device: str) -> int | None:
-    """The CUDA device of this task: Spark's 'gpu' resource address (0 under CUDA_VISIBLE_DEVICES), or None."""
-    if device == "cpu":
+def task_device(params: EmbedParams) -> int | None:
+    """The CUDA index for this task (None: CPU); ``embed.device=cuda`` without a GPU fails the task."""
+    if params.device == "cpu":
         return None
-    from pyspark import TaskContext
+    device_id = task_cuda_index()
+    if device_id is None and params.device == "cuda":
+        raise ModelError(
+            "embed.device=cuda but Spark gave this task no GPU: set spark.executor.resource.gpu.amount, "
+            "spark.task.resource.gpu.amount and a discovery script (deploy/spark/gpu_discovery.sh)"
+        )
+    return device_id
 
-    from ers_spark.models.onnx_runner import gpu_device_id_from_task
 
-    ctx = TaskContext.get()
-    gpus = ctx.resources().get("gpu") if ctx is not None else None
-    addresses = list(gpus.addresses) if gpus is not None else None
-    return gpu_device_id_from_task(addresses)
+def open_embedder(params: EmbedParams, model_path: str, device_id: int | None) -> Any:
+    """An embedder with its session or module already loaded (so load failures are job failures)."""
+    require_gpu = params.device == "cuda"
+    if params.backend == "torch":
+        from ers_spark.models.torch_runner import TorchEmbedder
+
+        device = f"cuda:{device_id}" if device_id is not None else "cpu"
+        embedder = TorchEmbedder(model_path, params.spec, device=device, fp16=params.fp16)
+        if device_id is not None and not require_gpu and not _torch_cuda_available():
+            log.warning("GPU %s given to the task but torch sees no CUDA; running on CPU", device_id)
+            embedder = TorchEmbedder(model_path, params.spec, device="cpu", fp16=params.fp16)
+        _ = embedder.module
+        return embedder
+    from ers_spark.models.onnx_runner import OnnxEmbedder
+
+    embedder = OnnxEmbedder(
+        model_path, params.spec, device_id=device_id, intra_op_threads=params.intra_op_threads, require_gpu=require_gpu
+    )
+    _ = embedder.session
+    return embedder
+
+
+def _torch_cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def get_embedder(params: EmbedParams, device_id: int | None) -> Any:
     """Load the model once per worker process (like predict_batch_udf's make_predict_fn)."""
-    key = (params.model_path, params.backend, device_id, params.intra_op_threads, params.fp16)
+    key = (params.shipped_name or params.model_path, params.model_sha256, params.backend, device_id,
+           params.intra_op_threads, params.fp16, params.device)
     embedder = _EMBEDDERS.get(key)
     if embedder is None:
-        if params.backend == "torch":
-            from ers_spark.models.torch_runner import TorchEmbedder
-
-            device = f"cuda:{device_id}" if device_id is not None else "cpu"
-            embedder = TorchEmbedder(params.model_path, params.spec, device=device, fp16=params.fp16)
-        else:
-            from ers_spark.models.onnx_runner import OnnxEmbedder
-
-            embedder = OnnxEmbedder(
-                params.model_path, params.spec, device_id=device_id, intra_op_threads=params.intra_op_threads
-            )
+        embedder = open_embedder(params, local_model_path(params), device_id)
         _EMBEDDERS[key] = embedder
     return embedder
 
@@ -166,10 +259,11 @@ def get_embedder(params: EmbedParams, device_id: int | None) -> Any:
 def embed_images(images: list[bytes | None], params: EmbedParams, embedder: Any) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """Decode and embed one batch of encoded images.
 
-    Returns unit embeddings and raw norms for every input row (NaN rows where
-    it failed) and one failure reason per row (None when it worked). A failure
-    of a whole sub-batch is retried image by image, so one bad image cannot
-    take its neighbours down with it.
+    Returns unit embeddings and raw norms for every input row (NaN rows where it
+    failed) and one failure reason per row (None when it worked). Only per-image
+    problems become reasons: bytes that do not decode, or an embedding that comes
+    out zero or non-finite. An exception of the model itself is a broken job, not
+    bad data, and propagates.
     """
     from ers_spark.models.preprocess import decode_images, prepare_arrays
 
@@ -183,45 +277,73 @@ def embed_images(images: list[bytes | None], params: EmbedParams, embedder: Any)
         chunk = rows[start : start + params.batch_size]
         # float conversion per sub-batch: a small working set that stays in cache
         sub = prepare_arrays([decoded[row] for row in chunk], params.spec)
-        try:
-            unit[chunk], norms[chunk] = embedder.embed(sub)
-        except Exception:  # noqa: BLE001 - isolate the failing image(s), never fail the job
-            for j, row in enumerate(chunk):
-                try:
-                    u, r = embedder.embed(sub[j : j + 1])
-                    unit[row], norms[row] = u[0], r[0]
-                except Exception as exc:  # noqa: BLE001
-                    reasons[row] = f"inference failed: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
+        unit[chunk], norms[chunk] = embedder.embed(sub)
     bad = ~np.isfinite(norms) | (norms <= 0)
     for row in np.flatnonzero(bad & np.array([r is None for r in reasons])):
         reasons[row] = "model returned a zero or non-finite embedding"
     return unit, norms, reasons
 
 
+def check_failed_share(failed: int, rows: int, first_reason: str | None, params: EmbedParams) -> None:
+    """Fail the task when most of a partition failed: that is a broken model or executor, not bad data."""
+    if rows >= MIN_ROWS_FOR_FAILED_SHARE and failed > params.max_failed_share * rows:
+        raise ModelError(
+            f"{failed} of {rows} crops in one partition failed to embed (first: {first_reason}); more than "
+            f"embed.max_failed_share={params.max_failed_share}: the model or this executor is broken, not the data"
+        )
+
+
+def task_runtime(embedder: Any, model_path: str) -> str:
+    """One JSON line describing where this task ran: device, model copy, code origin, host."""
+    import socket
+
+    return json.dumps(
+        {"device": embedder.runtime, "model_path": os.path.abspath(model_path), "code": os.path.abspath(__file__),
+         "host": socket.gethostname()},
+        sort_keys=True,
+    )
+
+
+EMBED_ARROW_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), False),
+        pa.field(EMBEDDING, pa.list_(pa.field("element", pa.float32()))),
+        pa.field(RAW_NORM, pa.float32()),
+        pa.field(DETAIL, pa.string()),
+        pa.field(TASK_RUNTIME, pa.string()),
+    ]
+)
+
+
 def make_embed_batches(params: EmbedParams):
-    """The mapInArrow function: Arrow batches of (image_id, bytes) -> (image_id, embedding, raw_norm, detail)."""
+    """The mapInArrow function: Arrow batches of (image_id, bytes) -> (image_id, embedding, raw_norm, detail, task_runtime).
+
+    ``task_runtime`` is set on the first row of each task only (where it ran), null elsewhere.
+    """
 
     def embed_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        embedder = get_embedder(params, task_device_id(params.device))
+        embedder = get_embedder(params, task_device(params))
+        runtime: str | None = task_runtime(embedder, local_model_path(params))
         dim = params.spec.embedding_dim
+        rows = failed_rows = 0
+        first_reason = None
         for batch in batches:
             ids = batch.column(0)
             unit, norms, reasons = embed_images(batch.column(1).to_pylist(), params, embedder)
             failed = np.array([r is not None for r in reasons], dtype=bool)
+            rows, failed_rows = rows + len(reasons), failed_rows + int(failed.sum())
+            first_reason = first_reason or next((r for r in reasons if r is not None), None)
             flat = pa.array(unit.reshape(-1), type=pa.float32())
             offsets = pa.array(np.arange(0, (len(unit) + 1) * dim, dim, dtype=np.int32))
             embeddings = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(failed))
+            runtimes = [runtime] + [None] * (len(reasons) - 1) if len(reasons) else []
+            runtime = None if len(reasons) else runtime
             yield pa.RecordBatch.from_arrays(
-                [ids, embeddings, pa.array(norms, mask=failed), pa.array(reasons, type=pa.string())],
-                schema=pa.schema(
-                    [
-                        pa.field(IMAGE_ID, pa.string(), False),
-                        pa.field(EMBEDDING, pa.list_(pa.field("element", pa.float32()))),
-                        pa.field(RAW_NORM, pa.float32()),
-                        pa.field(DETAIL, pa.string()),
-                    ]
-                ),
+                [ids, embeddings, pa.array(norms, mask=failed), pa.array(reasons, type=pa.string()),
+                 pa.array(runtimes, type=pa.string())],
+                schema=EMBED_ARROW_SCHEMA,
             )
+        check_failed_share(failed_rows, rows, first_reason, params)
 
     return embed_batches
 
@@ -232,20 +354,17 @@ def embed_dataframe(crops: DataFrame, params: EmbedParams) -> DataFrame:
 
 
 def pending_crops(spark: SparkSession, cfg: ErsConfig, crops: DataFrame, params: EmbedParams) -> DataFrame:
-    """Crops with no embedding for this model version yet and not already quarantined by embed (incremental runs)."""
+    """Crops with no embedding for this model version yet and not quarantined by embed *with this version*.
+
+    A crop quarantined under an older model version is tried again (the model may read it now).
+    """
+    this_version = (F.col(MODEL_NAME) == params.spec.name) & (F.col(MODEL_VERSION) == params.model_version)
     if table_exists(spark, cfg, QUARANTINE):
-        failed = (
-            spark.read.format("delta").load(table_path(cfg, QUARANTINE)).where(F.col(STAGE) == STAGE_NAME).select(IMAGE_ID)
-        )
-        crops = crops.join(failed, IMAGE_ID, "left_anti")
+        failed = read_table(spark, cfg, QUARANTINE).where((F.col(STAGE) == STAGE_NAME) & (F.col(MODEL_VERSION) == params.model_version))
+        crops = crops.join(failed.select(IMAGE_ID), IMAGE_ID, "left_anti")
     if not table_exists(spark, cfg, EMBEDDINGS):
         return crops
-    done = (
-        spark.read.format("delta")
-        .load(table_path(cfg, EMBEDDINGS))
-        .where((F.col(MODEL_NAME) == params.spec.name) & (F.col(MODEL_VERSION) == params.model_version))
-        .select(IMAGE_ID)
-    )
+    done = read_table(spark, cfg, EMBEDDINGS).where(this_version).select(IMAGE_ID)
     return crops.join(done, IMAGE_ID, "left_anti")
 
 
@@ -273,10 +392,11 @@ def make_align_batches(size: int):
                 try:
                     with Image.open(io.BytesIO(data)) as img:
                         rgb = np.asarray(img.convert("RGB"))
-                    chips = align_faces(rgb, size=size)
-                except Exception as exc:  # noqa: BLE001 - one bad photo must not fail the job
-                    out.append((image_id, None, None, f"alignment failed: {str(exc).splitlines()[0][:300]}"))
+                except (OSError, ValueError, Image.DecompressionBombError) as exc:  # bad bytes: this photo only
+                    out.append((image_id, None, None, f"undecodable photo: {str(exc).splitlines()[0][:300]}"))
                     continue
+                # a missing dlib or landmark model raises ModelError here and fails the job
+                chips = align_faces(rgb, size=size)
                 if not chips:
                     out.append((image_id, None, None, "no face detected"))
                 for k, chip in enumerate(chips):
@@ -300,7 +420,7 @@ def align_photos(spark: SparkSession, cfg: ErsConfig, spec: ModelSpec) -> dict[s
     done = crops.where(F.col(PARENT_IMAGE_ID).isNotNull()).select(F.col(PARENT_IMAGE_ID).alias(IMAGE_ID))
     if table_exists(spark, cfg, QUARANTINE):
         no_face = (
-            spark.read.format("delta").load(table_path(cfg, QUARANTINE))
+            read_table(spark, cfg, QUARANTINE)
             .where((F.col(STAGE) == "align") & (F.col(REASON) == REASON_NO_FACE))
             .select(IMAGE_ID)
         )
@@ -328,7 +448,7 @@ def align_photos(spark: SparkSession, cfg: ErsConfig, spec: ModelSpec) -> dict[s
         failed = quarantine_rows(
             aligned.where(F.col(DETAIL).isNotNull()).withColumnRenamed(PARENT_IMAGE_ID, IMAGE_ID),
             "align",
-            F.lit(REASON_NO_FACE),
+            F.when(F.col(DETAIL).startswith("undecodable"), F.lit(REASON_UNDECODABLE)).otherwise(F.lit(REASON_NO_FACE)),
             F.col(DETAIL),
         )
         new_chips = merge_insert_new(spark, cfg, CROPS, chips)
@@ -338,14 +458,42 @@ def align_photos(spark: SparkSession, cfg: ErsConfig, spec: ModelSpec) -> dict[s
     return {"chips_written": new_chips, "photos_without_face": no_faces}
 
 
-def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
-    """Run the embed stage; counts: to_embed = written + quarantined, crops = to_embed + already_embedded."""
+def plan_embed(spark: SparkSession, cfg: ErsConfig) -> EmbedParams:
+    """Check everything a job-level failure could come from before any Spark work, then ship the model."""
     params = EmbedParams.from_config(cfg)
     if params.device == "cuda" and spark.conf.get("spark.task.resource.gpu.amount", None) is None:
         raise ConfigError(
             "embed.device=cuda but Spark gives tasks no GPU: set spark.task.resource.gpu.amount "
             "(and spark.executor.resource.gpu.amount) or use embed.device=auto"
         )
+    if params.backend == "onnx":
+        check_onnxruntime(require_cuda=False)
+        log.info("embed: ONNX Runtime on the driver: %s", onnxruntime_report())
+    if cfg.embed.align:
+        from ers_spark.models.align import require_dlib
+
+        require_dlib()
+    preflight_model(params)
+    return ship_model(spark, params)
+
+
+def runtime_summary(embedded: DataFrame) -> dict[str, Any]:
+    """Tasks per device, and where executors found the model and the code (one row per task)."""
+    rows = [json.loads(r[0]) for r in embedded.where(F.col(TASK_RUNTIME).isNotNull()).select(TASK_RUNTIME).collect()]
+    tasks_by_device: dict[str, int] = {}
+    for row in rows:
+        tasks_by_device[row["device"]] = tasks_by_device.get(row["device"], 0) + 1
+    return {
+        "tasks_by_device": tasks_by_device,
+        "model_copies": sorted({r["model_path"] for r in rows}),
+        "code": sorted({r["code"] for r in rows}),
+        "hosts": sorted({r["host"] for r in rows}),
+    }
+
+
+def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
+    """Run the embed stage; counts: to_embed = written + quarantined, crops = to_embed + already_embedded."""
+    params = plan_embed(spark, cfg)
     run = StageRun(STAGE_NAME, params=params.loggable())
     align_counts: dict[str, int] = {}
     crops = read_table(spark, cfg, CROPS, hint="run `ers-spark ingest` first")
@@ -358,28 +506,12 @@ def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
     pending = pending_crops(spark, cfg, crops, params)
     embedded = embed_dataframe(pending, params).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        now = F.current_timestamp()
-        good = embedded.where(F.col(DETAIL).isNull()).select(
-            IMAGE_ID,
-            EMBEDDING,
-            RAW_NORM,
-            F.lit(params.spec.name).alias(MODEL_NAME),
-            F.lit(params.model_version).alias(MODEL_VERSION),
-            now.alias(EMBEDDED_AT),
-        )
-        bad = quarantine_rows(
-            embedded.where(F.col(DETAIL).isNotNull()).join(pending.select(IMAGE_ID, SOURCE_PATH), IMAGE_ID),
-            STAGE_NAME,
-            F.lit(REASON_EMBED_FAILED),
-            F.col(DETAIL),
-        )
         totals = embedded.agg(F.count(F.lit(1)).alias("n"), F.count(DETAIL).alias("bad")).first()
         to_embed, quarantined = int(totals["n"]), int(totals["bad"])
-        properties = {"ers.model_name": params.spec.name, "ers.model_version": params.model_version}
-        ensure_table(spark, cfg, EMBEDDINGS, properties=properties)
-        written = merge_insert_new(spark, cfg, EMBEDDINGS, good) if to_embed > quarantined else 0
-        if quarantined:
-            merge_insert_new(spark, cfg, QUARANTINE, bad)
+        run.runtime = runtime_summary(embedded)
+        if params.backend == "onnx":
+            run.runtime["onnxruntime_on_driver"] = onnxruntime_report()
+        written = write_embeddings(spark, cfg, params, embedded, pending, to_embed, quarantined)
     finally:
         embedded.unpersist()
     run.counts = {
@@ -390,5 +522,33 @@ def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
         "quarantined": quarantined,
         **align_counts,
     }
-    print(f"embed: {to_embed} new crops to embed ({total - to_embed} already embedded with {params.spec.name} {params.model_version})")
+    log.info("embed: %d new crops to embed (%d already embedded with %s %s); tasks by device: %s",
+             to_embed, total - to_embed, params.spec.name, params.model_version, run.runtime["tasks_by_device"])
     return run.finish(spark, cfg, outputs=(EMBEDDINGS, QUARANTINE))
+
+
+def write_embeddings(spark: SparkSession, cfg: ErsConfig, params: EmbedParams, embedded: DataFrame,
+                     pending: DataFrame, to_embed: int, quarantined: int) -> int:
+    """MERGE the good rows into embeddings and the failed ones into quarantine (tagged with the model version)."""
+    now = F.current_timestamp()
+    good = embedded.where(F.col(DETAIL).isNull()).select(
+        IMAGE_ID,
+        EMBEDDING,
+        RAW_NORM,
+        F.lit(params.spec.name).alias(MODEL_NAME),
+        F.lit(params.model_version).alias(MODEL_VERSION),
+        now.alias(EMBEDDED_AT),
+    )
+    bad = quarantine_rows(
+        embedded.where(F.col(DETAIL).isNotNull()).join(pending.select(IMAGE_ID, SOURCE_PATH), IMAGE_ID),
+        STAGE_NAME,
+        F.lit(REASON_EMBED_FAILED),
+        F.col(DETAIL),
+        model_version=F.lit(params.model_version),
+    )
+    properties = {"ers.model_name": params.spec.name, "ers.model_version": params.model_version}
+    ensure_table(spark, cfg, EMBEDDINGS, properties=properties)
+    written = merge_insert_new(spark, cfg, EMBEDDINGS, good) if to_embed > quarantined else 0
+    if quarantined:
+        merge_insert_new(spark, cfg, QUARANTINE, bad)
+    return written

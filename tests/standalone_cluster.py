@@ -1,0 +1,200 @@
+"""A real Spark standalone cluster for tests: one master and two workers as separate JVM processes.
+
+Started from the pip-installed pyspark's ``bin/spark-class`` (it has no ``start-master.sh``). Each
+worker has one core, its own work dir and two *fake* GPUs: the project's own discovery script
+(``deploy/spark/gpu_discovery.sh``) runs against a stub ``nvidia-smi``, so GPU scheduling and
+device mapping run for real on a CPU-only machine. Jobs go through ``deploy/ers-submit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyspark
+
+REPO = Path(__file__).resolve().parents[1]
+SPARK_HOME = Path(pyspark.__file__).resolve().parent
+ERS_SUBMIT = REPO / "deploy" / "ers-submit"
+GPU_DISCOVERY = REPO / "deploy" / "spark" / "gpu_discovery.sh"
+FAKE_GPUS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(what: str, check, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"standalone cluster: {what} not ready after {timeout:.0f} s")
+
+
+@dataclass
+class SubmitResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json_lines(self) -> list[dict]:
+        """The stage records (one JSON line each) the job printed."""
+        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith('{"')]
+
+    def error_lines(self) -> list[str]:
+        return [line for line in (self.stdout + self.stderr).splitlines() if line.startswith("error: ")]
+
+
+@dataclass
+class StandaloneCluster:
+    root: Path
+    master_port: int = field(default_factory=free_port)
+    master_ui_port: int = field(default_factory=free_port)
+    worker_procs: list[subprocess.Popen | None] = field(default_factory=list)
+    master_proc: subprocess.Popen | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"spark://127.0.0.1:{self.master_port}"
+
+    def work_dir(self, i: int) -> Path:
+        return self.root / f"worker{i}" / "work"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(SPARK_HOME=str(SPARK_HOME), SPARK_LOG_DIR=str(self.root / "logs"), SPARK_PID_DIR=str(self.root),
+                   SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
+        env.update(self.extra_env)
+        env.pop("PYSPARK_GATEWAY_PORT", None)
+        env.pop("PYSPARK_GATEWAY_SECRET", None)
+        return env
+
+    def _fake_nvidia_smi(self) -> Path:
+        folder = self.root / "fakebin"
+        folder.mkdir(parents=True, exist_ok=True)
+        stub = folder / "nvidia-smi"
+        stub.write_text("#!/bin/sh\n" + "".join(f"echo {i}\n" for i in range(FAKE_GPUS)))
+        stub.chmod(0o755)
+        return folder
+
+    def start(self) -> "StandaloneCluster":
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "StandaloneCluster":
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "logs" / "master.out", "ab")
+        self.master_proc = subprocess.Popen(
+            [str(SPARK_HOME / "bin" / "spark-class"), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+             "--port", str(self.master_port), "--webui-port", str(self.master_ui_port)],
+            env=self._env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        _wait("master", lambda: self.master_state() is not None)
+        for i in range(2):
+            self.worker_procs.append(None)
+            self.start_worker(i)
+        _wait("two workers", lambda: self.alive_workers() == 2)
+        return self
+
+    def start_worker(self, i: int) -> None:
+        env = self._env()
+        env["PATH"] = f"{self._fake_nvidia_smi()}:{env['PATH']}"
+        env["SPARK_WORKER_OPTS"] = (
+            f"-Dspark.worker.resource.gpu.amount={FAKE_GPUS} -Dspark.worker.resource.gpu.discoveryScript={GPU_DISCOVERY}"
+        )
+        self.work_dir(i).mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "logs" / f"worker{i}.out", "ab")
+        self.worker_procs[i] = subprocess.Popen(
+            [str(SPARK_HOME / "bin" / "spark-class"), "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
+             "--cores", "1", "--memory", "2g", "--work-dir", str(self.work_dir(i)), "--webui-port", str(free_port()),
+             self.url],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def python_workers_with_model_runtime(self, i: int) -> list[int]:
+        """pids of Python workers of worker ``i``'s executors that have ONNX Runtime loaded (embedding now)."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if b"pyspark" not in (proc / "cmdline").read_bytes():
+                    continue
+                if not os.readlink(proc / "cwd").startswith(str(self.work_dir(i))):
+                    continue
+                if "onnxruntime_pybind11_state" in (proc / "maps").read_text():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
+
+    def kill_worker(self, i: int) -> int:
+        """SIGKILL worker ``i`` (by its pid); its executors lose their worker and exit."""
+        proc = self.worker_procs[i]
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        self.worker_procs[i] = None
+        return proc.pid
+
+    def ensure_workers(self) -> None:
+        """Restart any killed worker (tests after a fault test get the full cluster back)."""
+        for i, proc in enumerate(self.worker_procs):
+            if proc is None or proc.poll() is not None:
+                self.start_worker(i)
+        _wait("two workers", lambda: self.alive_workers() == 2)
+
+    def master_state(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.master_ui_port}/json/", timeout=2) as resp:
+                return json.loads(resp.read())
+        except (OSError, ValueError):  # not listening yet, or its UI still starting (serves HTML)
+            return None
+
+    def alive_workers(self) -> int:
+        state = self.master_state() or {}
+        return sum(1 for w in state.get("workers", []) if w.get("state") == "ALIVE")
+
+    def submit_args(self, job: str, *overrides: str, conf: dict[str, str] | None = None,
+                    master: str | None = None) -> list[str]:
+        args = [str(ERS_SUBMIT), "--master", master or self.url, "--deploy-mode", "client"]
+        settings = {"spark.executor.memory": "1g", "spark.ui.enabled": "false", **(conf or {})}
+        for key, value in settings.items():
+            args += ["--conf", f"{key}={value}"]
+        return [*args, str(REPO / "jobs" / f"{job}.py"), *overrides]
+
+    def submit(self, job: str, *overrides: str, conf: dict[str, str] | None = None, master: str | None = None,
+               env: dict[str, str] | None = None, timeout: float = 540) -> SubmitResult:
+        """spark-submit ``jobs/<job>.py`` (client mode: Python apps cannot use cluster mode on standalone)."""
+        proc = subprocess.run(
+            self.submit_args(job, *overrides, conf=conf, master=master), cwd=self.root, env={**self._env(), **(env or {})},
+            capture_output=True, text=True, timeout=timeout,
+        )
+        return SubmitResult(proc.returncode, proc.stdout, proc.stderr)
+
+    def stop(self) -> None:
+        for proc in [*self.worker_procs, self.master_proc]:
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in [*self.worker_procs, self.master_proc]:
+            if proc is not None:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
