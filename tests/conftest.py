@@ -53,6 +53,26 @@ def spark(spark_root: Path):
     session.stop()
 
 
+@pytest.fixture(scope="session")
+def demo_lake(spark, tmp_path_factory):
+    """The demo input run through every stage once in the test session (local[2]).
+
+    Session-scoped: the pipeline tests and the cluster tests (its local[2] reference) share it.
+    """
+    from ers_spark.demo import write_demo_input
+    from ers_spark.pipeline import run_pipeline
+
+    folder = tmp_path_factory.mktemp("demo")
+    src = write_demo_input(folder / "input")
+    cfg = load_config(overrides=[
+        f"storage.root={folder / 'lake'}", "storage.database=ers_demo_test", "spark.shuffle_partitions=2",
+        f"spark.checkpoint_dir={folder / 'ckpt'}", f"ingest.input_path={src}", "ingest.input_format=parquet",
+        "ingest.path_column=path", "ingest.identity_column=identity", "locate_ui.kmeans_cells=4",
+    ])
+    records = run_pipeline(cfg)
+    return cfg, records
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path):
     """Build a config whose tables live in this test's own folder and catalog database."""

@@ -173,11 +173,13 @@ class StandaloneCluster:
 
     def submit_args(self, job: str, *overrides: str, conf: dict[str, str] | None = None,
                     master: str | None = None) -> list[str]:
+        """``deploy/ers-submit`` arguments for ``jobs/<job>.py`` (or a script path given as ``job``)."""
         args = [str(ERS_SUBMIT), "--master", master or self.url, "--deploy-mode", "client"]
         settings = {"spark.executor.memory": "1g", "spark.ui.enabled": "false", **(conf or {})}
         for key, value in settings.items():
             args += ["--conf", f"{key}={value}"]
-        return [*args, str(REPO / "jobs" / f"{job}.py"), *overrides]
+        script = job if job.endswith(".py") else str(REPO / "jobs" / f"{job}.py")
+        return [*args, script, *overrides]
 
     def submit(self, job: str, *overrides: str, conf: dict[str, str] | None = None, master: str | None = None,
                env: dict[str, str] | None = None, timeout: float = 540) -> SubmitResult:
@@ -187,6 +189,16 @@ class StandaloneCluster:
             capture_output=True, text=True, timeout=timeout,
         )
         return SubmitResult(proc.returncode, proc.stdout, proc.stderr)
+
+    def submit_batch(self, plan: list[tuple[str, list[str]]], **kwargs) -> tuple[SubmitResult, list[dict]]:
+        """Several ``jobs/<job>.py`` runs in one spark-submit (``tests/job_batch.py``): one JVM for all.
+
+        Returns the submit's result and, per run, ``{"script", "args", "exit", "errors"}``.
+        """
+        batch = [(str(REPO / "jobs" / f"{job}.py"), list(args)) for job, args in plan]
+        result = self.submit(str(Path(__file__).with_name("job_batch.py")), json.dumps(batch), **kwargs)
+        runs = [json.loads(line[len("BATCH "):]) for line in result.stdout.splitlines() if line.startswith("BATCH ")]
+        return result, runs
 
     def stop(self) -> None:
         for proc in [*self.worker_procs, self.master_proc]:

@@ -70,32 +70,16 @@ def _quarantined(spark, root: Path, stage: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def local_demo(cluster, tmp_path_factory) -> tuple[Path, Path, list[dict]]:
-    """jobs/demo.py through spark-submit, master local[2] (HOME in a temp folder: its input and lake stay there)."""
-    home = tmp_path_factory.mktemp("home")
-    root = home / "lake"
-    result = _ok(cluster.submit("demo", f"storage.root={root}", *DEMO_OVERRIDES[3:], master="local[2]",
-                                env={"HOME": str(home)}))
-    return root, home / ".ers-spark" / "demo" / "input" / "demo_images.parquet", result.json_lines()
-
-
-@pytest.fixture(scope="module")
-def cluster_run(cluster, local_demo, tmp_path_factory) -> tuple[Path, list[dict]]:
+def cluster_run(cluster, demo_lake, tmp_path_factory) -> tuple[Path, list[dict]]:
     """The whole pipeline (jobs/run.py) on the standalone cluster, on the demo's input."""
     root = tmp_path_factory.mktemp("cluster_lake")
-    result = _ok(cluster.submit("run", *_overrides(root, local_demo[1])))
+    result = _ok(cluster.submit("run", *_overrides(root, Path(demo_lake[0].ingest.input_path))))
     return root, result.json_lines()
 
 
-def test_demo_job_runs_under_spark_submit(local_demo) -> None:
-    _, _, records = local_demo
-    assert [r["stage"] for r in records] == STAGES
-    clean = records[-1]["counts"]
-    assert clean["scored"] == clean["cleaned"] + clean["quarantined"] == records[0]["counts"]["written"]
-
-
-def test_cluster_run_equals_local_run(spark, local_demo, cluster_run) -> None:
-    local_root = local_demo[0]
+def test_cluster_run_equals_local_run(spark, demo_lake, cluster_run) -> None:
+    """jobs/run.py on the cluster leaves the same tables as the pipeline in local[2] (the test session's)."""
+    local_root = Path(demo_lake[0].storage.root)
     cluster_root, records = cluster_run
     assert [r["stage"] for r in records] == STAGES
     for table, columns in ((CROPS, ["image_id", "source_path", "identity", "width", "height", "format"]),
@@ -123,16 +107,35 @@ def test_executors_use_shipped_code_and_their_own_model_copy(cluster, cluster_ru
     assert sum(runtime["tasks_by_device"].values()) >= 1
 
 
-@pytest.mark.parametrize("job", ["ingest", "embed", "locate_ui", "score", "clean"])
-def test_each_stage_job_reruns_under_spark_submit(spark, cluster, local_demo, cluster_run, job) -> None:
-    """Each stage's entry script under spark-submit, on the cluster's lake: it runs and changes nothing."""
+JOB_SCRIPTS = ["ingest", "embed", "locate_ui", "score", "clean", "demo"]
+
+
+@pytest.fixture(scope="module")
+def every_job_rerun(spark, cluster, demo_lake, cluster_run, tmp_path_factory) -> tuple[dict, dict, list[dict]]:
+    """Each stage script, then jobs/demo.py, on the cluster's lake (spark-submit, one JVM: tests/job_batch.py)."""
     root, _ = cluster_run
+    home = tmp_path_factory.mktemp("home")  # the demo writes its input under $HOME/.ers-spark/demo
     before = {t: _read(spark, root, t).count() for t in ("crops", "embeddings", "scores", "cleaned")}
-    (record,) = _ok(cluster.submit(job, *_overrides(root, local_demo[1]), master="local[1]")).json_lines()
-    written = {"ingest": "written", "embed": "written", "score": "inserted", "clean": "cleaned_changed"}.get(job)
-    if written:
-        assert record["counts"][written] == 0, record["counts"]
-    assert {t: _read(spark, root, t).count() for t in before} == before
+    args = _overrides(root, Path(demo_lake[0].ingest.input_path))
+    result, runs = cluster.submit_batch([(job, args) for job in JOB_SCRIPTS], env={"HOME": str(home)})
+    _ok(result)
+    after = {t: _read(spark, root, t).count() for t in before}
+    return before, after, [r for r in result.json_lines()]
+
+
+@pytest.mark.parametrize("job", JOB_SCRIPTS)
+def test_each_job_script_runs_under_spark_submit(every_job_rerun, job) -> None:
+    """Every jobs/*.py under spark-submit on the cluster's lake: it runs and changes nothing (re-runs are no-ops)."""
+    before, after, records = every_job_rerun
+    assert after == before
+    stage_records = records[:5] if job != "demo" else records[5:]
+    expected = STAGES if job == "demo" else [STAGES[JOB_SCRIPTS.index(job)]]
+    got = [r for r in stage_records if r["stage"] in expected]
+    assert [r["stage"] for r in got] == expected
+    for record in got:
+        written = {"ingest": "written", "embed": "written", "score": "inserted", "clean": "cleaned_changed"}
+        if record["stage"] in written:
+            assert record["counts"][written[record["stage"]]] == 0, record
 
 
 def _corrupt_files(folder: Path, count: int) -> list[str]:
@@ -160,16 +163,17 @@ def _image_folder(folder: Path, ids: range) -> Path:
 
 
 def test_worker_killed_during_embed_and_corrupt_files(spark, cluster, tmp_path) -> None:
-    """Faults (a) and (d): 2,000 images plus 5% corrupt files; ingest quarantines exactly the corrupt
+    """Faults (a) and (d): 1,000 images plus 5% corrupt files; ingest quarantines exactly the corrupt
     ones with their reason; one worker is SIGKILLed while embed runs, and the job finishes on the
     other with exactly one embedding per crop."""
     root = tmp_path / "lake"
-    n = 2000
+    n = 1000
     folder = _image_folder(tmp_path / "faces", range(n))
     corrupt = _corrupt_files(folder, n * 5 // 95)
     (ingest,) = _ok(cluster.submit("ingest", f"storage.root={root}", f"ingest.input_path={folder}",
                                    "spark.hive_metastore=false", "spark.shuffle_partitions=4")).json_lines()
-    assert ingest["counts"] == {"read": n + len(corrupt), "written": n, "already_present": 0, "quarantined": len(corrupt)}
+    assert ingest["counts"] == {"read": n + len(corrupt), "written": n, "already_present": 0,
+                                "quarantined": len(corrupt), "identity_conflicts": 0}
     quarantined = _read(spark, root, QUARANTINE.name).toPandas()
     assert sorted(quarantined.source_path.str.replace("file:", "")) == sorted(corrupt)
     assert set(quarantined.reason) == {"undecodable", "empty_file"} and quarantined.detail.notna().all()
@@ -207,8 +211,9 @@ def test_worker_killed_during_embed_and_corrupt_files(spark, cluster, tmp_path) 
 def test_concurrent_ingests_end_as_the_union(spark, cluster, tmp_path) -> None:
     """Fault (b): two ingests of overlapping folders at the same time: crops = union, no duplicates."""
     root = tmp_path / "lake"
-    first = _image_folder(tmp_path / "a", range(0, 300))
-    second = _image_folder(tmp_path / "b", range(200, 500))  # 100 images in both (same bytes, other paths)
+    # one person's photos in two overlapping folders: 50 images in both (same bytes and identity, other paths)
+    first = _image_folder(tmp_path / "a" / "person", range(0, 150)).parent
+    second = _image_folder(tmp_path / "b" / "person", range(100, 250)).parent
     args = [f"storage.root={root}", "spark.hive_metastore=false", "spark.shuffle_partitions=4"]
     conf = {"spark.cores.max": "1"}
     procs = [
@@ -221,21 +226,12 @@ def test_concurrent_ingests_end_as_the_union(spark, cluster, tmp_path) -> None:
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-4000:]
     crops = _read(spark, root, CROPS.name)
-    assert crops.count() == crops.select("image_id").distinct().count() == 500
+    assert crops.count() == crops.select("image_id").distinct().count() == 250
     records = [json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith('{"')]
-    assert sum(r["counts"]["written"] for r in records) == 500
+    assert sum(r["counts"]["written"] for r in records) == 250
     # a conflict, when the two commits met, was retried rather than fatal
     retried = sum(err.count("concurrent write") for _, err in outputs)
     print(f"concurrent ingests: write-conflict retries {retried}")
-
-
-@pytest.fixture(scope="module")
-def embed_ready_lake(cluster, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("broken_model_lake")
-    folder = _image_folder(root / "faces", range(40))
-    _ok(cluster.submit("ingest", f"storage.root={root / 'lake'}", f"ingest.input_path={folder}",
-                       "spark.hive_metastore=false", "spark.shuffle_partitions=2"))
-    return root / "lake"
 
 
 def _spec(path: Path, model: Path, **changes) -> Path:
@@ -261,39 +257,59 @@ def _broken_models(folder: Path) -> dict[str, Path]:
     }
 
 
-@pytest.mark.parametrize("case", ["corrupt_file", "wrong_input_shape", "wrong_output_dim"])
-def test_broken_model_fails_the_job(spark, cluster, embed_ready_lake, tmp_path, case) -> None:
-    """Fault (c): a broken model: exit 2 with one line naming the problem, nothing quarantined."""
-    spec = _broken_models(tmp_path)[case]
-    result = cluster.submit("embed", f"storage.root={embed_ready_lake}", f"embed.model={spec}",
-                            "spark.hive_metastore=false", "spark.shuffle_partitions=2")
-    assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = result.error_lines()
-    assert {"corrupt_file": "cannot load ONNX model", "wrong_input_shape": "has shape",
-            "wrong_output_dim": "-D embeddings"}[case] in line
-    assert _quarantined(spark, embed_ready_lake, "embed") == 0
-
-
+BROKEN = {"corrupt_file": "cannot load ONNX model", "wrong_input_shape": "has shape", "wrong_output_dim": "-D embeddings"}
+# every task gets one of the workers' (fake) GPUs; a failing task is tried twice, not four times
 GPU_CONF = {"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1",
             "spark.task.maxFailures": "2"}
 
 
-def test_cuda_required_but_missing_fails_on_the_executor(spark, cluster, embed_ready_lake) -> None:
+@pytest.fixture(scope="module")
+def model_faults(spark, cluster, tmp_path_factory) -> tuple[Path, dict[str, dict], list[dict]]:
+    """One spark-submit on the cluster, GPUs requested, running jobs/embed.py five times (tests/job_batch.py):
+    three broken models, then embed.device=cuda (no CUDA provider here), then embed.device=auto."""
+    from ers_spark.config import load_config
+    from ers_spark.stages.ingest import run_ingest
+
+    root = tmp_path_factory.mktemp("model_faults")
+    lake = root / "lake"
+    folder = _image_folder(root / "faces", range(40))
+    run_ingest(spark, load_config(overrides=[f"storage.root={lake}", "storage.database=ers_model_faults",
+                                             f"ingest.input_path={folder}", "spark.shuffle_partitions=2"]))
+    base = [f"storage.root={lake}", "spark.hive_metastore=false", "spark.shuffle_partitions=2"]
+    specs = _broken_models(root)
+    plan = [("embed", [*base, f"embed.model={specs[case]}"]) for case in BROKEN]
+    plan += [("embed", [*base, "embed.device=cuda"]), ("embed", [*base, "embed.device=auto"])]
+    result, runs = cluster.submit_batch(plan, conf=GPU_CONF)
+    assert len(runs) == len(plan), (result.stdout[-3000:], result.stderr[-3000:])
+    by_case = dict(zip([*BROKEN, "cuda", "auto"], runs))
+    return lake, by_case, result.json_lines()
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_model_fails_the_job(spark, model_faults, case) -> None:
+    """Fault (c): a broken model: exit 2 with one line naming the problem, nothing quarantined."""
+    lake, runs, _ = model_faults
+    assert runs[case]["exit"] == 2, runs[case]
+    (line,) = runs[case]["errors"]
+    assert BROKEN[case] in line
+    assert _quarantined(spark, lake, "embed") == 0
+
+
+def test_cuda_required_but_missing_fails_on_the_executor(spark, model_faults) -> None:
     """Fault (c), executor side: Spark gives each task a (fake) GPU, ONNX Runtime here has no CUDA
     provider, embed.device=cuda: the task fails and the job exits 2 in one line; nothing quarantined."""
-    result = cluster.submit("embed", f"storage.root={embed_ready_lake}", "embed.device=cuda",
-                            "spark.hive_metastore=false", "spark.shuffle_partitions=2", conf=GPU_CONF)
-    assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = result.error_lines()
+    lake, runs, _ = model_faults
+    assert runs["cuda"]["exit"] == 2, runs["cuda"]
+    (line,) = runs["cuda"]["errors"]
     assert "CUDAExecutionProvider" in line and "raised on an executor" in line
-    assert _quarantined(spark, embed_ready_lake, "embed") == 0
+    assert _quarantined(spark, lake, "embed") == 0
 
 
-def test_auto_device_reports_the_fallback_per_task(spark, cluster, embed_ready_lake) -> None:
+def test_auto_device_reports_the_fallback_per_task(model_faults) -> None:
     """embed.device=auto with a (fake) GPU per task: runs on CPU and the run log says so, per task."""
-    result = _ok(cluster.submit("embed", f"storage.root={embed_ready_lake}", "embed.device=auto",
-                                "spark.hive_metastore=false", "spark.shuffle_partitions=2", conf=GPU_CONF))
-    (record,) = result.json_lines()
+    _, runs, records = model_faults
+    assert runs["auto"]["exit"] == 0, runs["auto"]
+    (record,) = records  # the only stage that got to write its JSON line
     devices = record["runtime"]["tasks_by_device"]
     assert devices and all(d.startswith("cpu CPUExecutionProvider (gpu ") for d in devices), devices
     assert record["counts"]["written"] == 40

@@ -137,6 +137,9 @@ def test_enhance_embeddings_orthogonal_and_unit() -> None:
 def test_enhance_embeddings_parallel_row() -> None:
     with pytest.raises(ValueError, match="^enhance_embeddings: 1 of 2 rows are parallel to the uic$"):
         enhance_embeddings([[2.0, 0.0], [1.0, 1.0]], [1.0, 0.0])
+    out = enhance_embeddings([[2.0, 0.0], [1.0, 1.0], [-3.0, 1e-9]], [1.0, 0.0], parallel="nan")
+    assert np.isnan(out[[0, 2]]).all()
+    np.testing.assert_allclose(out[1], [0.0, 1.0])
 
 
 # --------------------------------------------------------------------------- metrics

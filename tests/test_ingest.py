@@ -65,7 +65,7 @@ def test_folder_with_corrupt_files(spark, make_cfg, folder_50, capsys) -> None:
     root, expected = folder_50
     cfg = make_cfg(f"ingest.input_path={root}")
     record = run_ingest(spark, cfg)
-    assert record["counts"] == {"read": 50, "written": 45, "already_present": 0, "quarantined": 5}
+    assert record["counts"] == {"read": 50, "written": 45, "already_present": 0, "quarantined": 5, "identity_conflicts": 0}
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"stage": "ingest"' in printed and '"written": 45' in printed
 
@@ -94,23 +94,45 @@ def test_rerun_adds_nothing(spark, make_cfg, folder_50) -> None:
     cfg = make_cfg(f"ingest.input_path={root}")
     run_ingest(spark, cfg)
     again = run_ingest(spark, cfg)
-    assert again["counts"] == {"read": 50, "written": 0, "already_present": 45, "quarantined": 5}
+    assert again["counts"] == {"read": 50, "written": 0, "already_present": 45, "quarantined": 5, "identity_conflicts": 0}
     assert spark.read.format("delta").load(table_path(cfg, CROPS)).count() == 45
     assert spark.read.format("delta").load(table_path(cfg, QUARANTINE)).count() == 5
 
 
 def test_same_bytes_same_id(spark, make_cfg, tmp_path: Path) -> None:
+    """Same bytes under one identity: one crop, the copy is already_present."""
+    data = _image_bytes(np.random.default_rng(1), "PNG", (10, 10))
+    for name in ("x.png", "copy_of_x.png"):
+        (tmp_path / "dup" / "alice").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "dup" / "alice" / name).write_bytes(data)
+    cfg = make_cfg(f"ingest.input_path={tmp_path / 'dup'}")
+    record = run_ingest(spark, cfg)
+    assert record["counts"] == {"read": 2, "written": 1, "already_present": 1, "quarantined": 0, "identity_conflicts": 0}
+    import hashlib
+
+    (row,) = spark.read.format("delta").load(table_path(cfg, CROPS)).collect()
+    assert row.image_id == hashlib.sha256(data).hexdigest()
+
+
+def test_same_bytes_other_identity_is_an_identity_conflict(spark, make_cfg, tmp_path: Path) -> None:
+    """Same bytes labelled a and b: one crop (the first path), the other quarantined, never hidden."""
     data = _image_bytes(np.random.default_rng(1), "PNG", (10, 10))
     for name in ("a", "b"):
         (tmp_path / "dup" / name).mkdir(parents=True)
         (tmp_path / "dup" / name / "x.png").write_bytes(data)
     cfg = make_cfg(f"ingest.input_path={tmp_path / 'dup'}")
     record = run_ingest(spark, cfg)
-    assert record["counts"] == {"read": 2, "written": 1, "already_present": 1, "quarantined": 0}
-    import hashlib
-
-    (row,) = spark.read.format("delta").load(table_path(cfg, CROPS)).collect()
-    assert row.image_id == hashlib.sha256(data).hexdigest()
+    assert record["counts"] == {"read": 2, "written": 1, "already_present": 0, "quarantined": 1, "identity_conflicts": 1}
+    (crop,) = spark.read.format("delta").load(table_path(cfg, CROPS)).collect()
+    (q,) = spark.read.format("delta").load(table_path(cfg, QUARANTINE)).collect()
+    assert crop.identity == "a" and (q.reason, q.source_path.endswith("/b/x.png")) == ("identity_conflict", True)
+    assert q.detail == f"same bytes as {crop.source_path} labelled a"
+    # a later batch with the same bytes under a third identity conflicts with the stored crop
+    (tmp_path / "later" / "c").mkdir(parents=True)
+    (tmp_path / "later" / "c" / "y.png").write_bytes(data)
+    later = run_ingest(spark, make_cfg(f"ingest.input_path={tmp_path / 'later'}", f"storage.root={cfg.storage.root}",
+                                       f"storage.database={cfg.storage.database}"))
+    assert later["counts"]["identity_conflicts"] == 1 and later["counts"]["written"] == 0
 
 
 def test_identity_from_folder_can_be_off(spark, make_cfg, folder_50) -> None:
@@ -137,7 +159,7 @@ def test_parquet_input(spark, make_cfg, tmp_path: Path) -> None:
         "ingest.path_column=uri", "ingest.identity_column=person",
     )
     record = run_ingest(spark, cfg)
-    assert record["counts"] == {"read": 4, "written": 2, "already_present": 0, "quarantined": 2}
+    assert record["counts"] == {"read": 4, "written": 2, "already_present": 0, "quarantined": 2, "identity_conflicts": 0}
     crops = spark.read.format("delta").load(table_path(cfg, CROPS))
     assert sorted((r.source_path, r.identity, r.width, r.height) for r in crops.collect()) == [
         ("s3://b/1.png", "ann", 12, 8),

@@ -10,7 +10,6 @@ import pytest
 
 from ers_spark.pipeline import run_pipeline
 from ers_spark.lake.contracts import ALL_TABLES, CLEANED, CROPS, EMBEDDINGS, SCORES, UI_CENTROIDS
-from ers_spark.demo import write_demo_input
 from ers_spark.lake.tables import table_path, table_version
 from ers_spark.sql import run_sql
 
@@ -27,22 +26,6 @@ def readme_sql_queries() -> list[str]:
         if line.startswith("ers-spark sql "):
             queries.append(shlex.split(line)[2])
     return queries
-
-
-@pytest.fixture(scope="module")
-def demo_lake(spark, tmp_path_factory):
-    """The demo input run through every stage once (module-scoped: the slow part of the suite)."""
-    from ers_spark.config import load_config
-
-    folder = tmp_path_factory.mktemp("demo")
-    src = write_demo_input(folder / "input")
-    cfg = load_config(overrides=[
-        f"storage.root={folder / 'lake'}", "storage.database=ers_demo_test", "spark.shuffle_partitions=2",
-        f"spark.checkpoint_dir={folder / 'ckpt'}", f"ingest.input_path={src}", "ingest.input_format=parquet",
-        "ingest.path_column=path", "ingest.identity_column=identity", "locate_ui.kmeans_cells=4",
-    ])
-    records = run_pipeline(cfg)
-    return cfg, records
 
 
 def test_demo_pipeline_writes_every_table(spark, demo_lake, capsys) -> None:

@@ -35,6 +35,20 @@ def _table(spark, cfg, contract):
     return spark.read.format("delta").load(table_path(cfg, contract))
 
 
+def test_enhanced_embedding_is_null_for_a_row_on_the_uic(spark, make_cfg, dataset) -> None:
+    """A crop whose embedding is the UIC itself has no enhanced feature: null, and the job goes on."""
+    cfg = make_cfg("score.gamma=0.5", "score.enhanced=true")
+    ids = dataset["ids"][:5] + ["on_the_uic"]
+    emb = np.vstack([dataset["emb"][:5], dataset["uic"][None, :]])
+    write_embeddings(spark, cfg, ids, emb)
+    write_uic(spark, cfg, dataset["uic"], dataset["ui_members"][:3])
+    assert run_score(spark, cfg)["counts"]["scored"] == 6
+    scores = _table(spark, cfg, SCORES).toPandas().set_index("image_id")
+    assert scores.loc["on_the_uic", "enhanced_embedding"] is None
+    assert scores.loc["on_the_uic", "ers"] < 1e-5 and not scores.loc["on_the_uic", "recognizable"]
+    assert scores.drop(index="on_the_uic")["enhanced_embedding"].notna().all()
+
+
 def test_score_fixed_gamma_matches_numpy(spark, make_cfg, dataset) -> None:
     cfg = make_cfg("score.gamma=0.5", "score.enhanced=true")
     write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])

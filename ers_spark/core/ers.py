@@ -252,30 +252,41 @@ def pool_set(embeddings: npt.ArrayLike, ers: npt.ArrayLike) -> F32:
     return ui_centroid_from_sum(w @ emb)
 
 
-def enhance_embeddings(embeddings: npt.ArrayLike, uic: npt.ArrayLike) -> F32:
+def enhance_embeddings(embeddings: npt.ArrayLike, uic: npt.ArrayLike, *, parallel: str = "raise") -> F32:
     """ERS-enhanced features: remove the UIC component, ``f - <f,u> u``, renormalised.
 
     Removing the direction shared by all unrecognizable images makes their
     similarity to every gallery identity less spurious.
 
-    Raises ValueError if a row is (numerically) parallel to the UIC.
+    Parameters
+    ----------
+    parallel : {"raise", "nan"}
+        What a row (numerically) parallel to the UIC gets, which has no direction left
+        once the UIC component is removed: a ValueError, or a row of NaN (the score stage
+        stores it as null; such a row has ERS ~0 and is unrecognizable anyway).
 
     Examples
     --------
     >>> enhance_embeddings([[1.0, 1.0]], [1.0, 0.0]).tolist()
     [[0.0, 1.0]]
+    >>> enhance_embeddings([[2.0, 0.0], [1.0, 1.0]], [1.0, 0.0], parallel="nan").tolist()
+    [[nan, nan], [0.0, 1.0]]
     """
+    if parallel not in ("raise", "nan"):
+        raise ValueError(f"enhance_embeddings: parallel must be 'raise' or 'nan', got {parallel!r}")
     emb = normalize_rows(embeddings).astype(np.float64)
     u = _unit_vector(uic, "uic")
     _check_dims(emb, u, "enhance_embeddings")
     proj = emb - np.outer(emb @ u, u)
     norms = np.linalg.norm(proj, axis=1)
     bad = norms < 1e-6
-    if bad.any():
+    if bad.any() and parallel == "raise":
         raise ValueError(
             f"enhance_embeddings: {int(bad.sum())} of {emb.shape[0]} rows are parallel to the uic"
         )
-    out: F32 = (proj / norms[:, None]).astype(np.float32)
+    safe = np.where(bad, 1.0, norms)
+    out: F32 = (proj / safe[:, None]).astype(np.float32)
+    out[bad] = np.nan
     return out
 
 

@@ -81,6 +81,7 @@ REASON_EMBED_FAILED = "embed_failed"
 REASON_UNRECOGNIZABLE = "unrecognizable"
 REASON_LABEL_NOISE = "label_noise"
 REASON_NO_FACE = "no_face"
+REASON_IDENTITY_CONFLICT = "identity_conflict"  # same bytes as a crop labelled with another identity
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ unrecognizable under a new UIC leave it), and in = cleaned + quarantined, always
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -52,6 +53,7 @@ from ers_spark.lake.contracts import (
 from ers_spark.lake.tables import StageRun, ensure_table, latest_model, merge_sync, quarantine_rows, read_table, table_version
 
 STAGE_NAME = "clean"
+log = logging.getLogger(__name__)
 IMPOSTOR_PERCENTILE = 1.0
 
 
@@ -197,5 +199,5 @@ def run_clean(spark: SparkSession, cfg: ErsConfig) -> dict:
         "quarantine_changed": sum(quarantine_changes.values()),
     }
     if threshold is not None:
-        print(f"clean: label-noise angle threshold {threshold:.1f} deg")
+        log.info(f"clean: label-noise angle threshold {threshold:.1f} deg")
     return run.finish(spark, cfg, outputs=(CLEANED, QUARANTINE))

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, IntegerType, StringType, StructField, StructType
 
@@ -33,12 +34,13 @@ from ers_spark.lake.contracts import (
     QUARANTINE,
     REASON,
     REASON_EMPTY,
+    REASON_IDENTITY_CONFLICT,
     REASON_UNDECODABLE,
     SOURCE_PATH,
     WIDTH,
     check_columns,
 )
-from ers_spark.lake.tables import StageRun, merge_insert_new, quarantine_rows
+from ers_spark.lake.tables import StageRun, merge_insert_new, quarantine_rows, read_table, table_exists
 
 STAGE_NAME = "ingest"
 
@@ -188,6 +190,36 @@ def _empty_files(spark: SparkSession, listed: list[str], probed: DataFrame) -> D
     )
 
 
+def split_identity_conflicts(spark: SparkSession, cfg: ErsConfig, good: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """(crops to MERGE, identity conflicts to quarantine) from the decodable input rows.
+
+    The same bytes under two identities is a labelling error that a MERGE on image_id would
+    hide as ``already_present``. Within the input, the row with the smallest path keeps its
+    image_id; a row whose identity differs from it, or from the identity already stored for
+    those bytes, goes to quarantine as ``identity_conflict`` (unlabelled rows never conflict).
+    """
+    first = Window.partitionBy(IMAGE_ID).orderBy(F.col(SOURCE_PATH).asc_nulls_last())
+    ranked = good.withColumn("_kept_path", F.first(SOURCE_PATH).over(first)).withColumn(
+        "_kept_identity", F.first(IDENTITY, ignorenulls=False).over(first)
+    )
+    if table_exists(spark, cfg, CROPS):
+        stored = read_table(spark, cfg, CROPS).where(F.col(PARENT_IMAGE_ID).isNull()).select(
+            IMAGE_ID, F.col(SOURCE_PATH).alias("_stored_path"), F.col(IDENTITY).alias("_stored_identity")
+        ).dropDuplicates([IMAGE_ID])
+        ranked = ranked.join(stored, IMAGE_ID, "left")
+        ranked = ranked.withColumn("_kept_path", F.coalesce("_stored_path", "_kept_path")).withColumn(
+            "_kept_identity", F.when(F.col("_stored_path").isNotNull(), F.col("_stored_identity")).otherwise(
+                F.col("_kept_identity"))
+        )
+    conflict = (
+        F.col(IDENTITY).isNotNull() & F.col("_kept_identity").isNotNull() & (F.col(IDENTITY) != F.col("_kept_identity"))
+    )
+    detail = F.concat(F.lit("same bytes as "), F.col("_kept_path"), F.lit(" labelled "), F.col("_kept_identity"))
+    conflicts = ranked.where(conflict).withColumn(REASON, F.lit(REASON_IDENTITY_CONFLICT)).withColumn(DETAIL, detail)
+    keep = ranked.where(~conflict | F.col(IDENTITY).isNull() | F.col("_kept_identity").isNull())
+    return keep.select(good.columns), conflicts
+
+
 def run_ingest(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the ingest stage; its counts add up: read = written + already_present + quarantined."""
     params = IngestParams.from_config(cfg)
@@ -218,11 +250,16 @@ def run_ingest(spark: SparkSession, cfg: ErsConfig) -> dict:
             BYTES,
             now.alias(INGESTED_AT),
         )
+        good, conflicts = split_identity_conflicts(spark, cfg, good)
+        conflicts = conflicts.persist(StorageLevel.MEMORY_AND_DISK)
+        conflicted = conflicts.count()
         bad = quarantine_rows(
             everything.where(F.col(REASON).isNotNull()), STAGE_NAME, F.col(REASON), F.col(DETAIL)
-        )
+        ).unionByName(quarantine_rows(conflicts, STAGE_NAME, F.col(REASON), F.col(DETAIL)))
+        quarantined_rows += conflicted
         written = merge_insert_new(spark, cfg, CROPS, good)
         merge_insert_new(spark, cfg, QUARANTINE, bad)
+        conflicts.unpersist()
     finally:
         probed.unpersist()
     run.counts = {
@@ -230,5 +267,6 @@ def run_ingest(spark: SparkSession, cfg: ErsConfig) -> dict:
         "written": written,
         "already_present": read - quarantined_rows - written,
         "quarantined": quarantined_rows,
+        "identity_conflicts": conflicted,
     }
     return run.finish(spark, cfg, outputs=(CROPS, QUARANTINE))

@@ -27,6 +27,7 @@ Nothing is written when no dominant cluster is found (:class:`ClusteringError`).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
@@ -75,6 +76,7 @@ __all__ = [
 ]
 
 STAGE_NAME = "locate-ui"
+log = logging.getLogger(__name__)
 KMEANS_MAX_ITER = 10  # coarse cells only need to be roughly balanced, not converged
 CC_MAX_ITER = 64  # large-star/small-star converges in O(log n) rounds; a guard, not a tuning knob
 
@@ -252,9 +254,8 @@ def check_dominance(top_sizes: list[int], n_rows: int, ratio: float, min_share: 
 
 
 def _print_size_table(table: list[tuple[float, list[int]]]) -> None:
-    print("locate-ui: top cluster sizes per eps (exact single linkage on the eps sample)", flush=True)
-    for eps, sizes in table:
-        print(f"  eps={eps:.4g}\ttop sizes {sizes}", flush=True)
+    lines = "".join(f"\n  eps={eps:.4g}\ttop sizes {sizes}" for eps, sizes in table)
+    log.info("locate-ui: top cluster sizes per eps (exact single linkage on the eps sample)%s", lines)
 
 
 # --------------------------------------------------------------------------- input
@@ -493,7 +494,7 @@ def _graph(
 
 
 def _print_cluster_table(eps: float, top_sizes: list[int], n_rows: int) -> None:
-    print(f"locate-ui: eps={eps:.4g} on {n_rows} rows: top cluster sizes {top_sizes}", flush=True)
+    log.info(f"locate-ui: eps={eps:.4g} on {n_rows} rows: top cluster sizes {top_sizes}")
 
 
 # --------------------------------------------------------------------------- sample-hac method
@@ -587,7 +588,7 @@ def _from_members(
         )
     finally:
         members.unpersist()
-    print(f"locate-ui: UIC {uic_id} from {n} of {stored_count} stored members of {old_id}", flush=True)
+    log.info(f"locate-ui: UIC {uic_id} from {n} of {stored_count} stored members of {old_id}")
     run.params.update(uic_id=uic_id, eps_used=old[EPS])
     run.counts = {"stored_members": stored_count, "members": n, "missing_embeddings": stored_count - n}
     return run.finish(spark, cfg, outputs=(UI_CENTROIDS, UI_MEMBERS))
@@ -656,10 +657,7 @@ def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
     name, model_version, seen = latest_model(emb_all)
     run.params.update(model_name=name, model_version=model_version, models_in_table=seen)
     if len(seen) > 1:
-        print(
-            f"locate-ui: embeddings table holds {len(seen)} models; using the latest, {name} {model_version}",
-            flush=True,
-        )
+        log.warning("locate-ui: embeddings table holds %d models; using the latest, %s %s", len(seen), name, model_version)
     run.input_versions = {EMBEDDINGS.name: version}
     emb = emb_all.where((F.col(MODEL_NAME) == name) & (F.col(MODEL_VERSION) == model_version))
     if params.from_members:
@@ -667,10 +665,9 @@ def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
     if not cfg.locate_ui.recompute:
         existing = _existing_uic(spark, cfg, (name, model_version), version, params)
         if existing is not None:
-            print(
+            log.info(
                 f"locate-ui: UIC {existing[UIC_ID]} was already computed from embeddings version {version} "
-                f"with method {params.method}; reusing it (locate_ui.recompute=true clusters again)",
-                flush=True,
+                f"with method {params.method}; reusing it (locate_ui.recompute=true clusters again)"
             )
             run.params.update(uic_id=existing[UIC_ID], eps_used=existing[EPS], reused=True)
             run.counts = {"input_rows": 0, "members": int(existing[MEMBER_COUNT]), "reused": 1}
@@ -688,7 +685,7 @@ def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
             choice = choose_eps(xs, params.eps_grid, params.dominance_ratio, params.min_share)
             _print_size_table(choice.size_table)
             eps, eps_source = choice.eps, f"grid on {xs.shape[0]} sampled rows"
-            print(f"locate-ui: chose eps={eps:.4g}", flush=True)
+            log.info(f"locate-ui: chose eps={eps:.4g}")
         if params.method == "graph":
             result = _graph(spark, points, n_rows, eps, params)
         else:
@@ -708,10 +705,9 @@ def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
             members.unpersist()
     finally:
         points.unpersist()
-    print(
+    log.info(
         f"locate-ui: UIC {uic_id}: {n_members} members ({params.method}, eps={eps:.4g}), "
-        f"mean member distance {mean_dist:.4f}",
-        flush=True,
+        f"mean member distance {mean_dist:.4f}"
     )
     run.params.update(uic_id=uic_id, eps_used=eps, eps_source=eps_source, top_cluster_sizes=result.top_sizes)
     run.counts = {"input_rows": n_rows, "members": n_members, **result.counts}

@@ -12,6 +12,7 @@ readable through Delta time travel.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -57,6 +58,7 @@ from ers_spark.lake.tables import (
 )
 
 STAGE_NAME = "score"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,9 @@ def enhanced_udf(uic: np.ndarray):
 
     def enhance(embeddings: pd.Series) -> pd.Series:
         emb = np.stack(embeddings.to_numpy()).astype(np.float32)
-        out = ers_math.enhance_embeddings(emb, uic)
-        return pd.Series(list(out))
+        # a row parallel to the UIC has no direction left: null (it scores ERS ~0, unrecognizable)
+        out = ers_math.enhance_embeddings(emb, uic, parallel="nan")
+        return pd.Series([None if np.isnan(row[0]) else row for row in out])
 
     return F.pandas_udf(enhance, ArrayType(FloatType()))  # type: ignore[call-overload]
 
@@ -246,7 +249,7 @@ def run_score(spark: SparkSession, cfg: ErsConfig) -> dict:
         calibration = calibrate_gamma(spark, cfg, embeddings, centroid, params)
         gamma, method = calibration.gamma, calibration.method
         store_gamma(spark, cfg, centroid, gamma, method)
-        print(f"score: calibrated gamma = {gamma:.4f} ({method}; frr={calibration.frr:.3f}, far={calibration.far:.3f})")
+        log.info(f"score: calibrated gamma = {gamma:.4f} ({method}; frr={calibration.frr:.3f}, far={calibration.far:.3f})")
     run.params.update(gamma=gamma, gamma_method=method)
     scores = score_dataframe(embeddings, centroid, gamma, params.enhanced)
     ensure_table(
