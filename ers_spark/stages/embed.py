@@ -323,7 +323,7 @@ def make_embed_batches(params: EmbedParams):
 
     def embed_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         embedder = get_embedder(params, task_device(params))
-        runtime: str | None = task_runtime(embedder, local_model_path(params))
+        runtime: str | None = task_runtime(embedder, embedder.model_path)  # the copy it was opened from
         dim = params.spec.embedding_dim
         rows = failed_rows = 0
         first_reason = None
