@@ -9,9 +9,12 @@ broken models, CUDA asked for and missing.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,12 +34,33 @@ DEMO_OVERRIDES = ("ingest.input_format=parquet", "ingest.path_column=path", "ing
 STAGES = ["ingest", "embed", "locate-ui", "score", "clean"]
 
 
+def delta_jars_folder() -> Path:
+    """Delta's jars as ``deploy/fetch_jars.sh`` fetches them, kept between runs under ~/.cache/ers-spark.
+
+    The first run on a machine runs the script (about a minute of downloads); later runs reuse its output.
+    """
+    from ers_spark.config import load_config
+
+    packages = load_config().spark.packages
+    key = hashlib.sha256(json.dumps(sorted(packages)).encode()).hexdigest()[:16]
+    folder = Path.home() / ".cache" / "ers-spark" / f"test-jars-{key}"
+    if (folder / "COMPLETE").exists():
+        return folder
+    staging = Path(tempfile.mkdtemp(prefix="ers-jars-", dir=folder.parent if folder.parent.exists() else None))
+    fetched = subprocess.run([str(REPO / "deploy" / "fetch_jars.sh"), str(staging)], capture_output=True, text=True)
+    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    assert any(jar.name.startswith("io.delta_delta-spark") for jar in staging.glob("*.jar")), fetched.stdout
+    (staging / "COMPLETE").write_text(json.dumps(packages))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.move(str(staging), folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("standalone")
-    jars = root / "jars"
-    fetched = subprocess.run([str(REPO / "deploy" / "fetch_jars.sh"), str(jars)], capture_output=True, text=True)
-    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    jars = delta_jars_folder()
     packaged = subprocess.run([str(REPO / "deploy" / "package.sh"), str(root / "dist")], capture_output=True, text=True)
     assert packaged.returncode == 0, packaged.stderr
     extra_env = {"ERS_SPARK_JARS_DIR": str(jars), "ERS_SPARK_ZIP": str(root / "dist" / "ers_spark.zip")}
@@ -107,37 +131,6 @@ def test_executors_use_shipped_code_and_their_own_model_copy(cluster, cluster_ru
     assert sum(runtime["tasks_by_device"].values()) >= 1
 
 
-JOB_SCRIPTS = ["ingest", "embed", "locate_ui", "score", "clean", "demo"]
-
-
-@pytest.fixture(scope="module")
-def every_job_rerun(spark, cluster, demo_lake, cluster_run, tmp_path_factory) -> tuple[dict, dict, list[dict]]:
-    """Each stage script, then jobs/demo.py, on the cluster's lake (spark-submit, one JVM: tests/job_batch.py)."""
-    root, _ = cluster_run
-    home = tmp_path_factory.mktemp("home")  # the demo writes its input under $HOME/.ers-spark/demo
-    before = {t: _read(spark, root, t).count() for t in ("crops", "embeddings", "scores", "cleaned")}
-    args = _overrides(root, Path(demo_lake[0].ingest.input_path))
-    result, runs = cluster.submit_batch([(job, args) for job in JOB_SCRIPTS], env={"HOME": str(home)})
-    _ok(result)
-    after = {t: _read(spark, root, t).count() for t in before}
-    return before, after, [r for r in result.json_lines()]
-
-
-@pytest.mark.parametrize("job", JOB_SCRIPTS)
-def test_each_job_script_runs_under_spark_submit(every_job_rerun, job) -> None:
-    """Every jobs/*.py under spark-submit on the cluster's lake: it runs and changes nothing (re-runs are no-ops)."""
-    before, after, records = every_job_rerun
-    assert after == before
-    stage_records = records[:5] if job != "demo" else records[5:]
-    expected = STAGES if job == "demo" else [STAGES[JOB_SCRIPTS.index(job)]]
-    got = [r for r in stage_records if r["stage"] in expected]
-    assert [r["stage"] for r in got] == expected
-    for record in got:
-        written = {"ingest": "written", "embed": "written", "score": "inserted", "clean": "cleaned_changed"}
-        if record["stage"] in written:
-            assert record["counts"][written[record["stage"]]] == 0, record
-
-
 def _corrupt_files(folder: Path, count: int) -> list[str]:
     garbage = [b"", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"<html>not an image</html>", b"GIF89a"]
     paths = []
@@ -160,78 +153,6 @@ def _image_folder(folder: Path, ids: range) -> Path:
     for i in ids:
         (folder / f"img{i:05d}.png").write_bytes(_noise_png(i))
     return folder
-
-
-def test_worker_killed_during_embed_and_corrupt_files(spark, cluster, tmp_path) -> None:
-    """Faults (a) and (d): 1,000 images plus 5% corrupt files; ingest quarantines exactly the corrupt
-    ones with their reason; one worker is SIGKILLed while embed runs, and the job finishes on the
-    other with exactly one embedding per crop."""
-    root = tmp_path / "lake"
-    n = 1000
-    folder = _image_folder(tmp_path / "faces", range(n))
-    corrupt = _corrupt_files(folder, n * 5 // 95)
-    (ingest,) = _ok(cluster.submit("ingest", f"storage.root={root}", f"ingest.input_path={folder}",
-                                   "spark.hive_metastore=false", "spark.shuffle_partitions=4")).json_lines()
-    assert ingest["counts"] == {"read": n + len(corrupt), "written": n, "already_present": 0,
-                                "quarantined": len(corrupt), "identity_conflicts": 0}
-    quarantined = _read(spark, root, QUARANTINE.name).toPandas()
-    assert sorted(quarantined.source_path.str.replace("file:", "")) == sorted(corrupt)
-    assert set(quarantined.reason) == {"undecodable", "empty_file"} and quarantined.detail.notna().all()
-    killed: dict[str, int] = {}
-
-    def kill_when_worker0_embeds() -> None:
-        """Kill worker 0 once one of its executor's Python workers has the model runtime loaded."""
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            if cluster.python_workers_with_model_runtime(0):
-                killed["pid"] = cluster.kill_worker(0)
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=kill_when_worker0_embeds, daemon=True)
-    watcher.start()
-    try:
-        result = cluster.submit("embed", f"storage.root={root}", "spark.hive_metastore=false", "spark.shuffle_partitions=4",
-                                "spark.arrow_max_records_per_batch=64", conf={"spark.sql.files.maxPartitionBytes": "256k"})
-        watcher.join(timeout=5)
-        _ok(result)
-        assert killed, "worker 0 never received the model: the kill did not happen during embed"
-        (record,) = result.json_lines()
-        assert record["counts"]["written"] == n and record["counts"]["quarantined"] == 0
-        embeddings = _read(spark, root, EMBEDDINGS.name)
-        assert embeddings.count() == embeddings.select("image_id").distinct().count() == n
-        assert "lost" in result.stderr.lower()  # the driver saw the executor go
-        assert _quarantined(spark, root, "embed") == 0
-        print(f"worker kill: {n} crops embedded once each after killing pid {killed['pid']}; "
-              f"tasks by device {record['runtime']['tasks_by_device']}")
-    finally:
-        cluster.ensure_workers()
-
-
-def test_concurrent_ingests_end_as_the_union(spark, cluster, tmp_path) -> None:
-    """Fault (b): two ingests of overlapping folders at the same time: crops = union, no duplicates."""
-    root = tmp_path / "lake"
-    # one person's photos in two overlapping folders: 50 images in both (same bytes and identity, other paths)
-    first = _image_folder(tmp_path / "a" / "person", range(0, 150)).parent
-    second = _image_folder(tmp_path / "b" / "person", range(100, 250)).parent
-    args = [f"storage.root={root}", "spark.hive_metastore=false", "spark.shuffle_partitions=4"]
-    conf = {"spark.cores.max": "1"}
-    procs = [
-        subprocess.Popen(cluster.submit_args("ingest", *args, f"ingest.input_path={folder}", conf=conf),
-                         cwd=cluster.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=cluster._env())
-        for folder in (first, second)
-    ]
-    outputs = [p.communicate(timeout=400) for p in procs]
-    for proc, (out, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-4000:]
-    crops = _read(spark, root, CROPS.name)
-    assert crops.count() == crops.select("image_id").distinct().count() == 250
-    records = [json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith('{"')]
-    assert sum(r["counts"]["written"] for r in records) == 250
-    # a conflict, when the two commits met, was retried rather than fatal
-    retried = sum(err.count("concurrent write") for _, err in outputs)
-    print(f"concurrent ingests: write-conflict retries {retried}")
 
 
 def _spec(path: Path, model: Path, **changes) -> Path:
@@ -257,20 +178,19 @@ def _broken_models(folder: Path) -> dict[str, Path]:
     }
 
 
+JOB_SCRIPTS = ["ingest", "embed", "locate_ui", "score", "clean", "demo"]
 BROKEN = {"corrupt_file": "cannot load ONNX model", "wrong_input_shape": "has shape", "wrong_output_dim": "-D embeddings"}
+FAULT_CASES = [*BROKEN, "cuda", "auto"]
 # every task gets one of the workers' (fake) GPUs; a failing task is tried twice, not four times
 GPU_CONF = {"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1",
             "spark.task.maxFailures": "2"}
 
 
-@pytest.fixture(scope="module")
-def model_faults(spark, cluster, tmp_path_factory) -> tuple[Path, dict[str, dict], list[dict]]:
-    """One spark-submit on the cluster, GPUs requested, running jobs/embed.py five times (tests/job_batch.py):
-    three broken models, then embed.device=cuda (no CUDA provider here), then embed.device=auto."""
+def _model_fault_runs(spark, root: Path) -> list[tuple[str, list[str]]]:
+    """jobs/embed.py on a 40-crop lake: three broken models, embed.device=cuda (no CUDA provider here), auto."""
     from ers_spark.config import load_config
     from ers_spark.stages.ingest import run_ingest
 
-    root = tmp_path_factory.mktemp("model_faults")
     lake = root / "lake"
     folder = _image_folder(root / "faces", range(40))
     run_ingest(spark, load_config(overrides=[f"storage.root={lake}", "storage.database=ers_model_faults",
@@ -278,38 +198,152 @@ def model_faults(spark, cluster, tmp_path_factory) -> tuple[Path, dict[str, dict
     base = [f"storage.root={lake}", "spark.hive_metastore=false", "spark.shuffle_partitions=2"]
     specs = _broken_models(root)
     plan = [("embed", [*base, f"embed.model={specs[case]}"]) for case in BROKEN]
-    plan += [("embed", [*base, "embed.device=cuda"]), ("embed", [*base, "embed.device=auto"])]
-    result, runs = cluster.submit_batch(plan, conf=GPU_CONF)
+    return plan + [("embed", [*base, "embed.device=cuda"]), ("embed", [*base, "embed.device=auto"])]
+
+
+@pytest.fixture(scope="module")
+def job_batch(spark, cluster, demo_lake, cluster_run, tmp_path_factory) -> dict:
+    """One spark-submit on the cluster with GPUs requested (tests/job_batch.py: one JVM) running, in order,
+    every jobs/*.py again on the cluster run's lake (re-runs, which must change nothing), then the model
+    faults of :func:`_model_fault_runs` on a lake of their own."""
+    root, _ = cluster_run
+    faults_root = tmp_path_factory.mktemp("model_faults")
+    home = tmp_path_factory.mktemp("home")  # the demo writes its input under $HOME/.ers-spark/demo
+    before = {t: _read(spark, root, t).count() for t in ("crops", "embeddings", "scores", "cleaned")}
+    args = _overrides(root, Path(demo_lake[0].ingest.input_path))
+    plan = [(job, args) for job in JOB_SCRIPTS] + _model_fault_runs(spark, faults_root)
+    result, runs = cluster.submit_batch(plan, conf=GPU_CONF, env={"HOME": str(home)})
     assert len(runs) == len(plan), (result.stdout[-3000:], result.stderr[-3000:])
-    by_case = dict(zip([*BROKEN, "cuda", "auto"], runs))
-    return lake, by_case, result.json_lines()
+    after = {t: _read(spark, root, t).count() for t in before}
+    return {"before": before, "after": after, "reruns": dict(zip(JOB_SCRIPTS, runs)),
+            "faults": dict(zip(FAULT_CASES, runs[len(JOB_SCRIPTS):])), "faults_lake": faults_root / "lake"}
+
+
+@pytest.mark.parametrize("job", JOB_SCRIPTS)
+def test_each_job_script_runs_under_spark_submit(job_batch, job) -> None:
+    """Every jobs/*.py under spark-submit on the cluster's lake: it runs and changes nothing (re-runs are no-ops)."""
+    run = job_batch["reruns"][job]
+    assert run["exit"] == 0, run
+    assert job_batch["after"] == job_batch["before"]
+    expected = STAGES if job == "demo" else [STAGES[JOB_SCRIPTS.index(job)]]
+    assert [r["stage"] for r in run["records"]] == expected
+    written = {"ingest": "written", "embed": "written", "score": "inserted", "clean": "cleaned_changed"}
+    for record in run["records"]:
+        if record["stage"] in written:
+            assert record["counts"][written[record["stage"]]] == 0, record
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
-def test_broken_model_fails_the_job(spark, model_faults, case) -> None:
+def test_broken_model_fails_the_job(spark, job_batch, case) -> None:
     """Fault (c): a broken model: exit 2 with one line naming the problem, nothing quarantined."""
-    lake, runs, _ = model_faults
-    assert runs[case]["exit"] == 2, runs[case]
-    (line,) = runs[case]["errors"]
+    run = job_batch["faults"][case]
+    assert run["exit"] == 2, run
+    (line,) = run["errors"]
     assert BROKEN[case] in line
-    assert _quarantined(spark, lake, "embed") == 0
+    assert _quarantined(spark, job_batch["faults_lake"], "embed") == 0
 
 
-def test_cuda_required_but_missing_fails_on_the_executor(spark, model_faults) -> None:
+def test_cuda_required_but_missing_fails_on_the_executor(spark, job_batch) -> None:
     """Fault (c), executor side: Spark gives each task a (fake) GPU, ONNX Runtime here has no CUDA
     provider, embed.device=cuda: the task fails and the job exits 2 in one line; nothing quarantined."""
-    lake, runs, _ = model_faults
-    assert runs["cuda"]["exit"] == 2, runs["cuda"]
-    (line,) = runs["cuda"]["errors"]
+    run = job_batch["faults"]["cuda"]
+    assert run["exit"] == 2, run
+    (line,) = run["errors"]
     assert "CUDAExecutionProvider" in line and "raised on an executor" in line
-    assert _quarantined(spark, lake, "embed") == 0
+    assert _quarantined(spark, job_batch["faults_lake"], "embed") == 0
 
 
-def test_auto_device_reports_the_fallback_per_task(model_faults) -> None:
+def test_auto_device_reports_the_fallback_per_task(job_batch) -> None:
     """embed.device=auto with a (fake) GPU per task: runs on CPU and the run log says so, per task."""
-    _, runs, records = model_faults
-    assert runs["auto"]["exit"] == 0, runs["auto"]
-    (record,) = records  # the only stage that got to write its JSON line
+    run = job_batch["faults"]["auto"]
+    assert run["exit"] == 0, run
+    (record,) = run["records"]
     devices = record["runtime"]["tasks_by_device"]
     assert devices and all(d.startswith("cpu CPUExecutionProvider (gpu ") for d in devices), devices
     assert record["counts"]["written"] == 40
+
+
+UNION = 400  # images in the two ingest folders together; 100 of them in both
+CORRUPT = UNION * 5 // 95  # 5% of all files
+
+
+@pytest.fixture(scope="module")
+def concurrent_ingests(cluster, tmp_path_factory) -> dict:
+    """Faults (b) and (d) together: two ingests started at the same time on overlapping folders of one
+    person's photos (100 images in both: same bytes and identity, other paths), 5% of the files corrupt."""
+    tmp = tmp_path_factory.mktemp("faults")
+    first = _image_folder(tmp / "a" / "person", range(0, 250))
+    second = _image_folder(tmp / "b" / "person", range(150, UNION))
+    corrupt = _corrupt_files(first, CORRUPT // 2) + _corrupt_files(second, CORRUPT - CORRUPT // 2)
+    root = tmp / "lake"
+    args = [f"storage.root={root}", "spark.hive_metastore=false", "spark.shuffle_partitions=4"]
+    procs = [
+        subprocess.Popen(cluster.submit_args("ingest", *args, f"ingest.input_path={folder.parent}",
+                                             conf={"spark.cores.max": "1"}),
+                         cwd=cluster.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster._env())
+        for folder in (first, second)
+    ]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-4000:]
+    records = [json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith('{"')]
+    return {"root": root, "corrupt": corrupt, "records": records, "stderr": [err for _, err in outputs]}
+
+
+def test_concurrent_ingests_end_as_the_union(spark, concurrent_ingests) -> None:
+    """Fault (b): crops = the union, no duplicates; every file of each job is accounted for."""
+    root, records = concurrent_ingests["root"], concurrent_ingests["records"]
+    crops = _read(spark, root, CROPS.name)
+    assert crops.count() == crops.select("image_id").distinct().count() == UNION
+    assert sum(r["counts"]["written"] for r in records) == UNION
+    # every file of both folders was read; the shared ones were written once and found present once
+    assert sum(r["counts"]["read"] for r in records) == 500 + CORRUPT
+    assert sum(r["counts"]["already_present"] for r in records) == 100
+    assert all(r["counts"]["identity_conflicts"] == 0 for r in records)
+    # a conflict, when the two commits met, was retried rather than fatal
+    retried = sum(err.count("concurrent write") for err in concurrent_ingests["stderr"])
+    print(f"concurrent ingests: {UNION} crops from 250 + 250 files; write-conflict retries {retried}")
+
+
+def test_corrupt_files_are_quarantined_with_their_reason(spark, concurrent_ingests) -> None:
+    """Fault (d): exactly the corrupt files are in quarantine, each with its reason and detail."""
+    root, corrupt = concurrent_ingests["root"], concurrent_ingests["corrupt"]
+    assert sum(r["counts"]["quarantined"] for r in concurrent_ingests["records"]) == len(corrupt) == CORRUPT
+    quarantined = _read(spark, root, QUARANTINE.name).toPandas()
+    assert sorted(quarantined.source_path.str.replace("file:", "")) == sorted(corrupt)
+    assert set(quarantined.reason) == {"undecodable", "empty_file"} and quarantined.detail.notna().all()
+
+
+def test_worker_killed_during_embed(spark, cluster, concurrent_ingests) -> None:
+    """Fault (a): one worker is SIGKILLed while embed runs on the ingested lake; the job finishes on
+    the other with exactly one embedding per crop and nothing quarantined."""
+    root = concurrent_ingests["root"]
+    killed: dict[str, int] = {}
+
+    def kill_when_worker0_embeds() -> None:
+        """Kill worker 0 once one of its executor's Python workers has the model runtime loaded."""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            if cluster.python_workers_with_model_runtime(0):
+                killed["pid"] = cluster.kill_worker(0)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_when_worker0_embeds, daemon=True)
+    watcher.start()
+    try:
+        result = cluster.submit("embed", f"storage.root={root}", "spark.hive_metastore=false", "spark.shuffle_partitions=4",
+                                "spark.arrow_max_records_per_batch=32", conf={"spark.sql.files.maxPartitionBytes": "128k"})
+        watcher.join(timeout=5)
+        _ok(result)
+        assert killed, "worker 0 never received the model: the kill did not happen during embed"
+        (record,) = result.json_lines()
+        assert record["counts"]["written"] == UNION and record["counts"]["quarantined"] == 0
+        embeddings = _read(spark, root, EMBEDDINGS.name)
+        assert embeddings.count() == embeddings.select("image_id").distinct().count() == UNION
+        assert "lost" in result.stderr.lower()  # the driver saw the executor go
+        assert _quarantined(spark, root, "embed") == 0
+        print(f"worker kill: {UNION} crops embedded once each after killing pid {killed['pid']}; "
+              f"tasks by device {record['runtime']['tasks_by_device']}")
+    finally:
+        cluster.ensure_workers()
