@@ -15,7 +15,7 @@ import subprocess
 import sys
 from typing import Sequence
 
-from ers_spark.config import ErsConfig, load_config
+from ers_spark.config import load_config
 from ers_spark.errors import ErsUserError, user_error_from_executor
 from ers_spark.pipeline import STAGES, run_pipeline, run_stage
 

@@ -1,10 +1,13 @@
 """The one config loader: a YAML file plus ``key=value`` overrides, typed and validated before Spark starts.
 
-The embedded default is ``conf/local.yaml`` (shipped inside the package as
-``ers_spark/conf/local.yaml``): master ``local[*]`` and Delta tables under a
-local folder. Every key has to be spelled in the YAML schema below; an unknown
-key, a wrong type or a missing required path is a :class:`ConfigError` whose
-one-line message names the key and the file.
+Defaults live in one place: the embedded ``conf/local.yaml`` (shipped inside the
+package as ``ers_spark/conf/local.yaml``; master ``local[*]``, Delta tables under a
+local folder). The dataclasses below declare types and validation only, no
+defaults. A user's file is laid over the embedded one key by key (a key it sets
+replaces the default's value whole; keys it leaves out keep the default), then
+the ``section.key=value`` overrides. An unknown key, a wrong type or a bad value
+is a :class:`ConfigError` whose one-line message names the key and the file; it
+is checked here once, and the stages trust it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import difflib
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,18 +43,18 @@ def embedded_config_path() -> Path:
 class SparkConfig:
     """How the one SparkSession is built (see :mod:`ers_spark.lake.session`)."""
 
-    master: str | None = None
-    app_name_prefix: str = "ers-spark"
-    shuffle_partitions: int = 8
-    arrow_max_records_per_batch: int = 512
-    arrow_max_bytes_per_batch: str = "64m"
-    driver_memory: str | None = None
-    packages: list[str] = field(default_factory=list)
-    jars_dir: str | None = None
-    checkpoint_dir: str = "/tmp/ers-spark/checkpoints"
-    log_level: str = "WARN"
-    hive_metastore: bool = True
-    conf: dict[str, str] = field(default_factory=dict)
+    master: str | None
+    app_name_prefix: str
+    shuffle_partitions: int
+    arrow_max_records_per_batch: int
+    arrow_max_bytes_per_batch: str
+    driver_memory: str | None
+    packages: list[str]
+    jars_dir: str | None
+    checkpoint_dir: str
+    log_level: str
+    hive_metastore: bool
+    conf: dict[str, str]
 
     def validate(self, source: str) -> None:
         if self.shuffle_partitions < 1:
@@ -71,9 +74,9 @@ class SparkConfig:
 class StorageConfig:
     """Where the Delta tables live and how they are registered in the catalog."""
 
-    root: str = "~/.ers-spark/lake"
-    database: str = "ers"
-    warehouse_dir: str | None = None
+    root: str
+    database: str
+    warehouse_dir: str | None
 
     def table_path(self, table: str) -> str:
         root = self.root
@@ -98,14 +101,14 @@ class StorageConfig:
 class IngestConfig:
     """Parameters of the ingest stage (images or Parquet -> crops)."""
 
-    input_path: str | None = None
-    input_format: str = "images"
-    extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "pgm", "gif", "webp"])
-    recursive: bool = True
-    identity_from_folder: bool = True
-    bytes_column: str = "bytes"
-    path_column: str | None = "path"
-    identity_column: str | None = None
+    input_path: str | None
+    input_format: str
+    extensions: list[str]
+    recursive: bool
+    identity_from_folder: bool
+    bytes_column: str
+    path_column: str | None
+    identity_column: str | None
 
     def validate(self, source: str) -> None:
         if self.input_format not in ("images", "parquet"):
@@ -130,15 +133,15 @@ class IngestConfig:
 class EmbedConfig:
     """Parameters of the embed stage (crops -> embeddings)."""
 
-    model: str = "dlib_resnet_v1"
-    backend: str = "onnx"
-    device: str = "auto"
-    batch_size: int = 64
-    intra_op_threads: int = 1
-    fp16: bool = False
-    align: bool = False
-    model_cache_dir: str = "~/.cache/ers-spark/models"
-    max_failed_share: float = 0.5
+    model: str
+    backend: str
+    device: str
+    batch_size: int
+    intra_op_threads: int
+    fp16: bool
+    align: bool
+    model_cache_dir: str
+    max_failed_share: float
 
     def validate(self, source: str) -> None:
         if not 0.0 < self.max_failed_share <= 1.0:
@@ -151,29 +154,31 @@ class EmbedConfig:
             raise ConfigError(f"embed.batch_size must be >= 1, got {self.batch_size} (in {source})")
         if self.intra_op_threads < 0:
             raise ConfigError(f"embed.intra_op_threads must be >= 0, got {self.intra_op_threads} (in {source})")
+        if self.fp16 and self.backend != "torch":
+            raise ConfigError(f"embed.fp16 needs embed.backend=torch (ONNX Runtime runs the fp32 graph) (in {source})")
 
 
 @dataclass(frozen=True)
 class LocateUiConfig:
     """Parameters of locate-ui (embeddings -> ui_centroids, ui_members)."""
 
-    method: str = "graph"
-    eps: float | None = None
-    eps_grid_start: float = 0.05
-    eps_grid_stop: float = 0.5
-    eps_grid_step: float = 0.05
-    dominance_ratio: float = 10.0
-    min_share: float = 0.02
-    grid_sample_rows: int = 5000
-    sample_hac_rows: int = 20000
-    kmeans_cells: int = 16
-    kmeans_sample_rows: int = 50000
-    nprobe: int = 2
-    block_size: int = 2048
-    connected_components: str = "builtin"
-    seed: int = 0
-    from_members: str | None = None
-    recompute: bool = False
+    method: str
+    eps: float | None
+    eps_grid_start: float
+    eps_grid_stop: float
+    eps_grid_step: float
+    dominance_ratio: float
+    min_share: float
+    grid_sample_rows: int
+    sample_hac_rows: int
+    kmeans_cells: int
+    kmeans_sample_rows: int
+    nprobe: int
+    block_size: int
+    connected_components: str
+    seed: int
+    from_members: str | None
+    recompute: bool
 
     def validate(self, source: str) -> None:
         if self.method not in ("graph", "sample-hac"):
@@ -189,8 +194,9 @@ class LocateUiConfig:
             raise ConfigError(f"locate_ui.dominance_ratio must be >= 1, got {self.dominance_ratio} (in {source})")
         if not 0 <= self.min_share <= 1:
             raise ConfigError(f"locate_ui.min_share must be in [0, 1], got {self.min_share} (in {source})")
-        if self.nprobe < 1 or self.kmeans_cells < 1:
-            raise ConfigError(f"locate_ui.nprobe and locate_ui.kmeans_cells must be >= 1 (in {source})")
+        for name in ("grid_sample_rows", "sample_hac_rows", "kmeans_cells", "kmeans_sample_rows", "nprobe", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"locate_ui.{name} must be >= 1, got {getattr(self, name)} (in {source})")
         if self.nprobe > self.kmeans_cells:
             raise ConfigError(
                 f"locate_ui.nprobe ({self.nprobe}) cannot exceed locate_ui.kmeans_cells ({self.kmeans_cells}) (in {source})"
@@ -206,12 +212,12 @@ class LocateUiConfig:
 class ScoreConfig:
     """Parameters of the score stage (embeddings + UIC -> scores)."""
 
-    gamma: float | None = None
-    uic_id: str | None = None
-    calibration: str = "auto"
-    target_far: float = 0.01
-    calibration_sample_rows: int = 20000
-    enhanced: bool = False
+    gamma: float | None
+    uic_id: str | None
+    calibration: str
+    target_far: float
+    calibration_sample_rows: int
+    enhanced: bool
 
     def validate(self, source: str) -> None:
         if self.gamma is not None and not 0 <= self.gamma <= 1:
@@ -233,10 +239,10 @@ class ScoreConfig:
 class CleanConfig:
     """Parameters of the clean stage (scores -> cleaned, quarantine)."""
 
-    label_noise: bool = True
-    subcenters: int = 3
-    max_angle_deg: float | None = None
-    min_identity_size: int = 5
+    label_noise: bool
+    subcenters: int
+    max_angle_deg: float | None
+    min_identity_size: int
 
     def validate(self, source: str) -> None:
         if self.subcenters < 1:
@@ -249,14 +255,14 @@ class CleanConfig:
 class ErsConfig:
     """The whole validated configuration."""
 
-    spark: SparkConfig = field(default_factory=SparkConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    locate_ui: LocateUiConfig = field(default_factory=LocateUiConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    clean: CleanConfig = field(default_factory=CleanConfig)
-    source: str = "<defaults>"
+    spark: SparkConfig
+    storage: StorageConfig
+    ingest: IngestConfig
+    embed: EmbedConfig
+    locate_ui: LocateUiConfig
+    score: ScoreConfig
+    clean: CleanConfig
+    source: str
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -332,7 +338,13 @@ def _build(raw: Mapping[str, Any], source: str) -> ErsConfig:
             if key not in hints:
                 raise ConfigError(_unknown_key_message(f"{name}.{key}", [f"{name}.{k}" for k in hints], source))
             kwargs[key] = _check_type(item, hints[key], f"{name}.{key}", source)
+        missing = [k for k in hints if k not in kwargs]
+        if missing:  # only a config laid over something other than the embedded defaults gets here
+            raise ConfigError(f"config section '{name}' lacks {', '.join(missing)} (in {source})")
         built[name] = section_type(**kwargs)
+    absent = [name for name in sections if name not in built]
+    if absent:
+        raise ConfigError(f"config lacks section(s) {', '.join(absent)} (in {source})")
     cfg = ErsConfig(**built, source=source)
     cfg.validate()
     return cfg
@@ -364,13 +376,40 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> N
         raw[section][key] = value
 
 
+def _read_yaml(path: Any, source: str) -> dict[str, Any]:
+    """One YAML config file as a mapping of sections, or a one-line ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"config file {source} not found; pass --config PATH or omit it to use the embedded default")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {source} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {source} must be a YAML mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def lay_over(defaults: dict[str, Any], user: dict[str, Any], source: str) -> dict[str, Any]:
+    """The user's sections laid over the defaults: a key the user sets replaces the default's value whole."""
+    merged = {name: dict(section or {}) for name, section in defaults.items()}
+    for name, section in user.items():
+        if section is None:
+            continue
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"config section '{name}' must be a mapping (in {source})")
+        merged.setdefault(name, {}).update(section)
+    return merged
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> ErsConfig:
-    """Load and validate a config.
+    """Load and validate a config: the embedded defaults, the user's file laid over them, then overrides.
 
     Parameters
     ----------
     path : str or PathLike, optional
-        YAML file; the embedded default ``conf/local.yaml`` when omitted.
+        YAML file with the keys to change (any subset); the embedded defaults alone when omitted.
     overrides : list of str, optional
         ``section.key=value`` strings applied on top of the file.
 
@@ -379,18 +418,14 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     >>> cfg = load_config(overrides=["storage.root=/tmp/lake", "embed.batch_size=32"])
     >>> cfg.embed.batch_size
     32
+    >>> cfg.embed.device  # not set anywhere but conf/local.yaml
+    'auto'
     """
-    cfg_path = Path(path) if path is not None else embedded_config()
-    source = str(cfg_path)
-    if not cfg_path.is_file():
-        raise ConfigError(f"config file {source} not found; pass --config PATH or omit it to use the embedded default")
-    try:
-        raw = yaml.safe_load(cfg_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {source} is not valid YAML{where}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {source} must be a YAML mapping of sections, got {type(raw).__name__}")
+    embedded = embedded_config()
+    raw = _read_yaml(embedded, str(embedded))
+    source = str(embedded)
+    if path is not None:
+        source = str(path)
+        raw = lay_over(raw, _read_yaml(Path(path), source), source)
     apply_overrides(raw, overrides or [], source)
     return _build(raw, source)

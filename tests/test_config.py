@@ -93,3 +93,53 @@ def test_cli_misspelled_key_exits_2_with_one_line() -> None:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: unknown config key 'ingest.inptu_path'")
     assert "Traceback" not in proc.stderr
+
+
+def test_defaults_live_only_in_the_embedded_file() -> None:
+    """The dataclasses declare no defaults; conf/local.yaml names every key of every section."""
+    import dataclasses
+
+    import yaml
+
+    from ers_spark.config import ErsConfig
+
+    embedded = yaml.safe_load(embedded_config_path().read_text())
+    cfg = load_config()
+    for section in dataclasses.fields(ErsConfig):
+        if section.name == "source":
+            continue
+        fields = dataclasses.fields(getattr(cfg, section.name))
+        with_default = [f.name for f in fields
+                        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+        assert with_default == [], f"{section.name}: defaults belong in conf/local.yaml, not the dataclass"
+        assert sorted(embedded[section.name]) == sorted(f.name for f in fields), section.name
+
+
+def test_user_file_is_laid_over_the_defaults(tmp_path: Path) -> None:
+    conf = tmp_path / "small.yaml"
+    conf.write_text("embed:\n  batch_size: 8\nspark:\n  conf:\n    spark.executor.memory: 8g\n")
+    cfg = load_config(conf)
+    assert cfg.source == str(conf)
+    assert cfg.embed.batch_size == 8
+    assert cfg.embed.device == load_config().embed.device  # a key the file leaves out keeps the default
+    assert cfg.spark.conf == {"spark.executor.memory": "8g"}  # a key the file sets is replaced whole
+    assert cfg.locate_ui == load_config().locate_ui
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("clean.subcenters=0", "clean.subcenters must be >= 1, got 0"),
+        ("score.calibration=guess", "score.calibration must be 'auto', 'identities' or 'unlabelled', got 'guess'"),
+        ("locate_ui.block_size=0", "locate_ui.block_size must be >= 1, got 0"),
+        ("embed.fp16=true", "embed.fp16 needs embed.backend=torch"),
+    ],
+)
+def test_bad_stage_value_is_one_line_exit_2(override: str, message: str) -> None:
+    """A stage never re-validates its parameters: the config's one check gives the one-line exit 2."""
+    stage = override.split(".")[0].replace("_", "-")
+    proc = subprocess.run([sys.executable, "-m", "ers_spark.cli", stage, override],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {message}"), line

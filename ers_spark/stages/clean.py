@@ -69,15 +69,7 @@ class CleanParams:
     @classmethod
     def from_config(cls, cfg: ErsConfig) -> "CleanParams":
         c = cfg.clean
-        params = cls(c.label_noise, c.subcenters, c.max_angle_deg, c.min_identity_size)
-        params.validate()
-        return params
-
-    def validate(self) -> None:
-        if self.subcenters < 1:
-            raise ValueError(f"subcenters must be >= 1, got {self.subcenters}")
-        if self.max_angle_deg is not None and not 0 < self.max_angle_deg <= 180:
-            raise ValueError(f"max_angle_deg must be in (0, 180], got {self.max_angle_deg}")
+        return cls(c.label_noise, c.subcenters, c.max_angle_deg, c.min_identity_size)
 
 
 ANGLE_SCHEMA = StructType(

@@ -65,7 +65,6 @@ from ers_spark.lake.tables import (
     quarantine_rows,
     read_table,
     table_exists,
-    table_path,
     table_version,
 )
 from ers_spark.models.devices import check_onnxruntime, onnxruntime_report, task_cuda_index
@@ -118,7 +117,7 @@ class EmbedParams:
         spec = load_model_spec(emb.model)
         path = resolve_model_file(spec, os.path.expanduser(emb.model_cache_dir))
         digest = file_sha256(path)
-        params = cls(
+        return cls(
             spec=spec,
             model_path=str(path),
             model_sha256=digest,
@@ -130,18 +129,6 @@ class EmbedParams:
             fp16=emb.fp16,
             max_failed_share=emb.max_failed_share,
         )
-        params.validate()
-        return params
-
-    def validate(self) -> None:
-        if self.backend not in ("onnx", "torch"):
-            raise ConfigError(f"embed.backend must be 'onnx' or 'torch', got {self.backend!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"embed.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"embed.batch_size must be >= 1, got {self.batch_size}")
-        if self.fp16 and self.backend != "torch":
-            raise ConfigError("embed.fp16 needs embed.backend=torch (ONNX Runtime runs the fp32 graph)")
 
     def loggable(self) -> dict[str, Any]:
         data = asdict(self)

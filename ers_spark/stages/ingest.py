@@ -102,7 +102,7 @@ class IngestParams:
     @classmethod
     def from_config(cls, cfg: ErsConfig) -> "IngestParams":
         ing: IngestConfig = cfg.ingest
-        params = cls(
+        return cls(
             input_path=ing.require_input(cfg.source),
             input_format=ing.input_format,
             extensions=tuple(e.lower().lstrip(".") for e in ing.extensions),
@@ -112,14 +112,6 @@ class IngestParams:
             path_column=ing.path_column,
             identity_column=ing.identity_column,
         )
-        params.validate()
-        return params
-
-    def validate(self) -> None:
-        if self.input_format not in ("images", "parquet"):
-            raise ValueError(f"input_format must be 'images' or 'parquet', got {self.input_format!r}")
-        if not self.extensions:
-            raise ValueError("extensions must not be empty")
 
     def path_glob(self) -> str:
         """One Hadoop glob matching every extension in either case, e.g. ``*.{jpg,JPG,png,PNG}``."""

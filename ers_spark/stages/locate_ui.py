@@ -120,7 +120,7 @@ class LocateUiParams:
     def from_config(cls, cfg: ErsConfig) -> "LocateUiParams":
         lu: LocateUiConfig = cfg.locate_ui
         grid = np.arange(lu.eps_grid_start, lu.eps_grid_stop + lu.eps_grid_step / 2, lu.eps_grid_step)
-        params = cls(
+        return cls(
             method=lu.method,
             eps=lu.eps,
             eps_grid=tuple(float(round(g, 10)) for g in grid),
@@ -137,25 +137,6 @@ class LocateUiParams:
             seed=int(lu.seed),
             from_members=lu.from_members,
         )
-        params.validate()
-        return params
-
-    def validate(self) -> None:
-        if self.method not in ("graph", "sample-hac"):
-            raise ErsUserError(f"locate_ui.method must be 'graph' or 'sample-hac', got {self.method!r}")
-        if self.eps is not None and not 0 < self.eps < 2:
-            raise ErsUserError(f"locate_ui.eps must be in (0, 2) (cosine distance), got {self.eps}")
-        if not self.eps_grid:
-            raise ErsUserError("locate_ui eps grid is empty: check eps_grid_start/stop/step")
-        for name in ("grid_sample_rows", "sample_hac_rows", "kmeans_cells", "kmeans_sample_rows", "nprobe", "block_size"):
-            if getattr(self, name) < 1:
-                raise ErsUserError(f"locate_ui.{name} must be >= 1, got {getattr(self, name)}")
-        if self.nprobe > self.kmeans_cells:
-            raise ErsUserError(f"locate_ui.nprobe ({self.nprobe}) cannot exceed locate_ui.kmeans_cells")
-        if self.connected_components not in ("builtin", "graphframes"):
-            raise ErsUserError(
-                f"locate_ui.connected_components must be 'builtin' or 'graphframes', got {self.connected_components!r}"
-            )
 
 
 @dataclass(frozen=True)

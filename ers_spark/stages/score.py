@@ -75,15 +75,7 @@ class ScoreParams:
     @classmethod
     def from_config(cls, cfg: ErsConfig) -> "ScoreParams":
         s = cfg.score
-        params = cls(s.gamma, s.uic_id, s.calibration, s.target_far, s.calibration_sample_rows, s.enhanced)
-        params.validate()
-        return params
-
-    def validate(self) -> None:
-        if self.gamma is not None and not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
-        if self.calibration not in ("auto", "identities", "unlabelled"):
-            raise ValueError(f"calibration must be 'auto', 'identities' or 'unlabelled', got {self.calibration!r}")
+        return cls(s.gamma, s.uic_id, s.calibration, s.target_far, s.calibration_sample_rows, s.enhanced)
 
 
 @dataclass(frozen=True)
