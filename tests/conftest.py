@@ -14,6 +14,16 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 _db_counter = itertools.count()
 
 
+JVM_FIXTURES = frozenset({"spark", "demo_lake"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that gets the JVM through a fixture carries the `spark` marker (`-m "not spark"` skips the JVM)."""
+    for item in items:
+        if JVM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.spark)
+
+
 def shared_data_dir(name: str) -> Path:
     """A folder of ../shared/data, or skip the test with the reason."""
     folder = SHARED_DATA / name

@@ -31,6 +31,7 @@ def write_uic(spark, cfg, centroid, members, model=("synthetic", "1"), gamma=Non
     row = (
         uic_id, model[0], model[1], "test", 0.3, len(members), [len(members)], 0.1,
         [float(x) for x in centroid], 0, gamma, "fixed" if gamma is not None else None, T0 + timedelta(minutes=minutes),
+        None, None,  # cluster_params, gamma_params: made outside locate-ui/score, so never reused by them
     )
     append(spark, cfg, UI_CENTROIDS, spark.createDataFrame([row], UI_CENTROIDS.schema))
     merge_insert_new(spark, cfg, UI_MEMBERS, spark.createDataFrame([(uic_id, m) for m in members], UI_MEMBERS.schema))

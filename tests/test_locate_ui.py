@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import datetime, timedelta
@@ -333,3 +334,20 @@ def test_real_faces_degraded_copies_form_the_ui(spark, make_cfg, tmp_path):
     _, members = _stored(spark, cfg, rec["params"]["uic_id"])
     purity = np.mean([m.startswith("degraded/") for m in members])
     assert len(members) >= 0.1 * n and purity >= 0.9, (rec["params"]["eps_used"], len(members), purity)
+
+
+def test_uic_reused_only_with_the_settings_it_was_made_with(spark, make_cfg, vmf):
+    """A UIC is reused for the same embeddings version only when every setting that shapes the cluster
+    is unchanged; a setting that only matters to another method does not force a new clustering."""
+    x, _, ids, _ = vmf
+    cfg = make_cfg(*FAST, "locate_ui.method=sample-hac", f"locate_ui.eps={RECOMMENDED_EPS}")
+    write_embeddings(spark, cfg, x[:400], ids[:400])
+    first = run_locate_ui(spark, cfg)
+    assert "reused" not in first["counts"] and first["params"]["settings_changed"] == []
+    same = run_locate_ui(spark, make_cfg_same(cfg, "locate_ui.kmeans_cells=3", "locate_ui.nprobe=1"))
+    assert same["counts"]["reused"] == 1 and same["params"]["uic_id"] == first["params"]["uic_id"]
+    other = run_locate_ui(spark, make_cfg_same(cfg, "locate_ui.sample_hac_rows=300"))
+    assert "reused" not in other["counts"] and other["params"]["settings_changed"] == ["sample_hac_rows"]
+    assert other["params"]["uic_id"] != first["params"]["uic_id"]
+    row, _ = _stored(spark, cfg, other["params"]["uic_id"])
+    assert json.loads(row["cluster_params"])["sample_hac_rows"] == 300

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,20 @@ def test_calibrate_max_angle_is_impostor_percentile() -> None:
     emb = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
     identity = np.array(["a", "b", "c"])
     assert calibrate_max_angle(centres, np.array(["a", "b", "c"]), emb, identity) == pytest.approx(90.0)
+
+
+def test_stored_gamma_reused_only_with_the_settings_it_was_calibrated_with(spark, make_cfg, dataset) -> None:
+    """A changed score.target_far calibrates gamma again (the run says which setting changed); unchanged reuses it."""
+    cfg = make_cfg("score.target_far=0.05")
+    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
+    uic_id = write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
+    first = run_score(spark, cfg)
+    assert first["params"]["gamma_settings_changed"] == []
+    version = table_version(spark, cfg, UI_CENTROIDS)
+    again = run_score(spark, cfg)
+    assert again["params"]["gamma"] == first["params"]["gamma"] and again["params"]["gamma_settings_changed"] == []
+    assert table_version(spark, cfg, UI_CENTROIDS) == version  # reused: nothing stored again
+    changed = run_score(spark, cfg.with_overrides(["score.target_far=0.2"]))
+    assert changed["params"]["gamma_settings_changed"] == ["target_far"]
+    (row,) = _table(spark, cfg, UI_CENTROIDS).where(f"uic_id = '{uic_id}'").collect()
+    assert json.loads(row.gamma_params)["target_far"] == 0.2 and row.gamma == changed["params"]["gamma"]

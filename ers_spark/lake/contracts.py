@@ -55,6 +55,8 @@ INPUT_VERSION = "input_table_version"
 GAMMA = "gamma"
 GAMMA_METHOD = "gamma_method"
 CREATED_AT = "created_at"
+CLUSTER_PARAMS = "cluster_params"  # JSON: the locate-ui settings a UIC was made with
+GAMMA_PARAMS = "gamma_params"  # JSON: the score settings its stored gamma was calibrated with
 ERS = "ers"
 ERS_RAW = "ers_raw"
 RECOGNIZABLE = "recognizable"
@@ -146,6 +148,8 @@ UI_CENTROIDS = TableContract(
         (GAMMA, DoubleType(), True),
         (GAMMA_METHOD, StringType(), True),
         (CREATED_AT, TimestampType(), False),
+        (CLUSTER_PARAMS, StringType(), True),
+        (GAMMA_PARAMS, StringType(), True),
     ),
     key=(UIC_ID,),
 )

@@ -344,6 +344,28 @@ def _inserted(metrics: DataFrame | None) -> int:
     return int(row["num_inserted_rows"]) if row is not None else 0
 
 
+def settings_json(settings: dict[str, Any]) -> str:
+    """The settings an artefact (a UIC, a gamma) was made with, as stored next to it."""
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def changed_settings(stored: str | None, current: dict[str, Any]) -> list[str]:
+    """Keys whose value differs between the stored settings and the current ones (all keys when none stored).
+
+    Examples
+    --------
+    >>> changed_settings('{"eps": 0.3, "seed": 0}', {"eps": 0.4, "seed": 0})
+    ['eps']
+    >>> changed_settings(None, {"target_far": 0.01})
+    ['target_far']
+    """
+    if stored is None:
+        return sorted(current)
+    before = json.loads(stored)
+    now = json.loads(settings_json(current))
+    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+
+
 def append(spark: SparkSession, cfg: ErsConfig, contract: TableContract, df: DataFrame) -> None:
     """Blind append (the run log); only the table's creation can meet a concurrent writer."""
 

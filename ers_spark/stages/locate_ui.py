@@ -49,6 +49,8 @@ from ers_spark.lake.contracts import (
     EPS,
     GAMMA,
     GAMMA_METHOD,
+    GAMMA_PARAMS,
+    CLUSTER_PARAMS,
     IMAGE_ID,
     INPUT_VERSION,
     MEAN_MEMBER_DISTANCE,
@@ -63,7 +65,17 @@ from ers_spark.lake.contracts import (
 )
 from ers_spark.errors import ClusteringError, ErsUserError
 from ers_spark.core.ers import normalize_rows, ui_centroid_from_sum
-from ers_spark.lake.tables import StageRun, append, latest_model, merge_insert_new, read_table, table_exists, table_version
+from ers_spark.lake.tables import (
+    StageRun,
+    append,
+    changed_settings,
+    latest_model,
+    merge_insert_new,
+    read_table,
+    settings_json,
+    table_exists,
+    table_version,
+)
 from ers_spark.core.neighbours import choose_eps, cluster_sizes, dominant_cluster, eps_spanning_links, exact_single_linkage
 
 __all__ = [
@@ -78,6 +90,7 @@ __all__ = [
 STAGE_NAME = "locate-ui"
 log = logging.getLogger(__name__)
 KMEANS_MAX_ITER = 10  # coarse cells only need to be roughly balanced, not converged
+MAX_UICS_COMPARED = 50  # UICs of one embeddings version looked at for reuse (newest first)
 CC_MAX_ITER = 64  # large-star/small-star converges in O(log n) rounds; a guard, not a tuning knob
 
 # internal column names (never written to a table)
@@ -517,6 +530,7 @@ def _write(
     top_sizes: list[int],
     centroid_sum: F64,
     input_version: int | None,
+    settings: dict[str, Any] | None,
 ) -> tuple[str, F32, float]:
     """Append the UIC row and MERGE its members; members first, so a UIC row always has its members."""
     centroid = ui_centroid_from_sum(centroid_sum)
@@ -537,9 +551,12 @@ def _write(
         INPUT_VERSION: input_version,
         GAMMA: None,
         GAMMA_METHOD: None,
+        CLUSTER_PARAMS: None if settings is None else settings_json(settings),
+        GAMMA_PARAMS: None,
     }
     schema = StructType([f for f in UI_CENTROIDS.schema.fields if f.name != CREATED_AT])
     df = spark.createDataFrame([row], schema).withColumn(CREATED_AT, F.current_timestamp())
+    df = df.select(*UI_CENTROIDS.columns)
     append(spark, cfg, UI_CENTROIDS, df)
     return uic_id, centroid, mean_dist
 
@@ -565,7 +582,7 @@ def _from_members(
         stored_count = stored.count()
         uic_id, _, mean_dist = _write(
             spark, cfg, model=model, method=f"from-members:{old_id}", eps=old[EPS], members=members,
-            member_count=n, top_sizes=[n], centroid_sum=total, input_version=version,
+            member_count=n, top_sizes=[n], centroid_sum=total, input_version=version, settings=None,
         )
     finally:
         members.unpersist()
@@ -578,21 +595,45 @@ def _from_members(
 # --------------------------------------------------------------------------- the stage
 
 
+def cluster_settings(params: LocateUiParams) -> dict[str, Any]:
+    """The settings that decide which cluster a run finds (not those that only change its speed)."""
+    keys = ["method", "eps", "seed"]
+    if params.eps is None:
+        keys += ["eps_grid", "dominance_ratio", "min_share", "grid_sample_rows"]
+    if params.method == "graph":
+        keys += ["kmeans_cells", "kmeans_sample_rows", "kmeans_max_iter", "nprobe"]
+    else:
+        keys += ["sample_hac_rows"]
+    return {k: getattr(params, k) for k in keys}
+
+
 def _existing_uic(
     spark: SparkSession, cfg: ErsConfig, model: tuple[str, str], version: int | None, params: LocateUiParams
-) -> Any:
-    """The newest UIC already computed from this very embeddings version with this method, if any."""
+) -> tuple[Any, list[str]]:
+    """(the newest UIC made from this very embeddings version with these very cluster settings or None,
+    the settings that differ from those of the newest UIC of that version).
+
+    A UIC made with other settings is not reused: the log names the settings that differ.
+    """
     if version is None or not table_exists(spark, cfg, UI_CENTROIDS):
-        return None
-    rows = read_table(spark, cfg, UI_CENTROIDS).where(
-        (F.col(MODEL_NAME) == model[0])
-        & (F.col(MODEL_VERSION) == model[1])
-        & (F.col(INPUT_VERSION) == version)
-        & (F.col(METHOD) == params.method)
+        return None, []
+    rows = (
+        read_table(spark, cfg, UI_CENTROIDS)
+        .where((F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1]) & (F.col(INPUT_VERSION) == version))
+        .orderBy(F.col(CREATED_AT).desc())
+        .select(UIC_ID, EPS, MEMBER_COUNT, CLUSTER_PARAMS)
+        .limit(MAX_UICS_COMPARED)
+        .collect()
     )
-    if params.eps is not None:
-        rows = rows.where(F.abs(F.col(EPS) - F.lit(float(params.eps))) < 1e-12)
-    return rows.orderBy(F.col(CREATED_AT).desc()).first()
+    settings = cluster_settings(params)
+    for row in rows:
+        if not changed_settings(row[CLUSTER_PARAMS], settings):
+            return row, []
+    changed = changed_settings(rows[0][CLUSTER_PARAMS], settings) if rows else []
+    if rows:
+        log.info("locate-ui: UIC %s was made from embeddings version %s with other settings (%s differ); "
+                 "clustering again", rows[0][UIC_ID], version, ", ".join(changed))
+    return None, changed
 
 
 def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
@@ -644,11 +685,12 @@ def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
     if params.from_members:
         return _from_members(spark, cfg, run, emb, (name, model_version), version)
     if not cfg.locate_ui.recompute:
-        existing = _existing_uic(spark, cfg, (name, model_version), version, params)
+        existing, changed = _existing_uic(spark, cfg, (name, model_version), version, params)
+        run.params.update(settings_changed=changed)
         if existing is not None:
             log.info(
                 f"locate-ui: UIC {existing[UIC_ID]} was already computed from embeddings version {version} "
-                f"with method {params.method}; reusing it (locate_ui.recompute=true clusters again)"
+                f"with these settings; reusing it (locate_ui.recompute=true clusters again)"
             )
             run.params.update(uic_id=existing[UIC_ID], eps_used=existing[EPS], reused=True)
             run.counts = {"input_rows": 0, "members": int(existing[MEMBER_COUNT]), "reused": 1}
@@ -680,7 +722,7 @@ def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
             uic_id, _, mean_dist = _write(
                 spark, cfg, model=(name, model_version), method=params.method, eps=eps,
                 members=members.select(IMAGE_ID), member_count=n_members, top_sizes=result.top_sizes,
-                centroid_sum=total, input_version=version,
+                centroid_sum=total, input_version=version, settings=cluster_settings(params),
             )
         finally:
             members.unpersist()

@@ -1,7 +1,8 @@
 """Score stage: broadcast the UI centroid and compute every image's ERS = min(1, 1 - <f_UI, f_i>).
 
 gamma (the recognizability threshold) is per model: a fixed ``score.gamma``
-wins; otherwise the gamma stored with the UIC is reused; otherwise it is
+wins; otherwise the gamma stored with the UIC is reused when it was calibrated
+with the same score settings (else calibrated again: the log names what changed); otherwise it is
 calibrated (with identity labels: the paper's TinyFace procedure, minimum
 false rejects at the target false accept rate when unsure pairs count as
 rejected; without labels: best balanced accuracy between UI members and the
@@ -13,6 +14,7 @@ readable through Delta time travel.
 from __future__ import annotations
 
 import logging
+from typing import Any
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -34,6 +36,7 @@ from ers_spark.lake.contracts import (
     ERS_RAW,
     GAMMA,
     GAMMA_METHOD,
+    GAMMA_PARAMS,
     IDENTITY,
     IMAGE_ID,
     MODEL_NAME,
@@ -48,10 +51,12 @@ from ers_spark.lake.contracts import (
 from ers_spark.errors import ContractError
 from ers_spark.lake.tables import (
     StageRun,
+    changed_settings,
     ensure_table,
     latest_model,
     merge_sync,
     read_table,
+    settings_json,
     table_exists,
     table_path,
     table_version,
@@ -88,6 +93,7 @@ class Centroid:
     vector: np.ndarray
     gamma: float | None
     gamma_method: str | None
+    gamma_settings: str | None
 
 
 def select_centroid(spark: SparkSession, cfg: ErsConfig, model: tuple[str, str], uic_id: str | None) -> Centroid:
@@ -121,6 +127,7 @@ def select_centroid(spark: SparkSession, cfg: ErsConfig, model: tuple[str, str],
         vector=ers_math.normalize_rows(np.asarray([row[CENTROID]], dtype=np.float32))[0],
         gamma=row[GAMMA],
         gamma_method=row[GAMMA_METHOD],
+        gamma_settings=row[GAMMA_PARAMS],
     )
 
 
@@ -212,13 +219,43 @@ def calibrate_gamma(
     return ers_math.calibrate_gamma_unlabelled(ers[is_ui], ers[~is_ui])
 
 
-def store_gamma(spark: SparkSession, cfg: ErsConfig, centroid: Centroid, gamma: float, method: str) -> None:
-    """Write gamma next to its UIC in ui_centroids (one row updated)."""
+def gamma_settings(params: ScoreParams) -> dict[str, Any]:
+    """The settings a calibrated gamma depends on; a stored gamma is reused only when they are unchanged."""
+    return {"calibration": params.calibration, "target_far": params.target_far,
+            "calibration_sample_rows": params.calibration_sample_rows}
+
+
+def store_gamma(spark: SparkSession, cfg: ErsConfig, centroid: Centroid, gamma: float, method: str,
+                settings: dict[str, Any]) -> None:
+    """Write gamma and the settings it was calibrated with next to its UIC in ui_centroids (one row updated)."""
     table = ensure_table(spark, cfg, UI_CENTROIDS)
     table.update(
         condition=F.col(UIC_ID) == centroid.uic_id,
-        set={GAMMA: F.lit(float(gamma)), GAMMA_METHOD: F.lit(method)},
+        set={GAMMA: F.lit(float(gamma)), GAMMA_METHOD: F.lit(method), GAMMA_PARAMS: F.lit(settings_json(settings))},
     )
+
+
+def choose_gamma(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, centroid: Centroid,
+                 params: ScoreParams) -> tuple[float, str, list[str]]:
+    """(gamma, method, settings that changed since the stored gamma was calibrated).
+
+    The configured gamma; else the UIC's stored one if it was calibrated with today's settings; else calibrate.
+    """
+    if params.gamma is not None:
+        return params.gamma, "fixed", []
+    settings = gamma_settings(params)
+    changed: list[str] = []
+    if centroid.gamma is not None:
+        changed = changed_settings(centroid.gamma_settings, settings)
+        if not changed:
+            return float(centroid.gamma), str(centroid.gamma_method), []
+        log.info("score: the gamma stored with UIC %s was calibrated with other settings (%s differ); calibrating again",
+                 centroid.uic_id, ", ".join(changed))
+    calibration = calibrate_gamma(spark, cfg, embeddings, centroid, params)
+    store_gamma(spark, cfg, centroid, calibration.gamma, calibration.method, settings)
+    log.info(f"score: calibrated gamma = {calibration.gamma:.4f} "
+             f"({calibration.method}; frr={calibration.frr:.3f}, far={calibration.far:.3f})")
+    return calibration.gamma, calibration.method, changed
 
 
 def run_score(spark: SparkSession, cfg: ErsConfig) -> dict:
@@ -233,16 +270,8 @@ def run_score(spark: SparkSession, cfg: ErsConfig) -> dict:
         EMBEDDINGS.name: table_version(spark, cfg, EMBEDDINGS),
         UI_CENTROIDS.name: table_version(spark, cfg, UI_CENTROIDS),
     }
-    if params.gamma is not None:
-        gamma, method = params.gamma, "fixed"
-    elif centroid.gamma is not None:
-        gamma, method = float(centroid.gamma), str(centroid.gamma_method)
-    else:
-        calibration = calibrate_gamma(spark, cfg, embeddings, centroid, params)
-        gamma, method = calibration.gamma, calibration.method
-        store_gamma(spark, cfg, centroid, gamma, method)
-        log.info(f"score: calibrated gamma = {gamma:.4f} ({method}; frr={calibration.frr:.3f}, far={calibration.far:.3f})")
-    run.params.update(gamma=gamma, gamma_method=method)
+    gamma, method, changed = choose_gamma(spark, cfg, embeddings, centroid, params)
+    run.params.update(gamma=gamma, gamma_method=method, gamma_settings_changed=changed)
     scores = score_dataframe(embeddings, centroid, gamma, params.enhanced)
     ensure_table(
         spark, cfg, SCORES,
