@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from airflow_support import DAG_FILE, airflow_env, airflow_python, run_airflow_python
@@ -101,29 +100,31 @@ def _opt_in(request: pytest.FixtureRequest) -> None:
         pytest.skip("opt-in (several minutes): python -m pytest -q -m airflow tests/test_airflow_dag.py")
 
 
-def _rows(spark, root: Path, contract) -> pd.DataFrame:
-    """A table's deterministic columns (no timestamps, run/UIC ids, image bytes), sorted by its key."""
-    from pyspark.sql.types import TimestampType
+def _assert_same(spark, contract, got_root: Path, want_root: Path) -> None:
+    """The table in ``got_root`` equals the one in ``want_root``: scalar columns with chispa (floats to 1e-6),
+    vector columns with numpy; timestamps, run/UIC ids and image bytes are left out (they differ by design)."""
+    from chispa import assert_approx_df_equality
+    from pyspark.sql.types import ArrayType, TimestampType
 
-    columns = [f.name for f in contract.schema.fields
-               if f.name not in VOLATILE and not isinstance(f.dataType, TimestampType)]
-    pdf = spark.read.format("delta").load(str(root / contract.name)).select(columns).toPandas()
-    key = [c for c in contract.key if c in columns] or [c for c in columns if pdf[c].dtype == object][:1]
-    return pdf.sort_values(key, na_position="last").reset_index(drop=True)
+    def read(root: Path):
+        return spark.read.format("delta").load(str(root / contract.name))
 
-
-def _assert_same(name: str, got: pd.DataFrame, want: pd.DataFrame) -> None:
-    assert len(got) == len(want), f"{name}: {len(got)} rows, `ers-spark run` left {len(want)}"
-    for column in want.columns:
-        a, b = got[column].to_numpy(), want[column].to_numpy()
-        sample = next((v for v in b if v is not None), None)
-        if isinstance(sample, (np.ndarray, list)):
-            np.testing.assert_allclose(np.stack(a).astype(float), np.stack(b).astype(float), atol=1e-5,
-                                       err_msg=f"{name}.{column}")
-        elif want[column].dtype.kind == "f":
-            np.testing.assert_allclose(a.astype(float), b.astype(float), atol=1e-6, err_msg=f"{name}.{column}")
-        else:
-            assert list(a) == list(b), f"{name}.{column} differs"
+    fields = [f for f in contract.schema.fields if f.name not in VOLATILE and not isinstance(f.dataType, TimestampType)]
+    scalars = [f.name for f in fields if not isinstance(f.dataType, ArrayType)]
+    vectors = [f.name for f in fields if isinstance(f.dataType, ArrayType)]
+    got, want = read(got_root), read(want_root)
+    assert_approx_df_equality(got.select(scalars).orderBy(*scalars), want.select(scalars).orderBy(*scalars),
+                              precision=1e-6, ignore_nullable=True)
+    key = [c for c in contract.key if c in scalars]
+    for column in vectors:
+        a = got.select(*key, column).toPandas().sort_values(key)
+        b = want.select(*key, column).toPandas().sort_values(key)
+        assert list(a[key].itertuples(index=False)) == list(b[key].itertuples(index=False))
+        for va, vb in zip(a[column], b[column]):
+            assert (va is None) == (vb is None), f"{contract.name}.{column}: null in one table only"
+            if va is not None:
+                np.testing.assert_allclose(np.asarray(va, float), np.asarray(vb, float), atol=1e-5,
+                                           err_msg=f"{contract.name}.{column}")
 
 
 @pytest.mark.airflow
@@ -168,8 +169,7 @@ def test_airflow_dags_test_leaves_the_same_tables_as_ers_spark_run(tmp_path: Pat
     for contract in ALL_TABLES.values():
         if contract.name == RUNS.name:
             continue
-        _assert_same(contract.name, _rows(spark, tmp_path / "airflow_lake", contract),
-                     _rows(spark, tmp_path / "run_lake", contract))
+        _assert_same(spark, contract, tmp_path / "airflow_lake", tmp_path / "run_lake")
 
     def stage_counts(root: Path) -> list:
         runs = spark.read.format("delta").load(str(root / RUNS.name)).select("stage", "counts").collect()

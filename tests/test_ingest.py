@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from chispa import assert_df_equality
+from chispa import assert_df_equality
 from PIL import Image
 
 from ers_spark.lake.contracts import CROPS, QUARANTINE
@@ -161,10 +162,10 @@ def test_parquet_input(spark, make_cfg, tmp_path: Path) -> None:
     record = run_ingest(spark, cfg)
     assert record["counts"] == {"read": 4, "written": 2, "already_present": 0, "quarantined": 2, "identity_conflicts": 0}
     crops = spark.read.format("delta").load(table_path(cfg, CROPS))
-    assert sorted((r.source_path, r.identity, r.width, r.height) for r in crops.collect()) == [
-        ("s3://b/1.png", "ann", 12, 8),
-        ("s3://b/2.jpg", "bob", 9, 9),
-    ]
+    expected = spark.createDataFrame([("s3://b/1.png", "ann", 12, 8), ("s3://b/2.jpg", "bob", 9, 9)],
+                                     "source_path string, identity string, width int, height int")
+    assert_df_equality(crops.select("source_path", "identity", "width", "height"), expected,
+                       ignore_row_order=True, ignore_nullable=True)
     reasons = {r.source_path: r.reason for r in spark.read.format("delta").load(table_path(cfg, QUARANTINE)).collect()}
     assert reasons == {"s3://b/3.png": "undecodable", "s3://b/4.png": "empty_file"}
 
