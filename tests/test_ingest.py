@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from chispa import assert_df_equality
-from chispa import assert_df_equality
 from PIL import Image
 
 from ers_spark.lake.contracts import CROPS, QUARANTINE
