@@ -460,6 +460,85 @@ def _pad_to(g: _GraphBuilder, x: str, shape: tuple[int, int, int], target: tuple
     return g.node("Pad", [x, pads], "pad", mode="constant")
 
 
+Shape = tuple[int, int, int]  # (channels, height, width) of one sample
+
+
+def _emit_conv(g: "_GraphBuilder", layer: DlibLayer, following: DlibLayer | None, x: str,
+               shape: Shape) -> tuple[str, Shape, int]:
+    """A convolution (+ ReLU); a per-channel affine right after it is folded into its weights.
+
+    Returns the output, its shape and how many following layers were folded (0 or 1).
+    """
+    a = layer.attrs
+    w = layer.weights["W"].astype(np.float64)
+    b = layer.weights.get("B", np.zeros(w.shape[0], dtype=np.float32)).astype(np.float64)
+    folded = 0
+    if following is not None and following.kind == "affine" and not following.attrs["disabled"]:
+        gamma = following.weights["gamma"].astype(np.float64).ravel()
+        beta = following.weights["beta"].astype(np.float64).ravel()
+        if gamma.size == w.shape[0]:  # per-channel affine: fold into the conv
+            w = w * gamma[:, None, None, None]
+            b = b * gamma + beta
+            folded = 1
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["pad"]
+    x = g.node(
+        "Conv",
+        [x, g.const("W", w.astype(np.float32)), g.const("B", b.astype(np.float32))],
+        "conv", kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, ph, pw],
+    )
+    shape = (w.shape[0], 1 + (shape[1] + 2 * ph - kh) // sh, 1 + (shape[2] + 2 * pw - kw) // sw)
+    if a["use_relu"]:
+        x = g.node("Relu", [x], "relu")
+    return x, shape, folded
+
+
+def _emit_pool(g: "_GraphBuilder", layer: DlibLayer, x: str, shape: Shape) -> tuple[str, Shape]:
+    """avg_pool / max_pool; a zero kernel pools over everything (global pooling)."""
+    a, kind = layer.attrs, layer.kind
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["pad"]
+    if kh == 0 and kw == 0:
+        op = "GlobalAveragePool" if kind == "avg_pool" else "GlobalMaxPool"
+        return g.node(op, [x], "gpool"), (shape[0], 1, 1)
+    kh, kw = kh or shape[1], kw or shape[2]
+    attrs: dict[str, Any] = {"kernel_shape": [kh, kw], "strides": [sh, sw], "pads": [ph, pw, ph, pw]}
+    if kind == "avg_pool":
+        attrs["count_include_pad"] = 0  # dlib averages over the part of the window inside the image
+        x = g.node("AveragePool", [x], "avgpool", **attrs)
+    else:
+        x = g.node("MaxPool", [x], "maxpool", **attrs)
+    return x, (shape[0], 1 + (shape[1] + 2 * ph - kh) // sh, 1 + (shape[2] + 2 * pw - kw) // sw)
+
+
+def _emit_add_prev(g: "_GraphBuilder", x: str, shape: Shape, other: str, other_shape: Shape) -> tuple[str, Shape]:
+    """The residual sum: the smaller tensor is zero-padded in channels and space, as dlib does."""
+    target = tuple(max(s, t) for s, t in zip(shape, other_shape))
+    summed = g.node("Add", [_pad_to(g, x, shape, target), _pad_to(g, other, other_shape, target)], "add")
+    return summed, target  # type: ignore[return-value]
+
+
+def _emit_simple(g: "_GraphBuilder", layer: DlibLayer, x: str, shape: Shape) -> tuple[str, Shape]:
+    """Layers that need no neighbour: a standalone affine, relu, pooling, the final fc."""
+    kind, a = layer.kind, layer.attrs
+    if kind == "affine":
+        if not a["disabled"]:
+            gamma, beta = layer.weights["gamma"], layer.weights["beta"]
+            bshape = (1, shape[0], 1, 1) if gamma.size == shape[0] else (1, *shape)
+            x = g.node("Mul", [x, g.const("gamma", gamma.reshape(bshape))], "scale")
+            x = g.node("Add", [x, g.const("beta", beta.reshape(bshape))], "shift")
+        return x, shape
+    if kind == "relu":
+        return (x if a["disabled"] else g.node("Relu", [x], "relu")), shape
+    if kind in ("avg_pool", "max_pool"):
+        return _emit_pool(g, layer, x, shape)
+    if kind == "fc":
+        x = g.node("Flatten", [x], "flatten", axis=1)
+        x = g.node("MatMul", [x, g.const("fcW", layer.weights["W"])], "fc")
+        if "B" in layer.weights:
+            x = g.node("Add", [x, g.const("fcB", layer.weights["B"])], "fcbias")
+        return x, (a["num_outputs"], 1, 1)
+    raise ModelError(f"cannot convert dlib layer kind {kind!r}")  # pragma: no cover - the reader emits only these
+
+
 def build_onnx(network: DlibNetwork) -> Any:
     """Build the ONNX graph of a parsed dlib network.
 
@@ -483,81 +562,23 @@ def build_onnx(network: DlibNetwork) -> Any:
     g = _GraphBuilder()
     height, width = network.input_size
     x, shape = INPUT_NAME, (3, height, width)
-    tags: dict[int, tuple[str, tuple[int, int, int]]] = {}
+    tags: dict[int, tuple[str, Shape]] = {}
     layers = network.layers
     i = 0
     while i < len(layers):
         layer = layers[i]
-        kind, a = layer.kind, layer.attrs
-        if kind == "con":
-            w = layer.weights["W"].astype(np.float64)
-            b = layer.weights.get("B", np.zeros(w.shape[0], dtype=np.float32)).astype(np.float64)
-            nxt = layers[i + 1] if i + 1 < len(layers) else None
-            if nxt is not None and nxt.kind == "affine" and not nxt.attrs["disabled"]:
-                gamma = nxt.weights["gamma"].astype(np.float64).ravel()
-                beta = nxt.weights["beta"].astype(np.float64).ravel()
-                if gamma.size == w.shape[0]:  # per-channel affine: fold into the conv
-                    w = w * gamma[:, None, None, None]
-                    b = b * gamma + beta
-                    i += 1
-            (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["pad"]
-            x = g.node(
-                "Conv",
-                [x, g.const("W", w.astype(np.float32)), g.const("B", b.astype(np.float32))],
-                "conv", kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, ph, pw],
-            )
-            shape = (w.shape[0], 1 + (shape[1] + 2 * ph - kh) // sh,
-                     1 + (shape[2] + 2 * pw - kw) // sw)
-            if a["use_relu"]:
-                x = g.node("Relu", [x], "relu")
-        elif kind == "affine":
-            if not a["disabled"]:
-                gamma, beta = layer.weights["gamma"], layer.weights["beta"]
-                bshape = (1, shape[0], 1, 1) if gamma.size == shape[0] else (1, *shape)
-                x = g.node("Mul", [x, g.const("gamma", gamma.reshape(bshape))], "scale")
-                x = g.node("Add", [x, g.const("beta", beta.reshape(bshape))], "shift")
-        elif kind == "relu":
-            if not a["disabled"]:
-                x = g.node("Relu", [x], "relu")
-        elif kind in ("avg_pool", "max_pool"):
-            (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["pad"]
-            if kh == 0 and kw == 0:  # pool over everything
-                op = "GlobalAveragePool" if kind == "avg_pool" else "GlobalMaxPool"
-                x = g.node(op, [x], "gpool")
-                shape = (shape[0], 1, 1)
-            else:
-                kh, kw = kh or shape[1], kw or shape[2]
-                attrs: dict[str, Any] = {"kernel_shape": [kh, kw], "strides": [sh, sw],
-                                         "pads": [ph, pw, ph, pw]}
-                if kind == "avg_pool":
-                    # dlib averages over the part of the window inside the image
-                    attrs["count_include_pad"] = 0
-                    x = g.node("AveragePool", [x], "avgpool", **attrs)
-                else:
-                    x = g.node("MaxPool", [x], "maxpool", **attrs)
-                shape = (shape[0], 1 + (shape[1] + 2 * ph - kh) // sh,
-                         1 + (shape[2] + 2 * pw - kw) // sw)
-        elif kind == "tag":
-            tags[a["tag"]] = (x, shape)
-        elif kind == "skip":
-            x, shape = tags[a["tag"]]
-        elif kind == "add_prev":
-            other, other_shape = tags[a["tag"]]
-            target = tuple(max(s, t) for s, t in zip(shape, other_shape))
-            x = g.node(
-                "Add",
-                [_pad_to(g, x, shape, target), _pad_to(g, other, other_shape, target)],
-                "add",
-            )
-            shape = target  # type: ignore[assignment]
-        elif kind == "fc":
-            x = g.node("Flatten", [x], "flatten", axis=1)
-            x = g.node("MatMul", [x, g.const("fcW", layer.weights["W"])], "fc")
-            if "B" in layer.weights:
-                x = g.node("Add", [x, g.const("fcB", layer.weights["B"])], "fcbias")
-            shape = (a["num_outputs"], 1, 1)
-        else:  # pragma: no cover - reader only emits the kinds above
-            raise ModelError(f"cannot convert dlib layer kind {kind!r}")
+        if layer.kind == "con":
+            following = layers[i + 1] if i + 1 < len(layers) else None
+            x, shape, folded = _emit_conv(g, layer, following, x, shape)
+            i += folded
+        elif layer.kind == "tag":
+            tags[layer.attrs["tag"]] = (x, shape)
+        elif layer.kind == "skip":
+            x, shape = tags[layer.attrs["tag"]]
+        elif layer.kind == "add_prev":
+            x, shape = _emit_add_prev(g, x, shape, *tags[layer.attrs["tag"]])
+        else:
+            x, shape = _emit_simple(g, layer, x, shape)
         i += 1
 
     g.nodes.append(helper.make_node("Identity", [x], [OUTPUT_NAME], name="embedding_out"))
