@@ -340,7 +340,7 @@ def test_uic_reused_only_with_the_settings_it_was_made_with(spark, make_cfg, vmf
     """A UIC is reused for the same embeddings version only when every setting that shapes the cluster
     is unchanged; a setting that only matters to another method does not force a new clustering."""
     x, _, ids, _ = vmf
-    cfg = make_cfg(*FAST, "locate_ui.method=sample-hac", f"locate_ui.eps={RECOMMENDED_EPS}")
+    cfg = make_cfg(*FAST, "locate_ui.method=sample-hac", f"locate_ui.eps={RECOMMENDED_EPS}", "locate_ui.dominance_ratio=3")
     write_embeddings(spark, cfg, x[:400], ids[:400])
     first = run_locate_ui(spark, cfg)
     assert "reused" not in first["counts"] and first["params"]["settings_changed"] == []
