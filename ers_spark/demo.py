@@ -112,10 +112,10 @@ def demo_summary(spark, cfg: ErsConfig, records: list[dict]) -> str:
     from pyspark.sql import functions as F
 
     from ers_spark.lake.contracts import CLEANED, CROPS, MEMBER_COUNT, RECOGNIZABLE, SCORES, UI_CENTROIDS, UIC_ID
-    from ers_spark.lake.tables import table_path
+    from ers_spark.lake.tables import read_table
 
     def load(contract):
-        return spark.read.format("delta").load(table_path(cfg, contract))
+        return read_table(spark, cfg, contract)
 
     score = next((r for r in reversed(records) if r.get("stage") == "score"), {})
     uic_id, gamma = score.get("params", {}).get("uic_id"), score.get("params", {}).get("gamma")

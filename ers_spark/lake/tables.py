@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, TypeVar
 
 from delta.tables import DeltaTable
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ers_spark.config import ErsConfig
@@ -314,6 +314,13 @@ def _and_all(conditions: list) -> "F.Column":
     for condition in conditions[1:]:
         combined = combined & condition
     return combined
+
+
+def of_model(model: tuple[str, str]) -> Column:
+    """Rows of one (model_name, model_version): embedding spaces of two models never mix."""
+    from ers_spark.lake.contracts import MODEL_NAME, MODEL_VERSION
+
+    return (F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1])
 
 
 def latest_model(df: DataFrame, time_column: str = "embedded_at") -> tuple[str, str, list[dict[str, Any]]]:

@@ -71,6 +71,7 @@ from ers_spark.lake.tables import (
     changed_settings,
     latest_model,
     merge_insert_new,
+    of_model,
     read_table,
     settings_json,
     table_exists,
@@ -619,7 +620,7 @@ def _existing_uic(
         return None, []
     rows = (
         read_table(spark, cfg, UI_CENTROIDS)
-        .where((F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1]) & (F.col(INPUT_VERSION) == version))
+        .where(of_model(model) & (F.col(INPUT_VERSION) == version))
         .orderBy(F.col(CREATED_AT).desc())
         .select(UIC_ID, EPS, MEMBER_COUNT, CLUSTER_PARAMS)
         .limit(MAX_UICS_COMPARED)
@@ -681,38 +682,50 @@ def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
     if len(seen) > 1:
         log.warning("locate-ui: embeddings table holds %d models; using the latest, %s %s", len(seen), name, model_version)
     run.input_versions = {EMBEDDINGS.name: version}
-    emb = emb_all.where((F.col(MODEL_NAME) == name) & (F.col(MODEL_VERSION) == model_version))
+    emb = emb_all.where(of_model((name, model_version)))
     if params.from_members:
         return _from_members(spark, cfg, run, emb, (name, model_version), version)
     if not cfg.locate_ui.recompute:
         existing, changed = _existing_uic(spark, cfg, (name, model_version), version, params)
         run.params.update(settings_changed=changed)
         if existing is not None:
-            log.info(
-                f"locate-ui: UIC {existing[UIC_ID]} was already computed from embeddings version {version} "
-                f"with these settings; reusing it (locate_ui.recompute=true clusters again)"
-            )
-            run.params.update(uic_id=existing[UIC_ID], eps_used=existing[EPS], reused=True)
-            run.counts = {"input_rows": 0, "members": int(existing[MEMBER_COUNT]), "reused": 1}
-            return run.finish(spark, cfg, outputs=(UI_CENTROIDS, UI_MEMBERS))
+            return _reuse(spark, cfg, run, existing, version)
+    return _cluster_and_write(spark, cfg, run, emb, (name, model_version), version, params)
 
+
+def _reuse(spark: SparkSession, cfg: ErsConfig, run: StageRun, existing: Any, version: int | None) -> dict:
+    """Record a run that reuses a UIC made from the same embeddings with the same settings."""
+    log.info(
+        f"locate-ui: UIC {existing[UIC_ID]} was already computed from embeddings version {version} "
+        f"with these settings; reusing it (locate_ui.recompute=true clusters again)"
+    )
+    run.params.update(uic_id=existing[UIC_ID], eps_used=existing[EPS], reused=True)
+    run.counts = {"input_rows": 0, "members": int(existing[MEMBER_COUNT]), "reused": 1}
+    return run.finish(spark, cfg, outputs=(UI_CENTROIDS, UI_MEMBERS))
+
+
+def _choose_eps(points: DataFrame, n_rows: int, params: LocateUiParams) -> tuple[float, str]:
+    """(eps, where it came from): the configured eps, else the grid rule on a seeded sample."""
+    if params.eps is not None:
+        return float(params.eps), "config"
+    _, xs = _to_numpy(_sample(points, n_rows, params.grid_sample_rows, params.seed))
+    choice = choose_eps(xs, params.eps_grid, params.dominance_ratio, params.min_share)
+    _print_size_table(choice.size_table)
+    log.info(f"locate-ui: chose eps={choice.eps:.4g}")
+    return choice.eps, f"grid on {xs.shape[0]} sampled rows"
+
+
+def _cluster_and_write(spark: SparkSession, cfg: ErsConfig, run: StageRun, emb: DataFrame, model: tuple[str, str],
+                       version: int | None, params: LocateUiParams) -> dict:
+    """Cluster one model's embeddings, write the UIC and its members, finish the run record."""
     points = emb.select(F.monotonically_increasing_id().alias(_ID), IMAGE_ID, EMBEDDING).persist(
         StorageLevel.MEMORY_AND_DISK
     )
     try:
         n_rows = points.count()
-        if params.eps is not None:
-            eps, eps_source = float(params.eps), "config"
-        else:
-            _, xs = _to_numpy(_sample(points, n_rows, params.grid_sample_rows, params.seed))
-            choice = choose_eps(xs, params.eps_grid, params.dominance_ratio, params.min_share)
-            _print_size_table(choice.size_table)
-            eps, eps_source = choice.eps, f"grid on {xs.shape[0]} sampled rows"
-            log.info(f"locate-ui: chose eps={eps:.4g}")
-        if params.method == "graph":
-            result = _graph(spark, points, n_rows, eps, params)
-        else:
-            result = _sample_hac(spark, points, n_rows, eps, params)
+        eps, eps_source = _choose_eps(points, n_rows, params)
+        cluster = _graph if params.method == "graph" else _sample_hac
+        result = cluster(spark, points, n_rows, eps, params)
         members = result.members.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             if result.centroid_sum is not None and result.member_count is not None:
@@ -720,7 +733,7 @@ def run_locate_ui(spark: SparkSession, cfg: ErsConfig) -> dict:
             else:
                 total, n_members = _member_sums(members)
             uic_id, _, mean_dist = _write(
-                spark, cfg, model=(name, model_version), method=params.method, eps=eps,
+                spark, cfg, model=model, method=params.method, eps=eps,
                 members=members.select(IMAGE_ID), member_count=n_members, top_sizes=result.top_sizes,
                 centroid_sum=total, input_version=version, settings=cluster_settings(params),
             )

@@ -55,10 +55,10 @@ from ers_spark.lake.tables import (
     ensure_table,
     latest_model,
     merge_sync,
+    of_model,
     read_table,
     settings_json,
     table_exists,
-    table_path,
     table_version,
 )
 
@@ -112,7 +112,7 @@ def select_centroid(spark: SparkSession, cfg: ErsConfig, model: tuple[str, str],
             )
     else:
         row = (
-            centroids.where((F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1]))
+            centroids.where(of_model(model))
             .orderBy(F.col(CREATED_AT).desc())
             .first()
         )
@@ -186,12 +186,12 @@ def calibrate_gamma(
         )
     identities = None
     if params.calibration in ("auto", "identities") and table_exists(spark, cfg, CROPS):
-        crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select(IMAGE_ID, IDENTITY)
+        crops = read_table(spark, cfg, CROPS).select(IMAGE_ID, IDENTITY)
         sample = sample.join(crops, IMAGE_ID, "left")
     else:
         sample = sample.withColumn(IDENTITY, F.lit(None).cast("string"))
     members = (
-        spark.read.format("delta").load(table_path(cfg, UI_MEMBERS)).where(F.col(UIC_ID) == centroid.uic_id)
+        read_table(spark, cfg, UI_MEMBERS).where(F.col(UIC_ID) == centroid.uic_id)
         .select(IMAGE_ID, F.lit(True).alias("_ui"))
         if table_exists(spark, cfg, UI_MEMBERS)
         else None
@@ -263,7 +263,7 @@ def run_score(spark: SparkSession, cfg: ErsConfig) -> dict:
     params = ScoreParams.from_config(cfg)
     embeddings_all = read_table(spark, cfg, EMBEDDINGS, hint="run `ers-spark embed` first")
     model = latest_model(embeddings_all)[:2]
-    embeddings = embeddings_all.where((F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1]))
+    embeddings = embeddings_all.where(of_model(model))
     centroid = select_centroid(spark, cfg, model, params.uic_id)
     run = StageRun(STAGE_NAME, params={**asdict(params), "uic_id": centroid.uic_id, "model": list(model)})
     run.input_versions = {
@@ -279,8 +279,8 @@ def run_score(spark: SparkSession, cfg: ErsConfig) -> dict:
     )
     changes = merge_sync(spark, cfg, SCORES, scores, compare=(UIC_ID, GAMMA, ENHANCED_EMBEDDING))
     totals = (
-        spark.read.format("delta").load(table_path(cfg, SCORES))
-        .where((F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1]))
+        read_table(spark, cfg, SCORES)
+        .where(of_model(model))
         .agg(F.count(F.lit(1)).alias("n"), F.sum(F.col(RECOGNIZABLE).cast("long")).alias("ok"))
         .first()
     )
