@@ -179,6 +179,43 @@ def eps_spanning_links(
     >>> out.src.tolist(), out.dst.tolist(), out.raw_edge_count
     ([11], [10], 1)
     """
+    id_arr, emb = _checked_link_inputs(ids, embeddings, eps, block_size)
+    n = id_arr.shape[0]
+    empty = np.zeros(0, dtype=np.int64)
+    if n < 2:
+        return LocalLinks(empty, empty.copy(), 0)
+
+    order = np.argsort(id_arr, kind="stable")
+    sid = id_arr[order]
+    if np.any(sid[1:] == sid[:-1]):
+        raise ValueError("eps_spanning_links: ids must be unique")
+    dtype = np.float64 if emb.dtype == np.float64 else np.float32
+    x: npt.NDArray[np.floating[Any]] = np.ascontiguousarray(emb[order], dtype=dtype)
+    thr = 1.0 - float(eps)
+    torch = _torch_backend(device)
+    xt = torch.as_tensor(x, device=device) if torch is not None else None
+
+    comps = _Components(n)
+    raw = 0
+    for r0, r1, c0, c1 in _tile_pairs(n, block_size):
+        hit = _tile_hits(x, xt, torch, thr, (r0, r1, c0, c1))
+        if hit is None:
+            continue
+        cnt = int(np.count_nonzero(hit))
+        raw += cnt
+        a, b = _tile_component_edges(hit, cnt, comps.comp[r0:r1], comps.comp[c0:c1])
+        keep = a != b  # edges inside a component add nothing
+        if keep.any():
+            comps.merge(a[keep], b[keep])
+
+    roots = comps.comp
+    nonroot = np.flatnonzero(roots != np.arange(n))
+    return LocalLinks(sid[nonroot], sid[roots[nonroot]], raw)
+
+
+def _checked_link_inputs(ids: npt.ArrayLike, embeddings: npt.ArrayLike, eps: float,
+                         block_size: int) -> tuple[IntArray, npt.NDArray[Any]]:
+    """ids as int64 and the embeddings array, or the one-line error naming what is wrong."""
     id_arr = np.asarray(ids)
     if id_arr.ndim != 1 or not np.issubdtype(id_arr.dtype, np.integer):
         raise TypeError(f"eps_spanning_links: ids must be a 1-D integer array, got dtype {id_arr.dtype}")
@@ -193,60 +230,38 @@ def eps_spanning_links(
         raise ValueError(f"eps_spanning_links: eps must be a cosine distance in [0, 2], got {eps}")
     if block_size < 1:
         raise ValueError(f"eps_spanning_links: block_size must be >= 1, got {block_size}")
-    id_arr = id_arr.astype(np.int64)
-    n = id_arr.shape[0]
-    empty = np.zeros(0, dtype=np.int64)
-    if n < 2:
-        return LocalLinks(empty, empty.copy(), 0)
+    return id_arr.astype(np.int64), emb
 
-    order = np.argsort(id_arr, kind="stable")
-    sid = id_arr[order]
-    if np.any(sid[1:] == sid[:-1]):
-        raise ValueError("eps_spanning_links: ids must be unique")
-    dtype = np.float64 if emb.dtype == np.float64 else np.float32
-    x: npt.NDArray[np.floating[Any]] = np.ascontiguousarray(emb[order], dtype=dtype)
-    thr = 1.0 - float(eps)
 
-    torch = _torch_backend(device)
-    xt = torch.as_tensor(x, device=device) if torch is not None else None
+def _tile_hits(x: npt.NDArray[Any], xt: Any, torch: Any, thr: float,
+               tile: tuple[int, int, int, int]) -> npt.NDArray[np.bool_] | None:
+    """Pairs at cosine >= thr in one tile (strict upper triangle on the diagonal); None when there are none."""
+    r0, r1, c0, c1 = tile
+    if xt is not None:
+        hit_t = (xt[r0:r1] @ xt[c0:c1].T) >= thr
+        if c0 == r0:  # strict upper triangle, built from comparisons (works for bool on any torch)
+            ar = torch.arange(r1 - r0, device=hit_t.device)
+            hit_t = hit_t & (ar[None, :] > ar[:, None])
+        return hit_t.cpu().numpy() if bool(hit_t.any().item()) else None
+    hit = (x[r0:r1] @ x[c0:c1].T) >= thr
+    if c0 == r0:
+        hit = np.triu(hit, k=1)
+    return hit if hit.any() else None
 
-    comps = _Components(n)
-    raw = 0
-    for r0, r1, c0, c1 in _tile_pairs(n, block_size):
-        if xt is not None:
-            hit_t = (xt[r0:r1] @ xt[c0:c1].T) >= thr
-            if c0 == r0:  # strict upper triangle, built from comparisons (works for bool on any torch)
-                ar = torch.arange(r1 - r0, device=hit_t.device)
-                hit_t = hit_t & (ar[None, :] > ar[:, None])
-            cnt = int(hit_t.sum().item())
-            if cnt == 0:
-                continue
-            hit = hit_t.cpu().numpy()
-        else:
-            hit = (x[r0:r1] @ x[c0:c1].T) >= thr
-            if c0 == r0:
-                hit = np.triu(hit, k=1)
-            cnt = int(np.count_nonzero(hit))
-            if cnt == 0:
-                continue
-        raw += cnt
-        rows, cols = comps.comp[r0:r1], comps.comp[c0:c1]
-        if cnt <= 8 * (rows.size + cols.size):
-            rr, cc = np.nonzero(hit)
-            a, b = rows[rr], cols[cc]
-        else:
-            # dense tile: OR-collapse rows / columns already in one component first
-            h, gr = _group(hit, rows, axis=0)
-            h, gc = _group(h, cols, axis=1)
-            gi, gj = np.nonzero(h)
-            a, b = gr[gi], gc[gj]
-        keep = a != b  # edges inside a component add nothing
-        if keep.any():
-            comps.merge(a[keep], b[keep])
 
-    roots = comps.comp
-    nonroot = np.flatnonzero(roots != np.arange(n))
-    return LocalLinks(sid[nonroot], sid[roots[nonroot]], raw)
+def _tile_component_edges(hit: npt.NDArray[np.bool_], cnt: int, rows: IntArray,
+                          cols: IntArray) -> tuple[IntArray, IntArray]:
+    """Edges of one tile between the components of its rows and columns.
+
+    A dense tile (the UI) is first OR-collapsed over rows and columns already in one component.
+    """
+    if cnt <= 8 * (rows.size + cols.size):
+        rr, cc = np.nonzero(hit)
+        return rows[rr], cols[cc]
+    h, gr = _group(hit, rows, axis=0)
+    h, gc = _group(h, cols, axis=1)
+    gi, gj = np.nonzero(h)
+    return gr[gi], gc[gj]
 
 
 def links_to_labels(ids: npt.ArrayLike, src: npt.ArrayLike, dst: npt.ArrayLike) -> IntArray:
