@@ -246,6 +246,42 @@ class CleanConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """Parameters of ``ers-spark report`` (the HTML page over the lake's tables)."""
+
+    path: str | None = None
+    title: str = "ers-spark report"
+    thumbnails_per_band: int = 8
+    thumbnail_px: int = 96
+    map_sample_rows: int = 2000
+    histogram_bins: int = 40
+    curve_points: int = 400
+    eval_metric_rows: int = 5000
+    seed: int = 0
+
+    def validate(self, source: str) -> None:
+        for key in ("thumbnails_per_band", "thumbnail_px", "histogram_bins", "curve_points", "eval_metric_rows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"report.{key} must be >= 1, got {getattr(self, key)} (in {source})")
+        if self.map_sample_rows < 3:
+            raise ConfigError(f"report.map_sample_rows must be >= 3, got {self.map_sample_rows} (in {source})")
+        if self.path is not None and "://" in self.path and not self.path.startswith("file://"):
+            raise ConfigError(f"report.path must be a local file, got {self.path!r} (in {source})")
+
+    def output_path(self, storage: StorageConfig) -> Path:
+        """The HTML file: ``report.path``, or ``report.html`` under a local ``storage.root``."""
+        if self.path is not None:
+            return Path(os.path.expanduser(self.path.removeprefix("file://"))).resolve()
+        root = storage.local_root()
+        if root is None:
+            raise ConfigError(
+                f"report.path is required when storage.root is an object store ({storage.root}): "
+                "the report is written on the driver, e.g. report.path=./ers-report.html"
+            )
+        return root / "report.html"
+
+
+@dataclass(frozen=True)
 class ErsConfig:
     """The whole validated configuration."""
 
@@ -256,6 +292,7 @@ class ErsConfig:
     locate_ui: LocateUiConfig = field(default_factory=LocateUiConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     source: str = "<defaults>"
 
     def validate(self) -> None:
