@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from datetime import datetime, timedelta
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -92,6 +94,20 @@ def write_eval_tables(spark, cfg, uic_id: str, *, curve_points: int = 60) -> str
             cfg.storage.table_path(contract.name)
         )
     return "eval-new"
+
+
+def demo_copy_with_eval(spark, cfg, folder: Path):
+    """A copy of the demo lake's tables (Delta logs hold relative paths) plus evaluate's tables; its config.
+
+    The shared demo lake stays untouched; no stage runs again.
+    """
+    target = folder / "lake"
+    shutil.copytree(cfg.storage.local_root(), target,
+                    ignore=shutil.ignore_patterns("_metastore_db", "_warehouse", "derby.log", "*.html"))
+    copy = cfg.with_overrides([f"storage.root={target}"])
+    uic_id = spark.read.format("delta").load(copy.storage.table_path("scores")).select("uic_id").first()[0]
+    write_eval_tables(spark, copy, uic_id)
+    return copy
 
 
 def sample_content(*, with_evaluation: bool) -> ReportContent:

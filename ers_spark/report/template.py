@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 DET_HOW_TO_READ = (
-    "Each line shows, over all thresholds, the share of impostor pairs accepted (FAR, x) against the share of "
-    "genuine pairs rejected (FRR, y); lower-left is better. Compare the lines at the FAR you operate at: the gap "
-    "between the baseline and the unsure lines is what answering 'unsure' for pairs with an image below gamma buys."
+    "Each line shows, over all thresholds, the share of impostor pairs accepted (FAR, x axis) against the share "
+    "of genuine pairs rejected (FRR, y axis), both on log scales, so lower-left is better. Compare the lines at the "
+    "FAR you operate at: the gap between baseline and unsure_as_reject / sure_only is what answering 'unsure' for "
+    "pairs with an image below gamma buys, paid for by the unsure rate in the verification table."
 )
 EDC_HOW_TO_READ = (
-    "Each line shows the false non-match rate (y) at a threshold fixed once, as the lowest-quality share of pairs "
-    "(x) is discarded, ranked by ERS, by the raw feature norm, or at random. The faster a line falls, the better "
-    "that quality measure finds the pairs that cause errors; if ERS does not fall below the norm, ERS adds little "
-    "on this data."
+    "Each line shows the false non-match rate (y axis) at a threshold fixed once, as the lowest-quality share of "
+    "pairs (x axis) is discarded, ranked by ERS, by the raw feature norm, or at random. The faster a line falls the "
+    "better that measure finds the pairs that cause errors: ERS should fall below norm, and both below random (the "
+    "table's partial areas say the same in one number each)."
 )
 
 PAGE = """<!DOCTYPE html>
