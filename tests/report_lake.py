@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from datetime import datetime, timedelta
+from datetime import timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -87,7 +87,8 @@ def write_eval_tables(spark, cfg, uic_id: str, *, curve_points: int = 60) -> str
         curves += [("eval-new", "det", method, float(x), float(scale * x ** -0.25 / 10), k) for k, x in enumerate(far)]
     discard = np.linspace(0, 0.5, 11)
     for method, slope in (("ers", 0.35), ("norm", 0.2), ("random", 0.0)):
-        curves += [("eval-new", "edc", method, float(x), float(0.2 * (1 - slope * x / 0.5)), k) for k, x in enumerate(discard)]
+        fnmr = 0.2 * (1 - slope * discard / 0.5)
+        curves += [("eval-new", "edc", method, float(x), float(y), k) for k, (x, y) in enumerate(zip(discard, fnmr))]
     curves.append(("eval-old", "det", "baseline", 0.5, 0.5, 0))
     for contract, rows in ((EVAL_RUNS, runs), (EVAL_METRICS, metrics), (EVAL_CURVES, curves)):
         spark.createDataFrame(rows, contract.schema).write.format("delta").mode("append").save(
@@ -124,7 +125,8 @@ def sample_content(*, with_evaluation: bool) -> ReportContent:
             metrics=[Metric("verification", "baseline", "frr", "far=1e-2", 0.2, 100),
                      Metric("identification", "ers_rejection", "fnir", "fpir=1e-1", 0.25, 10),
                      Metric("set", "ers2", "tar", "far=1e-2", 0.8, 20)],
-            curves=[Curve("det", "baseline", x, x[::-1] / 2), Curve("edc", "ers", np.linspace(0, .5, 6), np.linspace(.2, .1, 6))],
+            curves=[Curve("det", "baseline", x, x[::-1] / 2),
+                    Curve("edc", "ers", np.linspace(0, 0.5, 6), np.linspace(0.2, 0.1, 6))],
         )
     return ReportContent(
         title="ers-spark report", generated_at="2026-01-01 00:00 UTC", storage_root="/lake", database="ers",
@@ -168,8 +170,3 @@ class PageElements(HTMLParser):
 
     def images(self) -> list[dict[str, str | None]]:
         return [a for t, a in self.tags if t == "img"]
-
-    def text_of(self, html: str, element_id: str) -> str:
-        """Text content of the first element with this id (a table cell here)."""
-        start = html.index(f'id="{element_id}"')
-        return html[html.index(">", start) + 1: html.index("<", start + 1)].strip()

@@ -31,6 +31,12 @@ def cell(html: str, element_id: str) -> str:
     return match.group(1).strip()
 
 
+def section(html: str, element_id: str) -> str:
+    """The page from the element with this id to the end of its first table."""
+    start = html.index(f'id="{element_id}"')
+    return html[start:html.index("</table>", start)]
+
+
 # ----------------------------------------------------------------------------- pure parts
 
 
@@ -85,7 +91,8 @@ def test_page_is_self_contained_with_or_without_evaluation() -> None:
         page = PageElements(html)
         assert page.title == "ers-spark report"
         assert ALWAYS <= page.ids
-        assert all(img["src"].startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for img in page.images())
+        inline = ("data:image/png;base64,", "data:image/jpeg;base64,")
+        assert all(img["src"].startswith(inline) for img in page.images())
         assert not [a for t, a in page.tags if t in ("script", "link") or (a.get("src") or "").startswith("http")]
         expected_eval = {"det", "edc", "metrics-verification", "metrics-identification", "metrics-set"}
         assert (expected_eval <= page.ids) if with_evaluation else not (EVAL_ONLY & page.ids)
@@ -124,9 +131,9 @@ def _assert_counts_match_tables(spark, cfg, html: str) -> None:
     assert int(cell(html, "count-cleaned")) == _table(spark, cfg, "cleaned").count()
     quarantine = _table(spark, cfg, "quarantine")
     assert int(cell(html, "count-quarantined")) == quarantine.count()
-    section = html[html.index('id="quarantine"'): html.index("</table>", html.index('id="quarantine"'))]
+    table = section(html, "quarantine")
     for row in quarantine.groupBy("stage", "reason").count().collect():
-        assert f"<td>{row['stage']}</td><td>{row['reason']}</td><td class=\"num\">{row['count']}</td>" in section
+        assert f"<td>{row['stage']}</td><td>{row['reason']}</td><td class=\"num\">{row['count']}</td>" in table
 
 
 @pytest.mark.spark
@@ -188,9 +195,9 @@ def test_report_draws_the_newest_evaluate_run(spark, demo_lake, tmp_path) -> Non
     page = PageElements(html)
     assert ALWAYS | EVAL_ONLY <= page.ids and "no-evaluation" not in page.ids
     assert f"<code>{newest}</code>" in html and "eval-old" not in html
-    identification = html[html.index('id="metrics-identification"'):html.index("</table>", html.index('id="metrics-identification"'))]
+    identification = section(html, "metrics-identification")
     assert "<td>ers_rejection</td>" in identification and "0.21" in identification
-    pooling = html[html.index('id="metrics-set"'):html.index("</table>", html.index('id="metrics-set"'))]
+    pooling = section(html, "metrics-set")
     for method in ("uniform", "ers", "ers2", "softmax", "topk"):
         assert f"<td>{method}</td>" in pooling
     assert record["counts"]["eval_curves"] == 6  # 3 DET + 3 EDC lines of the newest run
@@ -201,7 +208,8 @@ def test_report_draws_the_newest_evaluate_run(spark, demo_lake, tmp_path) -> Non
 def test_thinned_curves_keep_first_last_and_at_most_the_cap(spark) -> None:
     from ers_spark.stages.report import EVAL_CURVES, thinned_curves
 
-    rows = [("r", "det", "a", float(k), 0.0, k) for k in range(1000)] + [("r", "edc", "b", 0.0, 0.0, k) for k in range(7)]
+    rows = [("r", "det", "a", float(k), 0.0, k) for k in range(1000)]
+    rows += [("r", "edc", "b", 0.0, 0.0, k) for k in range(7)]
     thinned = thinned_curves(spark.createDataFrame(rows, EVAL_CURVES.schema), 100).collect()
     det = sorted(r["point_index"] for r in thinned if r["curve"] == "det")
     assert det[0] == 0 and det[-1] == 999 and len(det) <= 101 and det[:3] == [0, 10, 20]

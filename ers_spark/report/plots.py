@@ -41,7 +41,7 @@ def histogram_png(hist: Histogram) -> bytes:
     ax.axvline(hist.gamma, color="black", linestyle="--", linewidth=1.5, label=f"gamma = {hist.gamma:.4f}")
     ax.set_xlabel("ERS (embedding recognizability score)")
     ax.set_ylabel("crops")
-    ax.legend(loc="upper left", frameon=False)
+    ax.legend(loc="upper right", frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     return figure_png(fig)
 

@@ -60,7 +60,8 @@ def _eval_params_json(evaluation: Evaluation | None) -> str:
     if evaluation is None:
         return ""
     run = evaluation.run
-    return json.dumps({"params": run.params, "input_versions": run.input_versions}, indent=1, sort_keys=True, default=str)
+    shown = {"params": run.params, "input_versions": run.input_versions}
+    return json.dumps(shown, indent=1, sort_keys=True, default=str)
 
 
 def render_html(content: ReportContent, *, thumbnail_px: int, thumbnails_per_band: int) -> str:

@@ -134,7 +134,7 @@ identities, or a pairs file) adds DET and EDC curves, identification and set-poo
 <section id="runs">
 <h2>Runs and table versions</h2>
 <table id="run-table">
-<tr><th>stage</th><th>started (UTC)</th><th>seconds</th><th>counts</th><th>read versions</th><th>wrote versions</th><th>parameters</th></tr>
+<tr><th>stage</th><th>started</th><th>seconds</th><th>counts</th><th>read versions</th><th>wrote versions</th><th>parameters</th></tr>
 {% for r in c.runs %}<tr><td>{{ r.stage }}</td><td>{{ r.started_at }}</td><td class="num">{{ "%.1f"|format(r.seconds) }}</td>
 <td>{% for k, v in r.counts.items() %}{{ k }}={{ v }}<br>{% endfor %}</td>
 <td>{% for k, v in r.input_versions.items() %}{{ k }} v{{ v }}<br>{% endfor %}</td>

@@ -157,7 +157,9 @@ def read_map_sample(
 
 def read_counts(spark: SparkSession, cfg: ErsConfig, scoped: dict[str, DataFrame], scoring: Scoring) -> Counts:
     """Row counts of each table for this model and UIC; quarantine per stage and reason (all of it)."""
-    totals = scoped["scores"].agg(F.count(F.lit(1)).alias("n"), F.sum(F.col(RECOGNIZABLE).cast("long")).alias("ok")).first()
+    totals = (
+        scoped["scores"].agg(F.count(F.lit(1)).alias("n"), F.sum(F.col(RECOGNIZABLE).cast("long")).alias("ok")).first()
+    )
     scored, recognizable = int(totals["n"]), int(totals["ok"] or 0)
     cleaned = None
     if table_exists(spark, cfg, CLEANED):
@@ -189,7 +191,8 @@ def read_runs(spark: SparkSession, cfg: ErsConfig) -> list[RunSummary]:
     )
     return [
         RunSummary(
-            stage=r[STAGE], run_id=r["run_id"], started_at=str(r[STARTED_AT]), seconds=float(r["seconds"]),
+            stage=r[STAGE], run_id=r["run_id"], started_at=r[STARTED_AT].strftime("%Y-%m-%d %H:%M:%S"),
+            seconds=float(r["seconds"]),
             params=json.loads(r["params"]), input_versions=dict(r["input_versions"] or {}),
             output_versions=dict(r["output_versions"] or {}), counts=dict(r["counts"] or {}),
         )
@@ -311,7 +314,8 @@ def run_report(spark: SparkSession, cfg: ErsConfig) -> dict:
     started = time.perf_counter()
     path = cfg.report.output_path(cfg.storage)
     content = gather_report(spark, cfg)
-    html = render_html(content, thumbnail_px=cfg.report.thumbnail_px, thumbnails_per_band=cfg.report.thumbnails_per_band)
+    params = cfg.report
+    html = render_html(content, thumbnail_px=params.thumbnail_px, thumbnails_per_band=params.thumbnails_per_band)
     write_page(path, html)
     evaluation = content.evaluation
     record = {
