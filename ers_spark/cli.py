@@ -1,4 +1,4 @@
-"""``ers-spark`` command line: one sub-command per stage, plus ``run``, ``demo`` and ``sql``.
+"""``ers-spark`` command line: one sub-command per stage, plus ``run``, ``demo``, ``sql`` and ``report``.
 
 Usage: ``ers-spark STAGE [--config conf.yaml] [section.key=value ...]``. The
 spark-submit scripts in ``jobs/`` call :func:`main` with their stage name.
@@ -19,7 +19,7 @@ from ers_spark.config import load_config
 from ers_spark.errors import ErsUserError, user_error_from_executor
 from ers_spark.pipeline import STAGES, run_pipeline, run_stage
 
-COMMANDS = STAGES + ("run", "demo", "sql")
+COMMANDS = STAGES + ("run", "demo", "sql", "report")
 
 
 def check_java() -> None:
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run": "the whole pipeline: ingest -> embed -> locate-ui -> score -> clean",
         "demo": "build a demo dataset from images an installed package ships and run the pipeline",
         "sql": "run a SQL query on the ers database and print the result",
+        "report": "write one self-contained HTML page over the tables (report.path; default <storage.root>/report.html)",
     }
     for name in COMMANDS:
         p = sub.add_parser(name, help=helps[name], description=helps[name])

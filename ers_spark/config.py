@@ -252,6 +252,42 @@ class CleanConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """Parameters of ``ers-spark report`` (the HTML page over the lake's tables)."""
+
+    path: str | None
+    title: str
+    thumbnails_per_band: int
+    thumbnail_px: int
+    map_sample_rows: int
+    histogram_bins: int
+    curve_points: int
+    eval_metric_rows: int
+    seed: int
+
+    def validate(self, source: str) -> None:
+        for key in ("thumbnails_per_band", "thumbnail_px", "histogram_bins", "curve_points", "eval_metric_rows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"report.{key} must be >= 1, got {getattr(self, key)} (in {source})")
+        if self.map_sample_rows < 3:
+            raise ConfigError(f"report.map_sample_rows must be >= 3, got {self.map_sample_rows} (in {source})")
+        if self.path is not None and "://" in self.path and not self.path.startswith("file://"):
+            raise ConfigError(f"report.path must be a local file, got {self.path!r} (in {source})")
+
+    def output_path(self, storage: StorageConfig) -> Path:
+        """The HTML file: ``report.path``, or ``report.html`` under a local ``storage.root``."""
+        if self.path is not None:
+            return Path(os.path.expanduser(self.path.removeprefix("file://"))).resolve()
+        root = storage.local_root()
+        if root is None:
+            raise ConfigError(
+                f"report.path is required when storage.root is an object store ({storage.root}): "
+                "the report is written on the driver, e.g. report.path=./ers-report.html"
+            )
+        return root / "report.html"
+
+
+@dataclass(frozen=True)
 class ErsConfig:
     """The whole validated configuration."""
 
@@ -262,6 +298,7 @@ class ErsConfig:
     locate_ui: LocateUiConfig
     score: ScoreConfig
     clean: CleanConfig
+    report: ReportConfig
     source: str
 
     def validate(self) -> None:

@@ -150,8 +150,13 @@ def demo_summary(spark, cfg: ErsConfig, records: list[dict]) -> str:
 
 
 def run_demo(cfg: ErsConfig) -> None:
-    """Run every pipeline stage on the demo input and end with a summary (and where the tables are)."""
+    """Run every pipeline stage on the demo input, write the HTML report, end with a summary and the report's path."""
     from pyspark.sql import SparkSession
 
+    from ers_spark.stages.report import run_report
+
     records = run_pipeline(cfg)
-    print(demo_summary(SparkSession.getActiveSession(), cfg, records), flush=True)
+    spark = SparkSession.getActiveSession()
+    report = run_report(spark, cfg)
+    print(demo_summary(spark, cfg, records), flush=True)
+    print(f"Open the report:      {Path(report['path']).as_uri()}", flush=True)

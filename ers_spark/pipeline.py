@@ -38,6 +38,10 @@ def stage_runner(name: str) -> Callable[..., dict]:
         from ers_spark.stages.clean import run_clean
 
         return run_clean
+    if name == "report":
+        from ers_spark.stages.report import run_report
+
+        return run_report
     raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
 
 

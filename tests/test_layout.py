@@ -1,4 +1,4 @@
-"""The layout's import rules hold: core/ is pure math, lake/ never reaches up to stages/."""
+"""The layout's import rules hold: core/ is pure math, report/ draws without Spark, lake/ never reaches up to stages/."""
 
 from __future__ import annotations
 
@@ -52,6 +52,14 @@ def test_core_imports_without_pyspark() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_report_renders_without_pyspark() -> None:
+    """report/ draws the page from plain values: it imports (matplotlib, jinja2, PIL) with pyspark unimportable."""
+    modules = _modules("report")
+    assert {"ers_spark.report.content", "ers_spark.report.plots", "ers_spark.report.render"} <= set(modules)
+    result = subprocess.run([sys.executable, "-c", _NO_PYSPARK, *modules], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_blocker_catches_a_pyspark_import(tmp_path: Path) -> None:
     """The check above fails when a module imports pyspark (so it cannot pass by accident)."""
     (tmp_path / "uses_spark.py").write_text("import pyspark.sql\n")
@@ -68,8 +76,9 @@ def test_blocker_catches_a_pyspark_import(tmp_path: Path) -> None:
         ("core", ("ers_spark.errors", "ers_spark.core")),
         ("lake", ("ers_spark.errors", "ers_spark.config", "ers_spark.lake")),
         ("models", ("ers_spark.errors", "ers_spark.models")),
+        ("report", ("ers_spark.errors", "ers_spark.core", "ers_spark.report")),
         ("stages", ("ers_spark.errors", "ers_spark.config", "ers_spark.core", "ers_spark.lake", "ers_spark.models",
-                    "ers_spark.stages")),
+                    "ers_spark.report", "ers_spark.stages")),
     ],
 )
 def test_imports_point_down(subpackage: str, allowed: tuple[str, ...]) -> None:
