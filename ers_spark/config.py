@@ -246,6 +246,60 @@ class CleanConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """Parameters of the evaluate stage (embeddings + scores + identities -> eval_* tables).
+
+    No defaults here: they live in ``conf/local.yaml`` only; a config file without an
+    ``evaluate:`` section cannot run ``ers-spark evaluate`` (the stage says so).
+    """
+
+    pairs_path: str | None
+    genuine_pairs_per_identity: int
+    max_genuine_pairs: int
+    impostor_pairs: int
+    seed: int
+    target_far: float
+    calibration_share: float
+    fars: list[float]
+    fpirs: list[float]
+    nonmated_identity_share: float
+    enrolment: str
+    max_probes: int
+    template_size: int
+    softmax_temperature: float
+    top_k: int
+    edc_fmr: float
+    edc_max_discard: float
+    edc_steps: int
+    det_points: int
+
+    def validate(self, source: str) -> None:
+        positive = {
+            "genuine_pairs_per_identity": self.genuine_pairs_per_identity, "max_genuine_pairs": self.max_genuine_pairs,
+            "impostor_pairs": self.impostor_pairs, "max_probes": self.max_probes, "template_size": self.template_size,
+            "top_k": self.top_k, "edc_steps": self.edc_steps,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"evaluate.{key} must be >= 1, got {value} (in {source})")
+        shares = {"target_far": self.target_far, "calibration_share": self.calibration_share,
+                  "nonmated_identity_share": self.nonmated_identity_share, "edc_fmr": self.edc_fmr,
+                  "edc_max_discard": self.edc_max_discard}
+        for key, value in shares.items():
+            if not 0 < value < 1:
+                raise ConfigError(f"evaluate.{key} must be in (0, 1), got {value} (in {source})")
+        for key, rates in (("fars", self.fars), ("fpirs", self.fpirs)):
+            if not rates or not all(0 < r < 1 for r in rates):
+                raise ConfigError(f"evaluate.{key} must be a non-empty list of rates in (0, 1) (in {source})")
+        if self.enrolment not in ("best_ers", "random"):
+            raise ConfigError(f"evaluate.enrolment must be 'best_ers' or 'random', got {self.enrolment!r} (in {source})")
+        if self.softmax_temperature <= 0:
+            raise ConfigError(f"evaluate.softmax_temperature must be > 0, got {self.softmax_temperature} (in {source})")
+        if self.det_points < 2:
+            raise ConfigError(f"evaluate.det_points must be >= 2, got {self.det_points} (in {source})")
+
+
+@dataclass(frozen=True)
 class ErsConfig:
     """The whole validated configuration."""
 
@@ -256,12 +310,14 @@ class ErsConfig:
     locate_ui: LocateUiConfig = field(default_factory=LocateUiConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
+    evaluate: EvaluateConfig | None = None  # no defaults outside conf/local.yaml
     source: str = "<defaults>"
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
-            if f.name != "source":
-                getattr(self, f.name).validate(self.source)
+            section = getattr(self, f.name)
+            if f.name != "source" and section is not None:
+                section.validate(self.source)
 
     def with_overrides(self, overrides: list[str]) -> "ErsConfig":
         """A copy with ``section.key=value`` overrides applied and validated."""
@@ -273,7 +329,7 @@ class ErsConfig:
 def to_dict(cfg: Any) -> dict[str, Any]:
     data = dataclasses.asdict(cfg)
     data.pop("source", None)
-    return data
+    return {k: v for k, v in data.items() if v is not None}  # an absent optional section stays absent
 
 
 def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -321,7 +377,7 @@ def _build(raw: Mapping[str, Any], source: str) -> ErsConfig:
     for name, value in raw.items():
         if name not in sections:
             raise ConfigError(_unknown_key_message(str(name), list(sections), source))
-        section_type = typing.get_type_hints(ErsConfig)[name]
+        section_type = _section_class(typing.get_type_hints(ErsConfig)[name])
         if value is None:
             value = {}
         if not isinstance(value, Mapping):
@@ -332,10 +388,24 @@ def _build(raw: Mapping[str, Any], source: str) -> ErsConfig:
             if key not in hints:
                 raise ConfigError(_unknown_key_message(f"{name}.{key}", [f"{name}.{k}" for k in hints], source))
             kwargs[key] = _check_type(item, hints[key], f"{name}.{key}", source)
+        missing = [f.name for f in dataclasses.fields(section_type) if f.name not in kwargs
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(
+                f"config section '{name}' lacks {', '.join(missing)} (in {source}); "
+                "copy them from the embedded conf/local.yaml"
+            )
         built[name] = section_type(**kwargs)
     cfg = ErsConfig(**built, source=source)
     cfg.validate()
     return cfg
+
+
+def _section_class(hint: Any) -> Any:
+    """The dataclass of a section, unwrapping ``X | None`` (a section without defaults)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def _unknown_key_message(key: str, known: list[str], source: str) -> str:

@@ -38,6 +38,10 @@ def stage_runner(name: str) -> Callable[..., dict]:
         from ers_spark.stages.clean import run_clean
 
         return run_clean
+    if name == "evaluate":  # not in STAGES: `run` does not evaluate; `ers-spark evaluate` does
+        from ers_spark.stages.evaluate import run_evaluate
+
+        return run_evaluate
     raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
 
 
