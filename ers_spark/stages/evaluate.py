@@ -503,7 +503,7 @@ def run_evaluate(spark: SparkSession, cfg: ErsConfig) -> dict:
     params = EvaluateParams.from_config(cfg)
     p = params.cfg
     images, context = load_images(spark, cfg, params)
-    roles = identity_roles(images, p)
+    roles = identity_roles(images, p).persist()  # one single-partition window over identities, computed once
     images = images.join(roles, IDENTITY, "left").persist()
     try:
         run = StageRun(STAGE_NAME, params={**asdict(p), "uic_id": context["uic_id"], "model": context["model"]})
@@ -524,6 +524,7 @@ def run_evaluate(spark: SparkSession, cfg: ErsConfig) -> dict:
             results.notes["identification"] = results.notes["set"] = "skipped: the crops carry fewer than 2 identities"
     finally:
         images.unpersist()
+        roles.unpersist()
     run.params.update(gamma=gamma, notes=results.notes)
     counts.update(metrics=len(results.metrics), curve_points=len(results.curves))
     run.counts = counts
