@@ -285,6 +285,57 @@ class ReportConfig:
                 "the report is written on the driver, e.g. report.path=./ers-report.html"
             )
         return root / "report.html"
+class EvaluateConfig:
+    """Parameters of the evaluate stage (embeddings + scores + identities -> eval_* tables).
+
+    No defaults here: they live in ``conf/local.yaml`` only; a config file without an
+    ``evaluate:`` section cannot run ``ers-spark evaluate`` (the stage says so).
+    """
+
+    pairs_path: str | None
+    genuine_pairs_per_identity: int
+    max_genuine_pairs: int
+    impostor_pairs: int
+    seed: int
+    target_far: float
+    calibration_share: float
+    fars: list[float]
+    fpirs: list[float]
+    nonmated_identity_share: float
+    enrolment: str
+    max_probes: int
+    template_size: int
+    softmax_temperature: float
+    top_k: int
+    edc_fmr: float
+    edc_max_discard: float
+    edc_steps: int
+    det_points: int
+
+    def validate(self, source: str) -> None:
+        positive = {
+            "genuine_pairs_per_identity": self.genuine_pairs_per_identity, "max_genuine_pairs": self.max_genuine_pairs,
+            "impostor_pairs": self.impostor_pairs, "max_probes": self.max_probes, "template_size": self.template_size,
+            "top_k": self.top_k, "edc_steps": self.edc_steps,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"evaluate.{key} must be >= 1, got {value} (in {source})")
+        shares = {"target_far": self.target_far, "calibration_share": self.calibration_share,
+                  "nonmated_identity_share": self.nonmated_identity_share, "edc_fmr": self.edc_fmr,
+                  "edc_max_discard": self.edc_max_discard}
+        for key, value in shares.items():
+            if not 0 < value < 1:
+                raise ConfigError(f"evaluate.{key} must be in (0, 1), got {value} (in {source})")
+        for key, rates in (("fars", self.fars), ("fpirs", self.fpirs)):
+            if not rates or not all(0 < r < 1 for r in rates):
+                raise ConfigError(f"evaluate.{key} must be a non-empty list of rates in (0, 1) (in {source})")
+        if self.enrolment not in ("best_ers", "random"):
+            raise ConfigError(f"evaluate.enrolment must be 'best_ers' or 'random', got {self.enrolment!r} (in {source})")
+        if self.softmax_temperature <= 0:
+            raise ConfigError(f"evaluate.softmax_temperature must be > 0, got {self.softmax_temperature} (in {source})")
+        if self.det_points < 2:
+            raise ConfigError(f"evaluate.det_points must be >= 2, got {self.det_points} (in {source})")
 
 
 @dataclass(frozen=True)
@@ -298,6 +349,7 @@ class ErsConfig:
     locate_ui: LocateUiConfig
     score: ScoreConfig
     clean: CleanConfig
+    evaluate: EvaluateConfig
     report: ReportConfig
     source: str
 

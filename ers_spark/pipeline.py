@@ -42,6 +42,10 @@ def stage_runner(name: str) -> Callable[..., dict]:
         from ers_spark.stages.report import run_report
 
         return run_report
+    if name == "evaluate":  # not in STAGES: `run` does not evaluate; `ers-spark evaluate` does
+        from ers_spark.stages.evaluate import run_evaluate
+
+        return run_evaluate
     raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
 
 

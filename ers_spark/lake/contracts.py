@@ -228,6 +228,64 @@ RUNS = TableContract(
     key=(RUN_ID,),
 )
 
+# evaluate stage (eval_* tables; the report reads them)
+MODEL = "model"
+PAIRS_SOURCE = "pairs_source"
+PROTOCOL = "protocol"
+METRIC = "metric"
+OPERATING_POINT = "operating_point"
+VALUE = "value"
+COUNT = "count"
+CURVE = "curve"
+X = "x"
+Y = "y"
+POINT_INDEX = "point_index"
+
+EVAL_RUNS = TableContract(
+    "eval_runs",
+    _fields(
+        (RUN_ID, StringType(), False),
+        (STARTED_AT, TimestampType(), False),
+        (MODEL, StringType(), False),
+        (UIC_ID, StringType(), False),
+        (GAMMA, DoubleType(), True),
+        (PARAMS, StringType(), False),
+        (INPUT_VERSIONS, StringType(), False),
+        (PAIRS_SOURCE, StringType(), False),
+    ),
+    key=(RUN_ID,),
+)
+
+EVAL_METRICS = TableContract(
+    "eval_metrics",
+    _fields(
+        (RUN_ID, StringType(), False),
+        (PROTOCOL, StringType(), False),
+        (METHOD, StringType(), False),
+        (METRIC, StringType(), False),
+        (OPERATING_POINT, StringType(), False),
+        (VALUE, DoubleType(), True),
+        (COUNT, LongType(), True),
+    ),
+    key=(RUN_ID, PROTOCOL, METHOD, METRIC, OPERATING_POINT),
+)
+
+EVAL_CURVES = TableContract(
+    "eval_curves",
+    _fields(
+        (RUN_ID, StringType(), False),
+        (CURVE, StringType(), False),
+        (METHOD, StringType(), False),
+        (X, DoubleType(), False),
+        (Y, DoubleType(), False),
+        (POINT_INDEX, IntegerType(), False),
+    ),
+    key=(RUN_ID, CURVE, METHOD, POINT_INDEX),
+)
+
+# kept apart from ALL_TABLES: `ers-spark run` never writes them
+EVAL_TABLES: dict[str, TableContract] = {c.name: c for c in (EVAL_RUNS, EVAL_METRICS, EVAL_CURVES)}
+
 ALL_TABLES: dict[str, TableContract] = {
     c.name: c for c in (CROPS, EMBEDDINGS, UI_CENTROIDS, UI_MEMBERS, SCORES, CLEANED, QUARANTINE, RUNS)
 }

@@ -1,0 +1,141 @@
+"""Evaluate benchmark: what ERS does for recognition on the shared ORL faces plus degraded copies.
+
+    python bench/eval.py [--out bench/results/eval.json]
+
+Data as bench/quality.py (every ORL crop aligned to a 150x150 dlib chip plus one heavily degraded
+copy, both labelled with the person). One run on local[2]: ingest -> embed -> locate-ui -> score ->
+evaluate, with the embedded defaults of `evaluate:`. The figures are read back from the
+eval_metrics table of that run; targets from issue 11.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import ORL, orl_with_degraded_copies  # noqa: E402
+
+from ers_spark.config import load_config  # noqa: E402
+from ers_spark.core import ers as ers_math  # noqa: E402
+from ers_spark.lake.contracts import CROPS, EVAL_METRICS, SCORES  # noqa: E402
+from ers_spark.lake.session import build_session  # noqa: E402
+from ers_spark.lake.tables import table_path  # noqa: E402
+
+
+def metric(table, protocol: str, method: str, name: str, point: str) -> float | None:
+    rows = table[(table.protocol == protocol) & (table.method == method) & (table.metric == name)
+                 & (table.operating_point == point)]
+    return None if rows.empty or rows.value.isna().all() else round(float(rows.value.iloc[0]), 4)
+
+
+def figures(table) -> dict:
+    """The issue's keys from one run's eval_metrics rows."""
+    base = metric(table, "verification", "baseline", "frr", "far=1e-2")
+    unsure = metric(table, "verification", "unsure_as_reject", "frr", "far=1e-2")
+    return {
+        "frr_far1e2_baseline": base,
+        "frr_far1e2_unsure_as_reject": unsure,
+        "frr_reduction": round(1 - unsure / base, 4) if base and unsure is not None else None,
+        "frr_far1e2_sure_only": metric(table, "verification", "sure_only", "frr", "far=1e-2"),
+        "frr_far1e3_baseline": metric(table, "verification", "baseline", "frr", "far=1e-3"),
+        "frr_far1e3_unsure_as_reject": metric(table, "verification", "unsure_as_reject", "frr", "far=1e-3"),
+        "unsure_rate_genuine": metric(table, "verification", "unsure", "unsure_rate_genuine", "gamma"),
+        "unsure_rate_impostor": metric(table, "verification", "unsure", "unsure_rate_impostor", "gamma"),
+        "fnir_fpir1e1_baseline": metric(table, "identification", "baseline", "fnir", "fpir=1e-1"),
+        "fnir_fpir1e1_rejection": metric(table, "identification", "ers_rejection", "fnir", "fpir=1e-1"),
+        "fnir_fpir1e2_baseline": metric(table, "identification", "baseline", "fnir", "fpir=1e-2"),
+        "fnir_fpir1e2_rejection": metric(table, "identification", "ers_rejection", "fnir", "fpir=1e-2"),
+        "set_tar_far1e2": {m: metric(table, "set", m, "tar", "far=1e-2")
+                           for m in ("uniform", "ers", "ers2", "softmax", "topk")},
+        "edc_pauc_ers": metric(table, "edc", "ers", "pauc", "discard<=0.5"),
+        "edc_pauc_norm": metric(table, "edc", "norm", "pauc", "discard<=0.5"),
+        "edc_pauc_random": metric(table, "edc", "random", "pauc", "discard<=0.5"),
+    }
+
+
+def targets(result: dict) -> dict:
+    sets = result["set_tar_far1e2"]
+    return {
+        "frr_reduction >= 0.25": result["frr_reduction"] is not None and result["frr_reduction"] >= 0.25,
+        "edc_pauc_ers < edc_pauc_norm < edc_pauc_random":
+            result["edc_pauc_ers"] < result["edc_pauc_norm"] < result["edc_pauc_random"],
+        "set ers2 >= uniform": sets["ers2"] is not None and sets["uniform"] is not None and sets["ers2"] >= sets["uniform"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval.json"))
+    parser.add_argument("--dominance-ratio", type=float, default=3.0, help="as bench/quality.py")
+    args = parser.parse_args()
+    if not ORL.is_dir():
+        raise SystemExit(f"eval bench needs the shared ORL faces at {ORL}")
+    work = Path(tempfile.mkdtemp(prefix="ers-bench-eval-"))
+    t0 = time.perf_counter()
+    data = orl_with_degraded_copies()
+    data[["path", "identity", "bytes"]].to_parquet(work / "in.parquet")
+    cfg = load_config(overrides=[
+        f"storage.root={work / 'lake'}", "spark.master=local[2]", "spark.shuffle_partitions=4",
+        f"spark.checkpoint_dir={work / 'ckpt'}", "spark.hive_metastore=false",
+        f"ingest.input_path={work / 'in.parquet'}", "ingest.input_format=parquet", "ingest.identity_column=identity",
+        f"locate_ui.dominance_ratio={args.dominance_ratio}", "locate_ui.kmeans_cells=4", "locate_ui.nprobe=2",
+    ])
+    spark = build_session(cfg, "bench-eval")
+    from ers_spark.stages.embed import run_embed
+    from ers_spark.stages.evaluate import run_evaluate
+    from ers_spark.stages.ingest import run_ingest
+    from ers_spark.stages.locate_ui import run_locate_ui
+    from ers_spark.stages.score import run_score
+
+    run_ingest(spark, cfg)
+    run_embed(spark, cfg)
+    ui = run_locate_ui(spark, cfg)
+    score = run_score(spark, cfg)
+    t_eval = time.perf_counter()
+    record = run_evaluate(spark, cfg)
+    eval_seconds = time.perf_counter() - t_eval
+
+    table = spark.read.format("delta").load(table_path(cfg, EVAL_METRICS)).where(
+        f"run_id = '{record['run_id']}'").toPandas()
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select("image_id", "source_path").toPandas()
+    scores = spark.read.format("delta").load(table_path(cfg, SCORES)).select("image_id", "ers").toPandas()
+    scored = crops.merge(scores, on="image_id").merge(
+        data[["path", "degraded"]].rename(columns={"path": "source_path"}), on="source_path")
+    result = figures(table)
+    result["auc_ers_clean_vs_degraded"] = round(
+        ers_math.roc_auc(scored["ers"].to_numpy(), ~scored["degraded"].to_numpy(bool)), 4)
+    result["targets_met"] = targets(result)
+    result.update({
+        "gamma_evaluate": round(float(record["params"]["gamma"]), 4),
+        "gamma_score": round(float(score["params"]["gamma"]), 4),
+        "eps": ui["params"].get("eps"),
+        "ui_members": ui["counts"].get("members", ui["counts"]),
+        "evaluate_counts": record["counts"],
+        "evaluate_notes": record["params"].get("notes"),
+        "images": int(len(scored)),
+        "evaluate_seconds": round(eval_seconds, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    })
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps(result, indent=2, default=str))
+    spark.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
