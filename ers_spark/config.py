@@ -142,8 +142,16 @@ class EmbedConfig:
     align: bool
     model_cache_dir: str
     max_failed_share: float
+    no_face: str
+    align_min_side: int
 
     def validate(self, source: str) -> None:
+        if self.no_face not in ("embed_unaligned", "quarantine"):
+            raise ConfigError(
+                f"embed.no_face must be 'embed_unaligned' or 'quarantine', got {self.no_face!r} (in {source})"
+            )
+        if self.align_min_side < 0:
+            raise ConfigError(f"embed.align_min_side must be >= 0, got {self.align_min_side} (in {source})")
         if not 0.0 < self.max_failed_share <= 1.0:
             raise ConfigError(f"embed.max_failed_share must be in (0, 1], got {self.max_failed_share} (in {source})")
         if self.backend not in ("onnx", "torch"):
@@ -243,10 +251,28 @@ class CleanConfig:
     subcenters: int
     max_angle_deg: float | None
     min_identity_size: int
+    min_images_per_subcenter: int
+    impostor_percentile: float
+    calibration_sample_rows: int
+    calibration_identities: int
+    seed: int
 
     def validate(self, source: str) -> None:
         if self.subcenters < 1:
             raise ConfigError(f"clean.subcenters must be >= 1, got {self.subcenters} (in {source})")
+        if self.min_images_per_subcenter < 1 or self.min_identity_size < 1:
+            raise ConfigError(
+                f"clean.min_images_per_subcenter and clean.min_identity_size must be >= 1 (in {source})"
+            )
+        if not 0 < self.impostor_percentile < 100:
+            raise ConfigError(
+                f"clean.impostor_percentile must be in (0, 100), got {self.impostor_percentile} (in {source})"
+            )
+        if self.calibration_sample_rows < 1 or self.calibration_identities < 2:
+            raise ConfigError(
+                "clean.calibration_sample_rows must be >= 1 and clean.calibration_identities >= 2 "
+                f"(in {source})"
+            )
         if self.max_angle_deg is not None and not 0 < self.max_angle_deg <= 180:
             raise ConfigError(f"clean.max_angle_deg must be in (0, 180], got {self.max_angle_deg} (in {source})")
 

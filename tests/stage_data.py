@@ -16,7 +16,7 @@ T0 = datetime(2026, 1, 1)
 def write_embeddings(spark, cfg, ids, emb, identities=None, model=("synthetic", "1"), with_crops=True) -> None:
     """Embeddings (and matching crop rows with 1-byte fake images) for ``ids``."""
     rows = [
-        (i, [float(x) for x in v], 1.0, model[0], model[1], T0) for i, v in zip(ids, np.asarray(emb, np.float32))
+        (i, [float(x) for x in v], 1.0, model[0], model[1], T0, None) for i, v in zip(ids, np.asarray(emb, np.float32))
     ]
     merge_insert_new(spark, cfg, EMBEDDINGS, spark.createDataFrame(rows, EMBEDDINGS.schema))
     if with_crops:

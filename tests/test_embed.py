@@ -19,6 +19,7 @@ from ers_spark.stages.ingest import run_ingest
 from ers_spark.lake.tables import merge_insert_new, table_path
 from ers_spark.models.onnx_runner import OnnxEmbedder
 from ers_spark.models.preprocess import decode_batch
+from conftest import shared_data_dir
 from onnx_builders import tiny_embedding_model
 
 pytestmark = pytest.mark.spark
@@ -163,9 +164,9 @@ def test_missing_dlib_fails_alignment_instead_of_quarantining(monkeypatch, demo_
     monkeypatch.setattr(align, "_dlib_models", no_dlib)
     batch = pd.DataFrame({"image_id": ["a", "b"], "bytes": list(demo_rows["bytes"].iloc[:2])})
     with pytest.raises(ModelError, match="face alignment needs dlib"):
-        list(make_align_batches(150)(iter([batch])))
+        list(make_align_batches(150, 150, True)(iter([batch])))
     undecodable = pd.DataFrame({"image_id": ["x"], "bytes": [b"not an image"]})
-    (out,) = list(make_align_batches(150)(iter([undecodable])))
+    (out,) = list(make_align_batches(150, 150, True)(iter([undecodable])))
     assert out.detail[0].startswith("undecodable photo")
 
 
@@ -296,3 +297,79 @@ def test_torch_backend_in_spark_matches_onnx(spark, make_cfg, demo_rows, tmp_pat
     direct, _ = OnnxEmbedder(params.model_path, params.spec).embed(batch)
     by_id = dict(zip(table["image_id"], np.stack(table["embedding"].to_numpy())))
     assert min(float(np.dot(by_id[i], v)) for i, v in zip(crops["image_id"], direct)) >= 0.999
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_orl_crops() -> pd.DataFrame:
+    """24 ORL faces downscaled to 24x28 px (in code) plus one flat grey image in which no face can be found."""
+    from PIL import Image
+
+    orl = shared_data_dir("orl_faces")
+    pytest.importorskip("dlib", reason="alignment needs dlib (pip install dlib-bin)")
+    paths = sorted(orl.glob("s*/*.pgm"), key=lambda p: (int(p.parent.name[1:]), int(p.stem)))[::17][:24]
+    rows = [
+        (f"orl/{p.parent.name}/{p.stem}.png", p.parent.name,
+         _png_bytes(np.asarray(Image.open(p).convert("L").resize((24, 28), Image.Resampling.BILINEAR))))
+        for p in paths
+    ]
+    rows.append(("grey/flat.png", "nobody", _png_bytes(np.full((28, 24), 128, np.uint8))))
+    return pd.DataFrame(rows, columns=["path", "identity", "bytes"])
+
+
+def _embedded_by_photo(spark, cfg) -> pd.DataFrame:
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS)).where("parent_image_id is not null")
+    emb = spark.read.format("delta").load(table_path(cfg, EMBEDDINGS))
+    return crops.join(emb, "image_id").select("parent_image_id", "face_index", "aligned").toPandas()
+
+
+def test_align_keeps_24x28_crops_and_records_aligned(spark, make_cfg, tiny_orl_crops, tmp_path) -> None:
+    """Small crops are enlarged before detection; where no face is found the centred resize is embedded (aligned=false)."""
+    src = _write_parquet(tiny_orl_crops, tmp_path / "in.parquet")
+    cfg = _parquet_cfg(make_cfg, src, "embed.align=true")
+    _ingest(spark, cfg)
+    record = run_embed(spark, cfg)
+    photos = spark.read.format("delta").load(table_path(cfg, CROPS)).where("parent_image_id is null").count()
+    table = _embedded_by_photo(spark, cfg)
+    assert photos == len(tiny_orl_crops)
+    assert table.parent_image_id.nunique() == photos  # none lost
+    assert table.aligned.notna().all()
+    assert (table.aligned == table.face_index.notna()).all()
+    assert int((~table.aligned.astype(bool)).sum()) == record["counts"]["photos_embedded_unaligned"] >= 1  # the grey one
+    assert table.aligned.astype(bool).sum() >= 0.8 * (photos - 1)  # faces found again after enlarging
+    assert record["counts"]["photos_without_face"] == 0
+    assert record["counts"]["to_embed"] == record["counts"]["written"] == len(table)
+
+
+def test_no_face_policy_quarantine(spark, make_cfg, tiny_orl_crops, tmp_path) -> None:
+    """embed.no_face=quarantine: a crop without a detectable face goes to quarantine as no_face, not to embeddings."""
+    src = _write_parquet(tiny_orl_crops.tail(3), tmp_path / "in.parquet")
+    cfg = _parquet_cfg(make_cfg, src, "embed.align=true", "embed.no_face=quarantine")
+    _ingest(spark, cfg)
+    record = run_embed(spark, cfg)
+    quarantine = spark.read.format("delta").load(table_path(cfg, QUARANTINE)).toPandas()
+    assert record["counts"]["photos_without_face"] >= 1 and record["counts"]["photos_embedded_unaligned"] == 0
+    assert set(quarantine.reason) == {"no_face"} and "grey/flat.png" in set(quarantine.source_path)
+    assert _embedded_by_photo(spark, cfg).aligned.astype(bool).all()
+
+
+def test_old_embeddings_table_gains_the_aligned_column(spark, make_cfg) -> None:
+    """A table written before ``aligned`` existed is migrated by ensure_table (null for old rows)."""
+    from ers_spark.lake.tables import ensure_table
+
+    cfg = make_cfg()
+    old_schema = "image_id string, embedding array<float>, raw_norm float, model_name string, model_version string, embedded_at timestamp"
+    spark.createDataFrame([("a", [1.0, 0.0], 1.0, "m", "1", datetime(2026, 1, 1))], old_schema).write.format(
+        "delta").save(table_path(cfg, EMBEDDINGS))
+    ensure_table(spark, cfg, EMBEDDINGS)
+    rows = spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).collect()
+    assert [(r.image_id, r.aligned) for r in rows] == [("a", None)]

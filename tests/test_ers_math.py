@@ -23,7 +23,11 @@ from ers_spark.core.ers import (
     normalize_rows,
     pool_set,
     roc_auc,
+    dominant_subcentre,
+    impostor_angle_threshold,
+    impostor_angles,
     subcenter_label_noise,
+    subcentre_count,
     tar_at_far,
     threshold_at_far,
     ui_centroid,
@@ -351,6 +355,17 @@ def test_calibrate_gamma_unlabelled_errors() -> None:
 # --------------------------------------------------------------------------- sub-center label noise
 
 
+def _loo_angles_brute_force(x: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Angle of each row to the unit mean of the group's rows other than itself, one row at a time."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out = []
+    for i in range(len(x)):
+        members = [j for j in range(len(x)) if group[j] and j != i]
+        ref = x[members].sum(axis=0) if members else x[i]
+        out.append(math.degrees(math.acos(max(-1.0, min(1.0, float(x[i] @ ref / np.linalg.norm(ref)))))))
+    return np.array(out)
+
+
 def test_subcenter_label_noise_drops_mislabelled_samples() -> None:
     rng = np.random.default_rng(0)
     dim = 64
@@ -361,18 +376,77 @@ def test_subcenter_label_noise_drops_mislabelled_samples() -> None:
     keep, ang, dom = subcenter_label_noise(x, k=3, max_angle_deg=75.0, seed=0)
     assert keep[:80].all() and not keep[80:].any()
     assert float(dom @ c_true) > 0.95
-    np.testing.assert_allclose(ang, np.degrees(np.arccos(np.clip(x.astype(np.float64) @ dom, -1, 1))), atol=1e-3)
+    _, _, assign = dominant_subcentre(x, 3, seed=0)
+    group = np.isin(assign, np.unique(assign[:80]))  # the clean sub-centres, all within 75 deg of each other
+    np.testing.assert_allclose(ang, _loo_angles_brute_force(x.astype(np.float64), group), atol=1e-3)
     keep2, ang2, dom2 = subcenter_label_noise(x, k=3, max_angle_deg=75.0, seed=0)
     np.testing.assert_array_equal(keep, keep2)
     np.testing.assert_array_equal(dom, dom2)
 
 
-def test_subcenter_label_noise_fewer_than_k() -> None:
-    x = np.array([[1.0, 0.0], [0.0, 1.0]])
-    keep, ang, dom = subcenter_label_noise(x, k=3, max_angle_deg=10.0)
-    assert keep.tolist() == [True, True]
-    np.testing.assert_allclose(dom, [math.sqrt(0.5), math.sqrt(0.5)], rtol=1e-6)
-    np.testing.assert_allclose(ang, [45.0, 45.0], atol=1e-6)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_subcenter_label_noise_matches_brute_force(seed: int) -> None:
+    """Group = sub-centres within the angle of the dominant one; angles leave-one-out to the group mean."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(30, 8)) + np.array([3.0] + [0.0] * 7)
+    max_angle = 40.0
+    keep, ang, centre = subcenter_label_noise(x, k=3, max_angle_deg=max_angle, seed=seed)
+    dom, centres, assign = dominant_subcentre(x, 3, seed=seed)
+    near = [c for c in range(3) if math.degrees(math.acos(min(1.0, float(centres[c] @ dom)))) <= max_angle + 1e-9]
+    group = np.isin(assign, near) | (assign == np.argmax(np.bincount(assign, minlength=3)))
+    expected = _loo_angles_brute_force(x, group)
+    np.testing.assert_allclose(ang, expected, atol=1e-4)  # float32 normalisation
+    np.testing.assert_array_equal(keep, expected <= max_angle)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(centre, unit[group].sum(0) / np.linalg.norm(unit[group].sum(0)), atol=1e-6)
+
+
+def test_clean_faces_split_by_kmeans_are_not_flagged() -> None:
+    """k-means splits one clean identity into 3; the other sub-clusters are the same person (within the angle)."""
+    rng = np.random.default_rng(3)
+    x = sample_vmf(np.repeat(normalize_rows(rng.normal(size=(1, 64))), 30, axis=0), 60.0, rng)
+    genuine_max = float(np.max(_loo_angles_brute_force(x.astype(np.float64), np.ones(30, bool))))
+    _, _, assign = dominant_subcentre(x, 3)
+    assert len(np.unique(assign)) == 3
+    keep, _, _ = subcenter_label_noise(x, k=3, max_angle_deg=genuine_max + 1.0)
+    assert keep.all()
+
+
+def test_mislabelled_image_cannot_pull_its_own_reference() -> None:
+    """3 images of A and one of B labelled A: leave-one-out puts B at its true angle to A's images."""
+    a = np.array([1.0, 0.0])
+    x = np.array([a, a, a, [0.0, 1.0]])
+    keep, ang, _ = subcenter_label_noise(x, k=1, max_angle_deg=60.0)
+    a_to_rest = math.degrees(math.atan(0.5))  # a vs 2a + b
+    np.testing.assert_allclose(ang, [a_to_rest, a_to_rest, a_to_rest, 90.0], atol=1e-6)
+    assert keep.tolist() == [True, True, True, False]  # with itself in the mean it would sit at 71.6 deg: missed at 75
+
+
+def test_subcentre_count() -> None:
+    assert [subcentre_count(n, 3, 10) for n in (1, 9, 10, 19, 20, 29, 30, 500)] == [1, 1, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ValueError, match="must be >= 1"):
+        subcentre_count(10, 0, 10)
+
+
+def test_impostor_angles_and_threshold_brute_force() -> None:
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(12, 6))
+    ident = np.array(list("aaabbbcccddd"))
+    centres = rng.normal(size=(4, 6))
+    cid = np.array(list("abcd"))
+    expected = []
+    for i in range(12):
+        for j in range(4):
+            if ident[i] != cid[j]:
+                cos = emb[i] @ centres[j] / np.linalg.norm(emb[i]) / np.linalg.norm(centres[j])
+                expected.append(math.degrees(math.acos(cos)))
+    got = impostor_angles(emb, ident, centres, cid)
+    np.testing.assert_allclose(np.sort(got), np.sort(expected), atol=1e-9)
+    assert impostor_angle_threshold(got, 5.0) == pytest.approx(np.percentile(expected, 5.0))
+    with pytest.raises(ValueError, match="at least two identities"):
+        impostor_angle_threshold([], 5.0)
+    with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\)"):
+        impostor_angle_threshold([1.0], 100.0)
 
 
 def test_subcenter_label_noise_errors() -> None:

@@ -65,6 +65,7 @@ def write_embeddings(spark, cfg, x: np.ndarray, ids: list[str], model=("syntheti
             MODEL_NAME: model[0],
             MODEL_VERSION: model[1],
             EMBEDDED_AT: at,
+            "aligned": None,
         }
     )
     df = spark.createDataFrame(pdf, EMBEDDINGS.schema)

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from ers_spark.core import ers as ers_math
-from ers_spark.stages.clean import calibrate_max_angle, run_clean
+from chispa import assert_df_equality
+
+from ers_spark.config import load_config
+from ers_spark.stages.clean import CleanParams, calibrate_threshold, label_noise_flags, run_clean, seeded_sample
 from ers_spark.lake.contracts import CLEANED, QUARANTINE, SCORES, UI_CENTROIDS
 from ers_spark.errors import ContractError
 from ers_spark.lake.tables import table_path, table_version
@@ -153,11 +156,58 @@ def test_clean_counts_add_up_and_label_noise(spark, make_cfg, dataset) -> None:
     assert again["counts"]["cleaned_changed"] == 0 and again["counts"]["quarantine_changed"] == 0
 
 
-def test_calibrate_max_angle_is_impostor_percentile() -> None:
-    centres = np.eye(3, dtype=np.float32)
-    emb = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
-    identity = np.array(["a", "b", "c"])
-    assert calibrate_max_angle(centres, np.array(["a", "b", "c"]), emb, identity) == pytest.approx(90.0)
+def test_seeded_sample_is_random_capped_and_deterministic(spark) -> None:
+    """Not the first rows: a seeded choice that survives repartitioning and changes with the seed."""
+    df = spark.range(1000).selectExpr("cast(id as string) as image_id")
+    first = [r.image_id for r in df.limit(100).collect()]
+    picked = sorted(r.image_id for r in seeded_sample(df, "image_id", 100, seed=0).collect())
+    assert len(picked) == 100 and picked != sorted(first)
+    assert sorted(r.image_id for r in seeded_sample(df.repartition(7), "image_id", 100, seed=0).collect()) == picked
+    assert sorted(r.image_id for r in seeded_sample(df, "image_id", 100, seed=1).collect()) != picked
+    assert 30 < sum(int(i) < 500 for i in picked) < 70  # spread over the whole range
+
+
+def _labelled(spark, dataset):
+    rows = [(i, p, [float(x) for x in v]) for i, p, v in zip(dataset["ids"], dataset["identities"], dataset["emb"]) if p]
+    return spark.createDataFrame(rows, "image_id string, identity string, embedding array<float>")
+
+
+def test_calibrated_threshold_is_the_impostor_percentile_of_the_samples(spark, dataset) -> None:
+    """The threshold equals numpy's percentile of every (sampled image, sampled other centre) angle."""
+    params = CleanParams.from_config(load_config(overrides=["clean.calibration_sample_rows=40",
+                                                            "clean.calibration_identities=4"]))
+    labelled = _labelled(spark, dataset)
+    centres = {}
+    for identity in sorted(set(p for p in dataset["identities"] if p)):
+        rows = [e for e, p in zip(dataset["emb"], dataset["identities"]) if p == identity]
+        k = ers_math.subcentre_count(len(rows), params.subcenters, params.min_images_per_subcenter)
+        centres[identity] = ers_math.dominant_subcentre(np.array(rows), k, seed=params.seed)[0]
+    centre_rows = spark.createDataFrame([(k, [float(x) for x in v]) for k, v in centres.items()],
+                                        "identity string, _centre array<float>")
+    threshold = calibrate_threshold(labelled, centre_rows, params)
+    sampled_ids = [r.identity for r in seeded_sample(centre_rows, "identity", 4, params.seed).collect()]
+    images = seeded_sample(labelled, "image_id", 40, params.seed).toPandas()
+    assert len(sampled_ids) == 4 and len(images) == 40
+    angles = ers_math.impostor_angles(np.stack(images.embedding), images.identity.to_numpy(),
+                                      np.stack([centres[i] for i in sampled_ids]), np.array(sampled_ids))
+    assert threshold == pytest.approx(np.percentile(angles, params.impostor_percentile, method="inverted_cdf"), abs=1e-4)
+
+
+def test_label_noise_flags_are_the_core_keep_mask(spark, dataset) -> None:
+    """Per identity, the stage flags exactly what subcenter_label_noise drops at the applied threshold."""
+    params = CleanParams.from_config(load_config(overrides=["clean.max_angle_deg=30"]))
+    flags, threshold = label_noise_flags(_labelled(spark, dataset), params)
+    assert threshold == 30.0
+    expected = []
+    for identity in sorted(set(p for p in dataset["identities"] if p)):
+        idx = [i for i, p in enumerate(dataset["identities"]) if p == identity]
+        k = ers_math.subcentre_count(len(idx), params.subcenters, params.min_images_per_subcenter)
+        keep, angles, _ = ers_math.subcenter_label_noise(dataset["emb"][idx], k=k, max_angle_deg=30.0, seed=params.seed)
+        expected += [(dataset["ids"][i], bool(not ok)) for i, ok in zip(idx, keep)]
+    expected_df = spark.createDataFrame(expected, "image_id string, _label_noise boolean")
+    assert_df_equality(flags.select("image_id", "_label_noise"), expected_df, ignore_row_order=True,
+                       ignore_nullable=True)
+    assert [r.image_id for r in flags.where("_label_noise").collect()] == [dataset["wrong"]]
 
 
 def test_stored_gamma_reused_only_with_the_settings_it_was_calibrated_with(spark, make_cfg, dataset) -> None:

@@ -44,6 +44,7 @@ MODEL_NAME = "model_name"
 MODEL_VERSION = "model_version"
 RUNTIME = "runtime"  # runs: JSON of where tasks ran (device, model copy, code origin)
 EMBEDDED_AT = "embedded_at"
+ALIGNED = "aligned"  # embeddings: true = a detected, aligned face chip; false = a centred resize (no face found); null = align off
 UIC_ID = "uic_id"
 METHOD = "method"
 EPS = "eps"
@@ -128,6 +129,7 @@ EMBEDDINGS = TableContract(
         (MODEL_NAME, StringType(), False),
         (MODEL_VERSION, StringType(), False),
         (EMBEDDED_AT, TimestampType(), False),
+        (ALIGNED, BooleanType(), True),
     ),
     key=(IMAGE_ID, MODEL_NAME, MODEL_VERSION),
 )

@@ -32,6 +32,7 @@ from pyspark.sql.types import ArrayType, BinaryType, FloatType, IntegerType, Str
 
 from ers_spark.config import ErsConfig
 from ers_spark.lake.contracts import (
+    ALIGNED,
     BYTES,
     CROPS,
     DETAIL,
@@ -365,57 +366,89 @@ ALIGN_OUTPUT_SCHEMA = StructType(
 )
 
 
-def make_align_batches(size: int):
-    """mapInPandas function: photos -> one aligned chip (PNG bytes) per detected face, or a reason."""
+NO_FACE_DETAIL = "no face detected"
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def align_one(data: bytes, size: int, min_side: int, embed_unaligned: bool) -> list[tuple[int | None, bytes | None, str | None]]:
+    """One photo -> ``(face_index, chip PNG, detail)`` rows: one per detected face, else one fallback row.
+
+    No face found: a centred resize with ``face_index`` null when ``embed_unaligned`` (the crop is
+    a face crop the detector cannot re-find), else a ``no face detected`` row for quarantine.
+    """
+    from PIL import Image
+
+    from ers_spark.models.align import align_faces, centred_resize
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # bad bytes: this photo only
+        return [(None, None, f"undecodable photo: {str(exc).splitlines()[0][:300]}")]
+    # a missing dlib or landmark model raises ModelError here and fails the job
+    chips = align_faces(rgb, size=size, min_side=min_side)
+    if chips:
+        return [(k, _png(chip), None) for k, chip in enumerate(chips)]
+    if embed_unaligned:
+        return [(None, _png(centred_resize(rgb, size)), None)]
+    return [(None, None, NO_FACE_DETAIL)]
+
+
+def make_align_batches(size: int, min_side: int, embed_unaligned: bool):
+    """mapInPandas function: photos -> one aligned chip (PNG bytes) per detected face, a centred resize, or a reason."""
 
     def align_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from PIL import Image
-
-        from ers_spark.models.align import align_faces
-
         for pdf in batches:
-            out: list[tuple[str, int | None, bytes | None, str | None]] = []
-            for image_id, data in zip(pdf[IMAGE_ID], pdf[BYTES]):
-                try:
-                    with Image.open(io.BytesIO(data)) as img:
-                        rgb = np.asarray(img.convert("RGB"))
-                except (OSError, ValueError, Image.DecompressionBombError) as exc:  # bad bytes: this photo only
-                    out.append((image_id, None, None, f"undecodable photo: {str(exc).splitlines()[0][:300]}"))
-                    continue
-                # a missing dlib or landmark model raises ModelError here and fails the job
-                chips = align_faces(rgb, size=size)
-                if not chips:
-                    out.append((image_id, None, None, "no face detected"))
-                for k, chip in enumerate(chips):
-                    buf = io.BytesIO()
-                    Image.fromarray(chip).save(buf, format="PNG")
-                    out.append((image_id, k, buf.getvalue(), None))
+            out = [
+                (image_id, *row)
+                for image_id, data in zip(pdf[IMAGE_ID], pdf[BYTES])
+                for row in align_one(data, size, min_side, embed_unaligned)
+            ]
             yield pd.DataFrame(out, columns=[PARENT_IMAGE_ID, FACE_INDEX, BYTES, DETAIL])
 
     return align_batches
 
 
-def align_photos(spark: SparkSession, cfg: ErsConfig, spec: ModelSpec) -> dict[str, int]:
-    """Cut aligned chips out of photos not aligned yet; chips become crops rows (parent id + face index).
+def photos_to_align(spark: SparkSession, cfg: ErsConfig) -> DataFrame:
+    """Photos (crops rows without a parent) that have no chip yet and, under ``no_face: quarantine``, no no_face row.
 
-    Photos are the crops rows without a parent; each face becomes a new crop whose
-    image_id is the sha256 of the chip's PNG bytes. A photo with no face goes to
-    quarantine (reason ``no_face``). Already-aligned photos are skipped on re-runs.
+    Under ``embed_unaligned`` a photo once quarantined as no_face is tried again (it gets a centred resize).
     """
     crops = read_table(spark, cfg, CROPS)
     photos = crops.where(F.col(PARENT_IMAGE_ID).isNull())
     done = crops.where(F.col(PARENT_IMAGE_ID).isNotNull()).select(F.col(PARENT_IMAGE_ID).alias(IMAGE_ID))
-    if table_exists(spark, cfg, QUARANTINE):
+    if cfg.embed.no_face == "quarantine" and table_exists(spark, cfg, QUARANTINE):
         no_face = (
             read_table(spark, cfg, QUARANTINE)
             .where((F.col(STAGE) == "align") & (F.col(REASON) == REASON_NO_FACE))
             .select(IMAGE_ID)
         )
         done = done.unionByName(no_face)
-    todo = photos.join(done.distinct(), IMAGE_ID, "left_anti")
+    return photos.join(done.distinct(), IMAGE_ID, "left_anti")
+
+
+def align_photos(spark: SparkSession, cfg: ErsConfig, spec: ModelSpec) -> dict[str, int]:
+    """Cut aligned chips out of photos not aligned yet; chips become crops rows (parent id + face index).
+
+    Photos are the crops rows without a parent; each face becomes a new crop whose
+    image_id is the sha256 of the chip's PNG bytes. A photo with no face becomes one crop
+    holding its centred resize with a null face index (``embed.no_face: embed_unaligned``, the
+    default; embedded with ``aligned = false``) or goes to quarantine with reason ``no_face``
+    (``embed.no_face: quarantine``). Small photos are enlarged before detection
+    (``embed.align_min_side``). Already-aligned photos are skipped on re-runs.
+    """
+    todo = photos_to_align(spark, cfg)
+    batches = make_align_batches(spec.input_width, cfg.embed.align_min_side, cfg.embed.no_face == "embed_unaligned")
     aligned = (
         todo.select(IMAGE_ID, BYTES)
-        .mapInPandas(make_align_batches(spec.input_width), ALIGN_OUTPUT_SCHEMA)
+        .mapInPandas(batches, ALIGN_OUTPUT_SCHEMA)
         .join(todo.select(F.col(IMAGE_ID).alias(PARENT_IMAGE_ID), SOURCE_PATH, IDENTITY), PARENT_IMAGE_ID)
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
@@ -424,7 +457,8 @@ def align_photos(spark: SparkSession, cfg: ErsConfig, spec: ModelSpec) -> dict[s
             F.sha2(F.col(BYTES), 256).alias(IMAGE_ID),
             PARENT_IMAGE_ID,
             FACE_INDEX,
-            F.concat(F.col(SOURCE_PATH), F.lit("#face"), F.col(FACE_INDEX).cast("string")).alias(SOURCE_PATH),
+            F.concat(F.col(SOURCE_PATH), F.coalesce(F.concat(F.lit("#face"), F.col(FACE_INDEX).cast("string")),
+                                                    F.lit("#unaligned"))).alias(SOURCE_PATH),
             IDENTITY,
             F.lit(spec.input_width).alias(WIDTH),
             F.lit(spec.input_height).alias(HEIGHT),
@@ -438,11 +472,12 @@ def align_photos(spark: SparkSession, cfg: ErsConfig, spec: ModelSpec) -> dict[s
             F.when(F.col(DETAIL).startswith("undecodable"), F.lit(REASON_UNDECODABLE)).otherwise(F.lit(REASON_NO_FACE)),
             F.col(DETAIL),
         )
+        unaligned = aligned.where(F.col(DETAIL).isNull() & F.col(FACE_INDEX).isNull()).count()
         new_chips = merge_insert_new(spark, cfg, CROPS, chips)
         no_faces = merge_insert_new(spark, cfg, QUARANTINE, failed)
     finally:
         aligned.unpersist()
-    return {"chips_written": new_chips, "photos_without_face": no_faces}
+    return {"chips_written": new_chips, "photos_without_face": no_faces, "photos_embedded_unaligned": unaligned}
 
 
 def plan_embed(spark: SparkSession, cfg: ErsConfig) -> EmbedParams:
@@ -514,17 +549,25 @@ def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
     return run.finish(spark, cfg, outputs=(EMBEDDINGS, QUARANTINE))
 
 
+def aligned_flag(cfg: ErsConfig) -> Any:
+    """The ``aligned`` column of a crop: a detected face chip (true), a centred resize (false), or null (align off)."""
+    if cfg.embed.align:
+        return F.col(FACE_INDEX).isNotNull().alias(ALIGNED)
+    return F.lit(None).cast("boolean").alias(ALIGNED)
+
+
 def write_embeddings(spark: SparkSession, cfg: ErsConfig, params: EmbedParams, embedded: DataFrame,
                      pending: DataFrame, to_embed: int, quarantined: int) -> int:
     """MERGE the good rows into embeddings and the failed ones into quarantine (tagged with the model version)."""
     now = F.current_timestamp()
-    good = embedded.where(F.col(DETAIL).isNull()).select(
+    good = embedded.where(F.col(DETAIL).isNull()).join(pending.select(IMAGE_ID, aligned_flag(cfg)), IMAGE_ID).select(
         IMAGE_ID,
         EMBEDDING,
         RAW_NORM,
         F.lit(params.spec.name).alias(MODEL_NAME),
         F.lit(params.model_version).alias(MODEL_VERSION),
         now.alias(EMBEDDED_AT),
+        ALIGNED,
     )
     bad = quarantine_rows(
         embedded.where(F.col(DETAIL).isNotNull()).join(pending.select(IMAGE_ID, SOURCE_PATH), IMAGE_ID),

@@ -36,7 +36,7 @@ from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, Str
 from ers_spark.config import ErsConfig, EvaluateConfig
 from ers_spark.core import metrics
 from ers_spark.core.ers import threshold_at_far
-from ers_spark.errors import ConfigError, ContractError, ErsUserError
+from ers_spark.errors import ContractError, ErsUserError
 from ers_spark.lake.contracts import (
     CROPS,
     EMBEDDING,
