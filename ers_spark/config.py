@@ -311,6 +311,9 @@ class ReportConfig:
                 "the report is written on the driver, e.g. report.path=./ers-report.html"
             )
         return root / "report.html"
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Parameters of the evaluate stage (embeddings + scores + identities -> eval_* tables).
 
