@@ -59,7 +59,16 @@ from ers_spark.lake.contracts import (
     SUBCENTER_ANGLE,
     UIC_ID,
 )
-from ers_spark.lake.tables import StageRun, ensure_table, latest_model, merge_sync, quarantine_rows, read_table, table_version
+from ers_spark.lake.tables import (
+    StageRun,
+    ensure_table,
+    latest_model,
+    merge_sync,
+    of_model,
+    quarantine_rows,
+    read_table,
+    table_version,
+)
 
 STAGE_NAME = "clean"
 log = logging.getLogger(__name__)
@@ -226,14 +235,13 @@ def run_clean(spark: SparkSession, cfg: ErsConfig) -> dict:
     params = CleanParams.from_config(cfg)
     scores_all = read_table(spark, cfg, SCORES, hint="run `ers-spark score` first")
     model = latest_model(scores_all, time_column=SCORED_AT)[:2]
-    of_model = (F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1])
-    scores = scores_all.where(of_model)
+    scores = scores_all.where(of_model(model))
     crops = read_table(spark, cfg, CROPS).select(IMAGE_ID, SOURCE_PATH, IDENTITY)
     run = StageRun(STAGE_NAME, params={**asdict(params), "model": list(model)})
     run.input_versions = {SCORES.name: table_version(spark, cfg, SCORES), CROPS.name: table_version(spark, cfg, CROPS)}
 
     rows = scores.select(IMAGE_ID, ERS, RECOGNIZABLE, UIC_ID, MODEL_NAME, MODEL_VERSION).join(crops, IMAGE_ID, "left")
-    embeddings = read_table(spark, cfg, EMBEDDINGS).where(of_model) if params.label_noise else None
+    embeddings = read_table(spark, cfg, EMBEDDINGS).where(of_model(model)) if params.label_noise else None
     decided, threshold = decide(rows, embeddings, params)
     decided = decided.cache()
     uic_ids = [r[UIC_ID] for r in scores.select(UIC_ID).distinct().limit(2).collect()]

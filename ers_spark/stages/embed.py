@@ -63,6 +63,7 @@ from ers_spark.lake.tables import (
     StageRun,
     ensure_table,
     merge_insert_new,
+    of_model,
     quarantine_rows,
     read_table,
     table_exists,
@@ -346,7 +347,7 @@ def pending_crops(spark: SparkSession, cfg: ErsConfig, crops: DataFrame, params:
 
     A crop quarantined under an older model version is tried again (the model may read it now).
     """
-    this_version = (F.col(MODEL_NAME) == params.spec.name) & (F.col(MODEL_VERSION) == params.model_version)
+    this_version = of_model((params.spec.name, params.model_version))
     if table_exists(spark, cfg, QUARANTINE):
         failed = read_table(spark, cfg, QUARANTINE).where((F.col(STAGE) == STAGE_NAME) & (F.col(MODEL_VERSION) == params.model_version))
         crops = crops.join(failed.select(IMAGE_ID), IMAGE_ID, "left_anti")

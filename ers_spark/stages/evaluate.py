@@ -47,15 +47,13 @@ from ers_spark.lake.contracts import (
     EVAL_RUNS,
     IDENTITY,
     IMAGE_ID,
-    MODEL_NAME,
-    MODEL_VERSION,
     RAW_NORM,
     SCORES,
     SOURCE_PATH,
     UI_CENTROIDS,
     UIC_ID,
 )
-from ers_spark.lake.tables import StageRun, append, latest_model, read_table, table_version
+from ers_spark.lake.tables import StageRun, append, latest_model, of_model, read_table, table_version
 from ers_spark.stages.score import select_centroid
 
 STAGE_NAME = "evaluate"
@@ -129,7 +127,7 @@ def load_images(spark: SparkSession, cfg: ErsConfig, params: EvaluateParams) -> 
     embeddings_all = read_table(spark, cfg, EMBEDDINGS, hint="run `ers-spark embed` first")
     model = latest_model(embeddings_all)[:2]
     centroid = select_centroid(spark, cfg, model, params.uic_id)
-    in_model = (F.col(MODEL_NAME) == model[0]) & (F.col(MODEL_VERSION) == model[1])
+    in_model = of_model(model)
     scores = read_table(spark, cfg, SCORES, hint="run `ers-spark score` first").where(
         in_model & (F.col(UIC_ID) == centroid.uic_id)
     )

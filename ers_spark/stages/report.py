@@ -31,7 +31,7 @@ from ers_spark.lake.contracts import (
     IMAGE_ID, METHOD, MODEL_NAME, MODEL_VERSION, QUARANTINE, REASON, RECOGNIZABLE, RUNS, SCORED_AT, SCORES,
     SOURCE_PATH, STAGE, STARTED_AT, UI_CENTROIDS, UI_MEMBERS, UIC_ID, TableContract,
 )
-from ers_spark.lake.tables import read_table, table_exists, table_version
+from ers_spark.lake.tables import of_model, read_table, table_exists, table_version
 from ers_spark.report.content import (
     BAND_ABOVE_GAMMA, BAND_BELOW_GAMMA, BAND_HIGHEST, BAND_LOWEST, BANDS, Band, Counts, Crop, Curve, EvalRun,
     Evaluation, Histogram, MapSample, Metric, QuarantineCount, ReportContent, RunSummary, Scoring,
@@ -271,7 +271,7 @@ def gather_report(spark: SparkSession, cfg: ErsConfig) -> ReportContent:
     """Everything the page shows, read from the lake (capped; see the module docstring)."""
     scores_all = read_table(spark, cfg, SCORES, hint="run `ers-spark score` first")
     scoring = choose_scoring(spark, cfg, scores_all)
-    in_model = (F.col(MODEL_NAME) == scoring.model_name) & (F.col(MODEL_VERSION) == scoring.model_version)
+    in_model = of_model((scoring.model_name, scoring.model_version))
     scoped = {
         "scores": scores_all.where(in_model & (F.col(UIC_ID) == scoring.uic_id)),
         "embeddings": read_table(spark, cfg, EMBEDDINGS).where(in_model),
