@@ -65,8 +65,8 @@ EVAL_CURVES = _contract(
 EVAL_TABLES = (EVAL_RUNS, EVAL_METRICS, EVAL_CURVES)
 
 
-def choose_scoring(spark: SparkSession, cfg: ErsConfig, scores: DataFrame) -> Scoring:
-    """The newest scores' model, UIC and gamma (the score stage keeps one UIC per model in the table)."""
+def choose_scoring(spark: SparkSession, cfg: ErsConfig, scores: DataFrame) -> tuple[Scoring, list[float] | None]:
+    """The newest scores' model, UIC and gamma (the score stage keeps one UIC per model in the table); its centroid."""
     newest = (
         scores.groupBy(MODEL_NAME, MODEL_VERSION, UIC_ID, GAMMA)
         .agg(F.max(SCORED_AT).alias("latest"))
@@ -76,13 +76,23 @@ def choose_scoring(spark: SparkSession, cfg: ErsConfig, scores: DataFrame) -> Sc
     if newest is None:
         raise ContractError("the scores table is empty: run `ers-spark score` first")
     uic = read_table(spark, cfg, UI_CENTROIDS).where(F.col(UIC_ID) == newest[UIC_ID]).first()
-    return Scoring(
+    scoring = Scoring(
         model_name=newest[MODEL_NAME], model_version=newest[MODEL_VERSION], uic_id=newest[UIC_ID],
         gamma=float(newest[GAMMA]),
         gamma_method=uic[GAMMA_METHOD] if uic is not None else None,
         uic_method=uic[METHOD] if uic is not None else None,
         eps=uic[EPS] if uic is not None else None,
     )
+    return scoring, list(uic[CENTROID]) if uic is not None else None
+
+
+def score_totals(scores: DataFrame) -> dict[str, float]:
+    """Rows, recognizable rows and the ERS extent of the report's scores, in one aggregate."""
+    row = scores.agg(
+        F.count(F.lit(1)).alias("rows"), F.sum(F.col(RECOGNIZABLE).cast("long")).alias("recognizable"),
+        F.min(ERS).alias("lowest"), F.max(ERS).alias("highest"),
+    ).first()
+    return {key: (row[key] or 0) for key in ("rows", "recognizable", "lowest", "highest")}
 
 
 def histogram_range(lowest: float, highest: float, gamma: float) -> tuple[float, float]:
@@ -93,10 +103,9 @@ def histogram_range(lowest: float, highest: float, gamma: float) -> tuple[float,
     return lo, hi
 
 
-def read_histogram(scores: DataFrame, gamma: float, bins: int) -> Histogram:
+def read_histogram(scores: DataFrame, gamma: float, bins: int, *, lowest: float, highest: float) -> Histogram:
     """ERS counts per bin and per recognizable flag, aggregated by Spark (bins x 2 rows reach the driver)."""
-    extent = scores.agg(F.min(ERS).alias("lo"), F.max(ERS).alias("hi")).first()
-    lo, hi = histogram_range(float(extent["lo"]), float(extent["hi"]), gamma)
+    lo, hi = histogram_range(float(lowest), float(highest), gamma)
     width = (hi - lo) / bins
     index = F.least(F.greatest(F.floor((F.col(ERS) - F.lit(lo)) / F.lit(width)), F.lit(0)), F.lit(bins - 1))
     counts = {True: np.zeros(bins, dtype=np.int64), False: np.zeros(bins, dtype=np.int64)}
@@ -155,12 +164,11 @@ def read_map_sample(
     )
 
 
-def read_counts(spark: SparkSession, cfg: ErsConfig, scoped: dict[str, DataFrame], scoring: Scoring) -> Counts:
+def read_counts(
+    spark: SparkSession, cfg: ErsConfig, scoped: dict[str, DataFrame], scoring: Scoring, totals: dict[str, float]
+) -> Counts:
     """Row counts of each table for this model and UIC; quarantine per stage and reason (all of it)."""
-    totals = (
-        scoped["scores"].agg(F.count(F.lit(1)).alias("n"), F.sum(F.col(RECOGNIZABLE).cast("long")).alias("ok")).first()
-    )
-    scored, recognizable = int(totals["n"]), int(totals["ok"] or 0)
+    scored, recognizable = int(totals["rows"]), int(totals["recognizable"])
     cleaned = None
     if table_exists(spark, cfg, CLEANED):
         cleaned = (
@@ -270,7 +278,7 @@ def table_versions(spark: SparkSession, cfg: ErsConfig) -> dict[str, int | None]
 def gather_report(spark: SparkSession, cfg: ErsConfig) -> ReportContent:
     """Everything the page shows, read from the lake (capped; see the module docstring)."""
     scores_all = read_table(spark, cfg, SCORES, hint="run `ers-spark score` first")
-    scoring = choose_scoring(spark, cfg, scores_all)
+    scoring, centroid = choose_scoring(spark, cfg, scores_all)
     in_model = of_model((scoring.model_name, scoring.model_version))
     scoped = {
         "scores": scores_all.where(in_model & (F.col(UIC_ID) == scoring.uic_id)),
@@ -278,8 +286,8 @@ def gather_report(spark: SparkSession, cfg: ErsConfig) -> ReportContent:
         "members": read_table(spark, cfg, UI_MEMBERS).where(F.col(UIC_ID) == scoring.uic_id),
         "crops": read_table(spark, cfg, CROPS),
     }
-    centroid_row = read_table(spark, cfg, UI_CENTROIDS).where(F.col(UIC_ID) == scoring.uic_id).select(CENTROID).first()
-    counts = read_counts(spark, cfg, scoped, scoring)
+    totals = score_totals(scoped["scores"])
+    counts = read_counts(spark, cfg, scoped, scoring, totals)
     params = cfg.report
     return ReportContent(
         title=params.title,
@@ -289,11 +297,11 @@ def gather_report(spark: SparkSession, cfg: ErsConfig) -> ReportContent:
         scoring=scoring,
         runs=read_runs(spark, cfg),
         table_versions=table_versions(spark, cfg),
-        histogram=read_histogram(scoped["scores"], scoring.gamma, params.histogram_bins),
+        histogram=read_histogram(scoped["scores"], scoring.gamma, params.histogram_bins,
+                                 lowest=totals["lowest"], highest=totals["highest"]),
         bands=read_bands(scoped["crops"], scoped["scores"], scoring.gamma, params.thumbnails_per_band),
         map_sample=read_map_sample(
-            scoped["embeddings"], scoped["scores"], scoped["members"],
-            list(centroid_row[CENTROID]) if centroid_row is not None else None,
+            scoped["embeddings"], scoped["scores"], scoped["members"], centroid,
             rows=params.map_sample_rows, seed=params.seed, scored=counts.scored,
         ),
         counts=counts,
