@@ -12,7 +12,7 @@ from ers_spark.config import load_config
 from ers_spark.core import ers as ers_math
 from ers_spark.core import metrics
 from ers_spark.core.synthetic import vmf_embeddings
-from ers_spark.errors import ConfigError, ContractError
+from ers_spark.errors import ContractError
 from ers_spark.lake.contracts import EVAL_CURVES, EVAL_METRICS, EVAL_RUNS, EVAL_TABLES, IDENTITY, check_contract, same_type
 from ers_spark.lake.tables import table_path
 from ers_spark.stages.evaluate import (
@@ -228,10 +228,3 @@ def test_pairs_file_with_a_bad_label_is_a_contract_error(spark, evaluated, tmp_p
     pd.DataFrame({"a": ["c000"], "b": ["c001"]}).to_parquet(path)
     with pytest.raises(ContractError, match="lacks column"):
         run_evaluate(spark, cfg.with_overrides([f"evaluate.pairs_path={path}"]))
-
-
-def test_a_config_without_an_evaluate_section_says_so(tmp_path) -> None:
-    conf = tmp_path / "c.yaml"
-    conf.write_text("score:\n  gamma: 0.2\n")
-    with pytest.raises(ConfigError, match="no `evaluate:` section"):
-        EvaluateParams.from_config(load_config(conf))
