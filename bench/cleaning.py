@@ -188,6 +188,7 @@ def main() -> None:
     data[["path", "identity", "bytes"]].to_parquet(work / "in.parquet")
     holder: dict = {}
     aligned = run_lake(holder, work, data, align=True, sweep_percentiles=True)
+    Path(args.out).with_suffix(".partial.json").write_text(json.dumps(aligned, indent=2, default=str) + "\n")
     unaligned = run_lake(holder, work, data, align=False, sweep_percentiles=False)
     defaults = {k: v for k, v in aligned.items() if not isinstance(v, dict) or k == "embed_counts"}
     result = {
@@ -217,6 +218,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps(result, indent=2, default=str))
     holder["spark"].stop()
+    Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
 
 
