@@ -17,24 +17,15 @@ _db_counter = itertools.count()
 JVM_FIXTURES = frozenset({"spark", "demo_lake"})
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests for the JVM and for pytest-xdist's workers.
+    """Every test that gets the JVM through a fixture carries the `spark` marker (`-m "not spark"` skips the JVM).
 
-    Every test that gets the JVM through a fixture carries the `spark` marker (`-m "not spark"`
-    skips the JVM). The suite runs on two xdist workers (`--dist loadgroup`): a test module stays on
-    one worker (its module fixtures are built once), and every test of the session-scoped demo
-    lake, the standalone-cluster tests among them, shares one worker so that lake is built once.
+    The suite runs on two pytest-xdist workers with ``--dist loadfile``: a test module stays on one
+    worker, so its module fixtures (the standalone cluster among them) are built once.
     """
-    def module(item: pytest.Item) -> str:
-        return item.nodeid.split("::")[0]
-
-    with_demo_lake = {module(item) for item in items if "demo_lake" in getattr(item, "fixturenames", ())}
     for item in items:
         if JVM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.spark)
-        group = "demo_lake" if module(item) in with_demo_lake else module(item)
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def shared_data_dir(name: str) -> Path:
