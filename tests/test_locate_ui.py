@@ -231,7 +231,8 @@ def test_sample_hac_and_auto_eps(spark, make_cfg, vmf, caplog):
     with caplog.at_level("INFO", logger="ers_spark.stages.locate_ui"):
         rec = run_locate_ui(spark, cfg)
     out = caplog.text
-    assert re.search(r"eps=0\.3\s+top sizes \[", out) and "chose eps=" in out
+    # the size table is one log record: plain text, or one JSON line where the tab is written "\t"
+    assert re.search(r"eps=0\.3(\s|\\t)+top sizes \[", out) and "chose eps=" in out
     eps = rec["params"]["eps_used"]
     assert 0.3 <= eps <= 0.5
     row, members = _stored(spark, cfg, rec["params"]["uic_id"])
