@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable, Iterator
 
 import numpy as np
@@ -35,7 +35,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ers_spark.core import ers as ers_math
-from ers_spark.config import ErsConfig
+from ers_spark.config import CleanConfig, ErsConfig
 from ers_spark.lake.contracts import (
     CLEANED,
     CLEANED_AT,
@@ -78,19 +78,8 @@ IMPOSTOR_ANGLE = "impostor_angle_deg"
 PERCENTILE_ACCURACY = 10000  # percentile_approx: rank error <= 1/10000 of the sampled angles
 
 
-@dataclass(frozen=True)
-class CleanParams:
-    """The clean stage's parameters (``clean.*``, validated by the config loader)."""
-
-    label_noise: bool
-    subcenters: int
-    max_angle_deg: float | None
-    min_identity_size: int
-    min_images_per_subcenter: int
-    impostor_percentile: float
-    calibration_sample_rows: int
-    calibration_identities: int
-    seed: int
+class CleanParams(CleanConfig):
+    """The clean stage's parameters: exactly ``clean.*`` (validated once, by the config loader)."""
 
     @classmethod
     def from_config(cls, cfg: ErsConfig) -> "CleanParams":
