@@ -340,6 +340,7 @@ class EvaluateConfig:
     edc_max_discard: float
     edc_steps: int
     det_points: int
+    write_report: bool
 
     def validate(self, source: str) -> None:
         positive = {

@@ -12,7 +12,7 @@ from ers_spark.config import load_config
 from ers_spark.core import ers as ers_math
 from ers_spark.core import metrics
 from ers_spark.core.synthetic import vmf_embeddings
-from ers_spark.errors import ContractError
+from ers_spark.errors import ConfigError, ContractError
 from ers_spark.lake.contracts import EVAL_CURVES, EVAL_METRICS, EVAL_RUNS, EVAL_TABLES, IDENTITY, check_contract, same_type
 from ers_spark.lake.tables import table_path
 from ers_spark.stages.evaluate import (
@@ -101,6 +101,23 @@ def test_one_run_row_with_gamma_and_inputs(evaluated) -> None:
     assert set(json.loads(runs.input_versions[0])) == {"embeddings", "scores", "crops", "ui_centroids"}
     assert json.loads(runs.params[0])["template_size"] == 4
     assert set(tables["eval_metrics"].run_id) == set(tables["eval_curves"].run_id) == {record["run_id"]}
+
+
+def test_evaluate_ends_by_writing_the_report_of_its_run(evaluated) -> None:
+    cfg, record, _ = evaluated
+    path = cfg.report.output_path(cfg.storage)
+    assert record["params"]["report"] == str(path)
+    html = path.read_text()
+    assert f"<code>{record['run_id']}</code>" in html and "no-evaluation" not in html
+    for section in ("metrics-verification", "metrics-identification", "metrics-set"):
+        assert f'id="{section}"' in html
+
+
+def test_a_report_path_it_cannot_write_fails_before_any_work(spark) -> None:
+    """An object-store root without report.path: the one-line config error comes before any table is read."""
+    cfg = load_config(overrides=["storage.root=s3a://no-such-bucket/lake", "storage.database=ers_eval_remote"])
+    with pytest.raises(ConfigError, match="report.path is required"):
+        run_evaluate(spark, cfg)
 
 
 def test_every_protocol_writes_its_rows(evaluated) -> None:

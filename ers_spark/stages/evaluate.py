@@ -496,6 +496,7 @@ def run_evaluate(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the evaluate stage; counts say how many comparisons each protocol rests on."""
     params = EvaluateParams.from_config(cfg)
     p = params.cfg
+    report_path = cfg.report.output_path(cfg.storage) if p.write_report else None  # a bad report.path fails first
     images, context = load_images(spark, cfg, params)
     roles = identity_roles(images, p).persist()  # one single-partition window over identities, computed once
     images = images.join(roles, IDENTITY, "left").persist()
@@ -519,9 +520,14 @@ def run_evaluate(spark: SparkSession, cfg: ErsConfig) -> dict:
     finally:
         images.unpersist()
         roles.unpersist()
-    run.params.update(gamma=gamma, notes=results.notes)
+    run.params.update(gamma=gamma, notes=results.notes, report=str(report_path) if report_path else None)
     counts.update(metrics=len(results.metrics), curve_points=len(results.curves))
     run.counts = counts
     write_results(spark, cfg, run, context, gamma, results)
     log.info("evaluate: gamma %.4f; %d metric rows, %d curve points", gamma, len(results.metrics), len(results.curves))
-    return run.finish(spark, cfg, outputs=(EVAL_RUNS, EVAL_METRICS, EVAL_CURVES))
+    record = run.finish(spark, cfg, outputs=(EVAL_RUNS, EVAL_METRICS, EVAL_CURVES))
+    if report_path is not None:
+        from ers_spark.stages.report import run_report  # matplotlib only when the page is wanted
+
+        run_report(spark, cfg)
+    return record
