@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,6 +56,16 @@ class SubmitResult:
 
     def error_lines(self) -> list[str]:
         return [line for line in (self.stdout + self.stderr).splitlines() if line.startswith("error: ")]
+
+    def failure(self) -> str:
+        """What a failed submit said, without Spark's INFO lines: stdout's tail and stderr's other lines."""
+        return failure_text(self.stdout, self.stderr)
+
+
+def failure_text(stdout: str, stderr: str) -> str:
+    spark_info = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (INFO|DEBUG) ")
+    other = [line for line in stderr.splitlines() if not spark_info.match(line)]
+    return "stdout:\n" + stdout[-2000:] + "\nstderr without INFO lines:\n" + "\n".join(other)[-6000:]
 
 
 @dataclass

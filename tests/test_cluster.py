@@ -25,7 +25,7 @@ from chispa import assert_df_equality
 from PIL import Image
 
 from ers_spark.lake.contracts import CLEANED, CROPS, EMBEDDINGS, QUARANTINE, SCORES, UI_MEMBERS
-from standalone_cluster import REPO, StandaloneCluster, SubmitResult
+from standalone_cluster import REPO, StandaloneCluster, SubmitResult, failure_text
 
 pytestmark = [pytest.mark.spark, pytest.mark.cluster]
 
@@ -77,7 +77,7 @@ def _overrides(root: Path, input_path: Path | None = None) -> list[str]:
 
 
 def _ok(result: SubmitResult) -> SubmitResult:
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-6000:])
+    assert result.returncode == 0, result.failure()
     return result
 
 
@@ -284,8 +284,8 @@ def concurrent_ingests(cluster, tmp_path_factory) -> dict:
         for folder in (first, second)
     ]
     outputs = [p.communicate(timeout=400) for p in procs]
-    for proc, (_, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-4000:]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, failure_text(out, err)
     records = [json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith('{"')]
     return {"root": root, "corrupt": corrupt, "records": records, "stderr": [err for _, err in outputs]}
 
