@@ -253,6 +253,7 @@ class CleanConfig:
     min_identity_size: int
     min_images_per_subcenter: int
     impostor_percentile: float
+    genuine_percentile: float
     calibration_sample_rows: int
     calibration_identities: int
     seed: int
@@ -267,6 +268,10 @@ class CleanConfig:
         if not 0 < self.impostor_percentile < 100:
             raise ConfigError(
                 f"clean.impostor_percentile must be in (0, 100), got {self.impostor_percentile} (in {source})"
+            )
+        if not 0 < self.genuine_percentile < 100:
+            raise ConfigError(
+                f"clean.genuine_percentile must be in (0, 100), got {self.genuine_percentile} (in {source})"
             )
         if self.calibration_sample_rows < 1 or self.calibration_identities < 2:
             raise ConfigError(

@@ -27,6 +27,7 @@ from ers_spark.core.ers import (
     impostor_angle_threshold,
     impostor_angles,
     subcenter_label_noise,
+    nearest_other_centre,
     subcentre_count,
     tar_at_far,
     threshold_at_far,
@@ -454,3 +455,25 @@ def test_subcenter_label_noise_errors() -> None:
         subcenter_label_noise([[1.0, 0.0]], k=0)
     with pytest.raises(ValueError, match="^subcenter_label_noise: embeddings is empty$"):
         subcenter_label_noise(np.zeros((0, 2)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nearest_other_centre_matches_brute_force(seed: int) -> None:
+    """Per image, the smallest angle to a centre of another identity, and that identity (loop over all centres)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(20, 8))
+    centres = rng.normal(size=(5, 8))
+    centre_identity = ["a", "b", "c", "d", "e"]
+    identity = [centre_identity[i % 5] for i in range(20)]
+    angles, who = nearest_other_centre(x, identity, centres, centre_identity)
+    for i in range(20):
+        best = min(
+            (np.degrees(np.arccos(np.clip(x[i] @ c / np.linalg.norm(x[i]) / np.linalg.norm(c), -1, 1))), name)
+            for c, name in zip(centres, centre_identity) if name != identity[i]
+        )
+        assert angles[i] == pytest.approx(best[0], abs=1e-4) and who[i] == best[1]
+
+
+def test_nearest_other_centre_without_another_identity_is_inf() -> None:
+    angles, who = nearest_other_centre([[1.0, 0.0]], ["a"], [[1.0, 0.0]], ["a"])
+    assert angles.tolist() == [np.inf] and who.tolist() == [None]

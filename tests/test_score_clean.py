@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from ers_spark.core import ers as ers_math
-from chispa import assert_df_equality
+from chispa import assert_approx_df_equality, assert_df_equality
 
 from ers_spark.config import load_config
-from ers_spark.stages.clean import CleanParams, calibrate_threshold, label_noise_flags, run_clean, seeded_sample
+from ers_spark.stages.clean import (
+    CleanParams, calibrate_threshold, label_noise_flags, nearest_other_centres, run_clean, seeded_sample,
+)
 from ers_spark.lake.contracts import CLEANED, QUARANTINE, SCORES, UI_CENTROIDS
 from ers_spark.errors import ContractError
 from ers_spark.lake.tables import table_path, table_version
@@ -193,21 +195,63 @@ def test_calibrated_threshold_is_the_impostor_percentile_of_the_samples(spark, d
     assert threshold == pytest.approx(np.percentile(angles, params.impostor_percentile, method="inverted_cdf"), abs=1e-4)
 
 
-def test_label_noise_flags_are_the_core_keep_mask(spark, dataset) -> None:
-    """Per identity, the stage flags exactly what subcenter_label_noise drops at the applied threshold."""
-    params = CleanParams.from_config(load_config(overrides=["clean.max_angle_deg=30"]))
-    flags, threshold = label_noise_flags(_labelled(spark, dataset), params)
-    assert threshold == 30.0
-    expected = []
-    for identity in sorted(set(p for p in dataset["identities"] if p)):
-        idx = [i for i, p in enumerate(dataset["identities"]) if p == identity]
+def _expected_flags(dataset, params, threshold, extra=()):
+    """numpy: per image, far from its own clean group (core keep mask) and within the median own angle of another's."""
+    emb = list(dataset["emb"]) + [e for _, _, e in extra]
+    names = list(dataset["ids"]) + [i for i, _, _ in extra]
+    identities = list(dataset["identities"]) + [p for _, p, _ in extra]
+    far, own, centres = {}, {}, {}
+    for identity in sorted(set(p for p in identities if p)):
+        idx = [i for i, p in enumerate(identities) if p == identity]
         k = ers_math.subcentre_count(len(idx), params.subcenters, params.min_images_per_subcenter)
-        keep, angles, _ = ers_math.subcenter_label_noise(dataset["emb"][idx], k=k, max_angle_deg=30.0, seed=params.seed)
-        expected += [(dataset["ids"][i], bool(not ok)) for i, ok in zip(idx, keep)]
-    expected_df = spark.createDataFrame(expected, "image_id string, _label_noise boolean")
-    assert_df_equality(flags.select("image_id", "_label_noise"), expected_df, ignore_row_order=True,
+        keep, angles, centres[identity] = ers_math.subcenter_label_noise(np.array([emb[i] for i in idx]), k=k,
+                                                                          max_angle_deg=threshold, seed=params.seed)
+        far.update({names[i]: not ok for i, ok in zip(idx, keep)})
+        own.update({names[i]: a for i, a in zip(idx, angles)})
+    claim = np.percentile(list(own.values()), params.genuine_percentile)
+    labelled = [i for i, p in enumerate(identities) if p]
+    other, _ = ers_math.nearest_other_centre(np.array([emb[i] for i in labelled]), [identities[i] for i in labelled],
+                                             np.stack(list(centres.values())), list(centres))
+    return {names[i]: bool(far[names[i]] and o <= claim) for i, o in zip(labelled, other)}, claim
+
+
+def test_label_noise_needs_far_from_its_own_and_claimed_by_another(spark, dataset) -> None:
+    """The stage flags what numpy does; a UI (degraded-like) image labelled p2 is far from p2 but nobody's: kept."""
+    params = CleanParams.from_config(load_config(overrides=["clean.max_angle_deg=30"]))
+    degraded = ("degraded_p2", "p2", dataset["uic"])
+    labelled = _labelled(spark, dataset).unionByName(spark.createDataFrame(
+        [(degraded[0], degraded[1], [float(x) for x in degraded[2]])], "image_id string, identity string, embedding array<float>"))
+    check = label_noise_flags(labelled, params)
+    expected, claim = _expected_flags(dataset, params, 30.0, extra=[degraded])
+    assert check.max_angle_deg == 30.0 and check.claim_angle_deg == pytest.approx(claim, abs=0.5)
+    expected_df = spark.createDataFrame(sorted(expected.items()), "image_id string, _label_noise boolean")
+    assert_df_equality(check.flags.select("image_id", "_label_noise"), expected_df, ignore_row_order=True,
                        ignore_nullable=True)
-    assert [r.image_id for r in flags.where("_label_noise").collect()] == [dataset["wrong"]]
+    flagged = check.flags.where("_label_noise").collect()
+    assert [(r.image_id, r._other_identity) for r in flagged] == [(dataset["wrong"], "p1")]
+    (far_only,) = check.flags.where("image_id = 'degraded_p2'").collect()
+    assert far_only.subcenter_angle_deg > 30.0 and not far_only._label_noise
+    check.unpersist()
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 1000])
+def test_nearest_other_centres_in_blocks_equals_numpy(spark, dataset, block_rows) -> None:
+    """Every block size gives numpy's nearest centre of another identity, per candidate."""
+    rng = np.random.default_rng(block_rows)
+    centres = ers_math.normalize_rows(rng.normal(size=(7, 64)))
+    names = [f"c{i}" for i in range(7)]
+    pick = list(range(0, len(dataset["ids"]), 9))
+    own = [names[i % 7] for i in pick]
+    candidates = spark.createDataFrame(
+        [(dataset["ids"][i], o, [float(x) for x in dataset["emb"][i]]) for i, o in zip(pick, own)],
+        "image_id string, identity string, embedding array<float>")
+    centre_df = spark.createDataFrame([(n, [float(x) for x in c]) for n, c in zip(names, centres)],
+                                      "identity string, _centre array<float>")
+    got = nearest_other_centres(candidates, centre_df, block_rows=block_rows)
+    angles, who = ers_math.nearest_other_centre(dataset["emb"][pick], own, centres, names)
+    expected = spark.createDataFrame([(dataset["ids"][i], float(a), w) for i, a, w in zip(pick, angles, who)],
+                                     got.schema)
+    assert_approx_df_equality(got, expected, 1e-9, ignore_row_order=True, ignore_nullable=True)
 
 
 def test_stored_gamma_reused_only_with_the_settings_it_was_calibrated_with(spark, make_cfg, dataset) -> None:

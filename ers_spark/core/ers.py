@@ -774,6 +774,34 @@ def impostor_angles(
     return _angle_deg((emb @ cent.T)[other])
 
 
+def nearest_other_centre(
+    embeddings: npt.ArrayLike, identity: npt.ArrayLike, centres: npt.ArrayLike, centre_identity: npt.ArrayLike
+) -> tuple[F64, npt.NDArray[Any]]:
+    """Per image: the angle (degrees) to the nearest centre of *another* identity, and that identity.
+
+    Why: an image far from its own identity is label noise only when it looks like someone
+    else; a degraded image of the right person is far from every centre. Images with no other
+    identity among ``centre_identity`` get ``inf`` and ``None``.
+
+    >>> ang, who = nearest_other_centre([[1, 0], [0, 1]], ["a", "a"], [[1, 0], [0.6, 0.8]], ["a", "b"])
+    >>> ang.round(1).tolist(), who.tolist()
+    ([53.1, 36.9], ['b', 'b'])
+    """
+    emb = normalize_rows(embeddings).astype(np.float64)
+    cent = normalize_rows(centres).astype(np.float64) if len(centre_identity) else np.zeros((0, emb.shape[1]))
+    cos = emb @ cent.T
+    own = np.asarray(identity, dtype=object)[:, None] == np.asarray(centre_identity, dtype=object)[None, :]
+    cos[own] = -np.inf
+    if cos.shape[1] == 0:
+        return np.full(emb.shape[0], np.inf), np.full(emb.shape[0], None, dtype=object)
+    best = np.argmax(cos, axis=1)
+    best_cos = cos[np.arange(emb.shape[0]), best]
+    found = np.isfinite(best_cos)
+    angles = np.where(found, _angle_deg(np.where(found, best_cos, 1.0)), np.inf)
+    who = np.where(found, np.asarray(centre_identity, dtype=object)[best], None)
+    return angles, who
+
+
 def impostor_angle_threshold(angles: npt.ArrayLike, percentile: float) -> float:
     """The ``percentile``-th percentile of impostor angles: the label-noise angle threshold.
 

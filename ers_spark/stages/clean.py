@@ -6,17 +6,19 @@
    ``min(clean.subcenters, n // clean.min_images_per_subcenter)`` (>= 1) sub-centres by
    spherical k-means, an approximation of sub-center ArcFace's learned sub-centres; the largest
    is the dominant one, and sub-centres within the angle threshold of it join it (the clean
-   group). Each image's angle to the clean group's mean *without that image* is compared with
-   the threshold; images beyond it -> quarantine, reason ``label_noise``. Identities with
-   fewer than ``clean.min_identity_size`` images are not checked (their centre is too noisy).
-3. The threshold is ``clean.max_angle_deg`` when set (the paper's 75 degrees is for ArcFace);
-   when null it is calibrated for the model at hand as the ``clean.impostor_percentile``-th
-   percentile of *impostor* angles (a seeded sample of images, capped at
-   ``clean.calibration_sample_rows``, against the dominant sub-centres of a seeded sample of
-   other identities, capped at ``clean.calibration_identities``). A swapped label *is* an
-   impostor image, so about ``1 - impostor_percentile/100`` of them are caught; a correctly
-   labelled image is flagged only when it is farther from its own identity than the closest
-   ``impostor_percentile`` % of other people's images are.
+   group). Each image's angle to the clean group's mean *without that image* is its *own angle*.
+   Identities with fewer than ``clean.min_identity_size`` images are not checked.
+3. An image is quarantined as ``label_noise`` when both hold:
+   - *far from its own identity*: own angle > ``clean.max_angle_deg`` when set (the paper's 75
+     degrees is for ArcFace), else > the ``clean.impostor_percentile``-th percentile of
+     *impostor* angles (a seeded sample of images, capped at ``clean.calibration_sample_rows``,
+     against the dominant sub-centres of a seeded sample of other identities, capped at
+     ``clean.calibration_identities``);
+   - *claimed by another identity*: its angle to the nearest clean centre of another identity is
+     at most the ``clean.genuine_percentile``-th percentile of the checked images' own angles
+     (default the median: as close to that person as a typical image is to its own).
+   A swapped label satisfies both; a degraded image of the right person is far from its own
+   identity but also from everyone else's, so it is left to the ERS rule (1).
 
 The cleaned table is kept in sync with the current scores (rows that became
 unrecognizable under a new UIC leave it), and in = cleaned + quarantined, always.
@@ -75,6 +77,11 @@ log = logging.getLogger(__name__)
 LABEL_NOISE = "_label_noise"
 CENTRE = "_centre"
 IMPOSTOR_ANGLE = "impostor_angle_deg"
+CHECKED = "_checked"
+FAR_FROM_OWN = "_far_from_own"
+OTHER_ANGLE = "_other_angle_deg"
+OTHER_IDENTITY = "_other_identity"
+CENTRE_BLOCK_ROWS = 2048  # images or centres per block in the nearest-other-centre cross join (2048^2 cosines a task)
 PERCENTILE_ACCURACY = 10000  # percentile_approx: rank error <= 1/10000 of the sampled angles
 
 
@@ -104,16 +111,58 @@ def _dominant_centres(params: CleanParams) -> Callable[[pd.DataFrame], pd.DataFr
 
 
 def _flag_identity(params: CleanParams, threshold: float) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    """applyInPandas function: each image's leave-one-out angle to its identity's clean group, and its flag."""
+    """applyInPandas function: each image's leave-one-out angle to its identity's clean group, whether it is
+    beyond the threshold, and (on the identity's first row only) the clean group's centre."""
 
     def per_identity(pdf: pd.DataFrame) -> pd.DataFrame:
         n = len(pdf)
         k = ers_math.subcentre_count(n, params.subcenters, params.min_images_per_subcenter)
-        keep, angles, _ = ers_math.subcenter_label_noise(_embeddings_of(pdf), k=k, max_angle_deg=threshold, seed=params.seed)
+        keep, angles, centre = ers_math.subcenter_label_noise(_embeddings_of(pdf), k=k, max_angle_deg=threshold, seed=params.seed)
         checked = n >= params.min_identity_size
-        return pd.DataFrame({IMAGE_ID: pdf[IMAGE_ID].to_numpy(), SUBCENTER_ANGLE: angles, LABEL_NOISE: ~keep & checked})
+        centres = [centre.tolist() if checked else None] + [None] * (n - 1)
+        return pd.DataFrame({IMAGE_ID: pdf[IMAGE_ID].to_numpy(), IDENTITY: pdf[IDENTITY].to_numpy(), SUBCENTER_ANGLE: angles,
+                             CHECKED: checked, FAR_FROM_OWN: ~keep & checked, CENTRE: centres})
 
     return per_identity
+
+
+def _block_rows(df: DataFrame, key: str, columns: list[str], block_rows: int) -> DataFrame:
+    """``df`` as rows of at most about ``block_rows`` structs each (rows hashed on ``key`` into blocks)."""
+    n_blocks = max(1, -(-df.count() // block_rows))
+    block = F.pmod(F.xxhash64(F.col(key)), F.lit(n_blocks))
+    return df.groupBy(block.alias("_block")).agg(F.collect_list(F.struct(*columns)).alias(key + "_block")).drop("_block")
+
+
+def _as_dicts(cell) -> list[dict]:
+    return [c if isinstance(c, dict) else c.asDict() for c in cell]
+
+
+def _nearest_in_block_pairs(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """mapInPandas function: for each (candidate block, centre block) row, each candidate's nearest other centre in it."""
+    for pdf in batches:
+        for images, centres in zip(pdf[IMAGE_ID + "_block"], pdf[IDENTITY + "_block"]):
+            images, centres = _as_dicts(images), _as_dicts(centres)
+            angles, who = ers_math.nearest_other_centre(
+                np.array([r[EMBEDDING] for r in images], dtype=np.float32), [r[IDENTITY] for r in images],
+                np.array([r[CENTRE] for r in centres], dtype=np.float32), [r[IDENTITY] for r in centres],
+            )
+            found = np.isfinite(angles)
+            yield pd.DataFrame({IMAGE_ID: np.array([r[IMAGE_ID] for r in images], dtype=object)[found],
+                                OTHER_ANGLE: angles[found], OTHER_IDENTITY: who[found]})
+
+
+def nearest_other_centres(candidates: DataFrame, centres: DataFrame, block_rows: int = CENTRE_BLOCK_ROWS) -> DataFrame:
+    """Per candidate image: the angle to, and the name of, the nearest clean centre of another identity.
+
+    Candidates and centres are cut into blocks of about ``block_rows``; every pair of blocks is
+    one row of a cross join, so no task holds more than two blocks and nothing proportional to the
+    number of identities reaches the driver.
+    """
+    pairs = _block_rows(candidates, IMAGE_ID, [IMAGE_ID, IDENTITY, EMBEDDING], block_rows).crossJoin(
+        _block_rows(centres, IDENTITY, [IDENTITY, CENTRE], block_rows))
+    nearest = pairs.mapInPandas(_nearest_in_block_pairs, f"{IMAGE_ID} string, {OTHER_ANGLE} double, {OTHER_IDENTITY} string")
+    return nearest.groupBy(IMAGE_ID).agg(F.min(OTHER_ANGLE).alias(OTHER_ANGLE),
+                                         F.min_by(OTHER_IDENTITY, OTHER_ANGLE).alias(OTHER_IDENTITY))
 
 
 def seeded_sample(df: DataFrame, key: str, cap: int, seed: int) -> DataFrame:
@@ -151,48 +200,88 @@ def calibrate_threshold(labelled: DataFrame, centres: DataFrame, params: CleanPa
     return None if value is None else float(value)
 
 
-def label_noise_flags(labelled: DataFrame, params: CleanParams) -> tuple[DataFrame | None, float | None]:
-    """Per image: angle to its identity's clean group and the label-noise flag; and the threshold applied.
+@dataclasses.dataclass
+class LabelNoiseCheck:
+    """The label-noise flags of the labelled rows, the two angles that decided them, and what to unpersist."""
 
-    ``(None, None)`` when the threshold is to be calibrated and there are fewer than two
-    checked identities (nothing to call an impostor).
+    flags: DataFrame | None = None
+    max_angle_deg: float | None = None
+    claim_angle_deg: float | None = None
+    cached: list[DataFrame] = dataclasses.field(default_factory=list)
+
+    def unpersist(self) -> None:
+        for df in self.cached:
+            df.unpersist()
+
+
+def _far_threshold(labelled: DataFrame, params: CleanParams) -> float | None:
+    """``clean.max_angle_deg``, or the calibrated impostor-angle percentile (None: too few identities)."""
+    if params.max_angle_deg is not None:
+        return params.max_angle_deg
+    centres = labelled.groupBy(IDENTITY).applyInPandas(_dominant_centres(params), f"{IDENTITY} string, {CENTRE} array<float>")
+    return calibrate_threshold(labelled, centres, params)
+
+
+def _claim_threshold(per_image: DataFrame, params: CleanParams) -> float | None:
+    """The ``clean.genuine_percentile``-th percentile of the checked images' angles to their own identity."""
+    q = params.genuine_percentile / 100.0
+    row = per_image.where(F.col(CHECKED)).agg(F.percentile_approx(SUBCENTER_ANGLE, q, PERCENTILE_ACCURACY).alias("t")).first()
+    return None if row["t"] is None else float(row["t"])
+
+
+def label_noise_flags(labelled: DataFrame, params: CleanParams) -> LabelNoiseCheck:
+    """Per labelled image: angle to its identity's clean group, nearest other identity, and the label-noise flag.
+
+    An image is label noise when it is both *far from its own identity* (angle beyond the
+    impostor-calibrated or configured threshold) and *claimed by another identity* (as close to
+    another identity's clean centre as the ``genuine_percentile``-th percentile of images are to
+    their own). A degraded image of the right person is far from every centre and is not flagged.
+    An empty check (``flags`` None) when the threshold is to be calibrated and there are fewer
+    than two checked identities.
     """
-    threshold = params.max_angle_deg
+    threshold = _far_threshold(labelled, params)
     if threshold is None:
-        centres = labelled.groupBy(IDENTITY).applyInPandas(
-            _dominant_centres(params), f"{IDENTITY} string, {CENTRE} array<float>"
-        )
-        threshold = calibrate_threshold(labelled, centres, params)
-        if threshold is None:
-            log.warning("clean: fewer than two identities with >= %d images; label noise not checked", params.min_identity_size)
-            return None, None
-    flags = labelled.groupBy(IDENTITY).applyInPandas(
-        _flag_identity(params, threshold), f"{IMAGE_ID} string, {SUBCENTER_ANGLE} double, {LABEL_NOISE} boolean"
+        log.warning("clean: fewer than two identities with >= %d images; label noise not checked", params.min_identity_size)
+        return LabelNoiseCheck()
+    per_image = labelled.groupBy(IDENTITY).applyInPandas(
+        _flag_identity(params, threshold),
+        f"{IMAGE_ID} string, {IDENTITY} string, {SUBCENTER_ANGLE} double, {CHECKED} boolean, "
+        f"{FAR_FROM_OWN} boolean, {CENTRE} array<float>",
+    ).cache()
+    claim = _claim_threshold(per_image, params)
+    centres = per_image.where(F.col(CENTRE).isNotNull()).select(IDENTITY, CENTRE)
+    candidates = per_image.where(F.col(FAR_FROM_OWN)).select(IMAGE_ID, IDENTITY).join(labelled.select(IMAGE_ID, EMBEDDING), IMAGE_ID)
+    nearest = nearest_other_centres(candidates, centres)
+    claimed = F.coalesce(F.col(OTHER_ANGLE) <= F.lit(claim if claim is not None else -1.0), F.lit(False))
+    flags = (
+        per_image.select(IMAGE_ID, SUBCENTER_ANGLE, FAR_FROM_OWN).join(nearest, IMAGE_ID, "left")
+        .withColumn(LABEL_NOISE, F.col(FAR_FROM_OWN) & claimed).drop(FAR_FROM_OWN)
     )
-    return flags, threshold
+    return LabelNoiseCheck(flags, threshold, claim, [per_image])
 
 
-def decide(rows: DataFrame, embeddings: DataFrame, params: CleanParams) -> tuple[DataFrame, float | None]:
-    """Every scored row with its ``reason`` (null: cleaned) and subcenter angle; and the angle threshold applied."""
-    flags, threshold = None, None
+def decide(rows: DataFrame, embeddings: DataFrame, params: CleanParams) -> tuple[DataFrame, LabelNoiseCheck]:
+    """Every scored row with its ``reason`` (null: cleaned), subcenter angle and nearest other identity; and the check."""
+    check = LabelNoiseCheck()
     if params.label_noise:
         labelled = (
             rows.where(F.col(RECOGNIZABLE) & F.col(IDENTITY).isNotNull())
             .select(IMAGE_ID, IDENTITY)
             .join(embeddings.select(IMAGE_ID, EMBEDDING), IMAGE_ID)
         )
-        flags, threshold = label_noise_flags(labelled, params)
-    if flags is None:
-        rows = rows.withColumn(SUBCENTER_ANGLE, F.lit(None).cast("double")).withColumn(LABEL_NOISE, F.lit(False))
+        check = label_noise_flags(labelled, params)
+    if check.flags is None:
+        rows = (rows.withColumn(SUBCENTER_ANGLE, F.lit(None).cast("double")).withColumn(LABEL_NOISE, F.lit(False))
+                .withColumn(OTHER_ANGLE, F.lit(None).cast("double")).withColumn(OTHER_IDENTITY, F.lit(None).cast("string")))
     else:
-        rows = rows.join(flags, IMAGE_ID, "left")
+        rows = rows.join(check.flags, IMAGE_ID, "left")
     noisy = F.coalesce(F.col(LABEL_NOISE), F.lit(False))
     reason = F.when(~F.col(RECOGNIZABLE), F.lit(REASON_UNRECOGNIZABLE)).when(noisy, F.lit(REASON_LABEL_NOISE))
-    return rows.withColumn(REASON, reason).drop(LABEL_NOISE), threshold
+    return rows.withColumn(REASON, reason).drop(LABEL_NOISE), check
 
 
 def write_outputs(spark: SparkSession, cfg: ErsConfig, decided: DataFrame, model: tuple[str, str],
-                  uic_ids: list[str], threshold: float | None) -> dict[str, int]:
+                  uic_ids: list[str], check: LabelNoiseCheck) -> dict[str, int]:
     """MERGE the cleaned rows and the quarantined ones (with a one-line detail each); return the changed-row counts."""
     now = F.current_timestamp()
     cleaned = decided.where(F.col(REASON).isNull()).select(
@@ -201,7 +290,9 @@ def write_outputs(spark: SparkSession, cfg: ErsConfig, decided: DataFrame, model
     detail = F.when(
         F.col(REASON) == REASON_UNRECOGNIZABLE, F.format_string("ers=%.4f below gamma", F.col(ERS))
     ).otherwise(F.format_string(
-        "angle %.1f deg to its identity's clean sub-centre > %.1f", F.col(SUBCENTER_ANGLE), F.lit(threshold or 0.0)
+        "angle %.1f deg to its identity's clean sub-centre > %.1f; %.1f deg to %s's <= %.1f",
+        F.col(SUBCENTER_ANGLE), F.lit(check.max_angle_deg or 0.0), F.col(OTHER_ANGLE), F.col(OTHER_IDENTITY),
+        F.lit(check.claim_angle_deg or 0.0),
     ))
     quarantined = quarantine_rows(
         decided.where(F.col(REASON).isNotNull()), STAGE_NAME, F.col(REASON), detail, ers=F.col(ERS), uic_id=F.col(UIC_ID)
@@ -231,14 +322,15 @@ def run_clean(spark: SparkSession, cfg: ErsConfig) -> dict:
 
     rows = scores.select(IMAGE_ID, ERS, RECOGNIZABLE, UIC_ID, MODEL_NAME, MODEL_VERSION).join(crops, IMAGE_ID, "left")
     embeddings = read_table(spark, cfg, EMBEDDINGS).where(of_model(model)) if params.label_noise else None
-    decided, threshold = decide(rows, embeddings, params)
+    decided, check = decide(rows, embeddings, params)
     decided = decided.cache()
     uic_ids = [r[UIC_ID] for r in scores.select(UIC_ID).distinct().limit(2).collect()]
-    changes = write_outputs(spark, cfg, decided, model, uic_ids, threshold)
+    changes = write_outputs(spark, cfg, decided, model, uic_ids, check)
     counts = {r[REASON] or "cleaned": int(r["n"]) for r in decided.groupBy(REASON).agg(F.count(F.lit(1)).alias("n")).collect()}
     decided.unpersist()
+    check.unpersist()
     scored = sum(counts.values())
-    run.params.update(max_angle_deg_applied=threshold)
+    run.params.update(max_angle_deg_applied=check.max_angle_deg, claim_angle_deg_applied=check.claim_angle_deg)
     run.counts = {
         "scored": scored,
         "cleaned": counts.get("cleaned", 0),
@@ -247,6 +339,7 @@ def run_clean(spark: SparkSession, cfg: ErsConfig) -> dict:
         "label_noise": counts.get(REASON_LABEL_NOISE, 0),
         **changes,
     }
-    if threshold is not None:
-        log.info("clean: label-noise angle threshold %.1f deg", threshold)
+    if check.max_angle_deg is not None:
+        log.info("clean: label noise = farther than %.1f deg from its own identity and within %s deg of another's",
+                 check.max_angle_deg, "n/a" if check.claim_angle_deg is None else f"{check.claim_angle_deg:.1f}")
     return run.finish(spark, cfg, outputs=(CLEANED, QUARANTINE))
