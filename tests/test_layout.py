@@ -85,3 +85,30 @@ def test_imports_point_down(subpackage: str, allowed: tuple[str, ...]) -> None:
     for module_file in sorted((PACKAGE_DIR / subpackage).glob("*.py")):
         bad = {m for m in _project_imports(module_file) if not any(m == a or m.startswith(a + ".") for a in allowed)}
         assert not bad, f"{module_file.relative_to(PACKAGE_DIR)} imports {sorted(bad)}"
+
+
+MAX_BODY_LINES = 40
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines from the one after the docstring (or the first statement) to the function's last line.
+
+    Nested functions and classes are inside that span, so they count toward the enclosing function.
+    """
+    first = node.body[0]
+    has_docstring = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+        first.value.value, str
+    )
+    start = first.end_lineno + 1 if has_docstring else first.lineno  # type: ignore[operator]
+    return node.end_lineno - start + 1  # type: ignore[operator]
+
+
+def test_no_function_body_over_40_lines() -> None:
+    """Long functions are split into steps (plan / compute / write) that read one at a time."""
+    too_long = []
+    for module_file in sorted(PACKAGE_DIR.rglob("*.py")):
+        for node in ast.walk(ast.parse(module_file.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _body_lines(node) > MAX_BODY_LINES:
+                name = module_file.relative_to(PACKAGE_DIR.parent)
+                too_long.append(f"{name}:{node.name} ({_body_lines(node)} lines)")
+    assert not too_long, f"function bodies over {MAX_BODY_LINES} lines: " + ", ".join(too_long)

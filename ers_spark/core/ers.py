@@ -398,6 +398,25 @@ def calibrate_gamma_pairs(
     >>> round(r.gamma, 2), r.frr, r.far
     (0.06, 0.0, 0.0)
     """
+    s, min_ers, same = _checked_pair_arrays(sim, ers_a, ers_b, is_same, target_far)
+    cand = _gamma_grid(min_ers, grid)
+    pairs = _split_pairs(s, min_ers, same, target_far)
+    best: tuple[float, float, float, float] | None = None  # (frr, gamma, far, t)
+    for g in cand:
+        frr, far, t = _rates_at_gamma(pairs, float(g))
+        if best is None or frr < best[0]:
+            best = (frr, float(g), far, t)
+    assert best is not None
+    return GammaCalibration(gamma=best[1], frr=best[0], far=best[2], threshold=best[3], method="pairs-frr-at-far")
+
+
+def _checked_pair_arrays(
+    sim: npt.ArrayLike, ers_a: npt.ArrayLike, ers_b: npt.ArrayLike, is_same: npt.ArrayLike, target_far: float
+) -> tuple[F64, F64, BoolArray]:
+    """(similarity, min(ers_a, ers_b), is_same as bool), after checking shapes, target_far and both kinds exist.
+
+    Why first: a calibration on mismatched or one-sided input would return a meaningless gamma.
+    """
     s = np.asarray(sim, dtype=np.float64)
     ea = np.asarray(ers_a, dtype=np.float64)
     eb = np.asarray(ers_b, dtype=np.float64)
@@ -415,41 +434,60 @@ def calibrate_gamma_pairs(
         raise ErsUserError(
             f"gamma calibration needs genuine and impostor pairs, got {n_gen} genuine and {n_imp} impostor"
         )
-    min_ers = np.minimum(ea, eb)
+    return s, np.minimum(ea, eb), same
+
+
+def _gamma_grid(min_ers: F64, grid: npt.ArrayLike | None) -> F64:
+    """Sorted unique candidate gammas: ``grid``, or 0 plus 201 quantiles of ``min_ers``."""
     if grid is None:
-        cand = np.unique(np.concatenate([[0.0], np.quantile(min_ers, np.linspace(0.0, 1.0, 201))]))
-    else:
-        cand = np.unique(np.asarray(grid, dtype=np.float64).ravel())
-        if cand.size == 0:
-            raise ValueError("calibrate_gamma_pairs: grid is empty")
-    budget = int(np.floor(target_far * n_imp + 1e-9))
+        return np.unique(np.concatenate([[0.0], np.quantile(min_ers, np.linspace(0.0, 1.0, 201))]))
+    cand = np.unique(np.asarray(grid, dtype=np.float64).ravel())
+    if cand.size == 0:
+        raise ValueError("calibrate_gamma_pairs: grid is empty")
+    return cand
 
-    # Sort impostors by similarity descending once; for each gamma the threshold is
-    # the (budget+1)-th sure impostor in that order.
+
+@dataclass(frozen=True)
+class _SplitPairs:
+    """Genuine and impostor pairs apart, impostors by similarity descending, plus the FAR budget.
+
+    Why: sorted once, so the threshold at any gamma is the (budget+1)-th sure impostor in that order.
+    """
+
+    imp_sim_desc: F64
+    imp_min_desc: F64
+    gen_sim: F64
+    gen_min: F64
+    budget: int  # impostors that may be accepted: floor(target_far * N_imp)
+
+
+def _split_pairs(s: F64, min_ers: F64, same: BoolArray, target_far: float) -> _SplitPairs:
+    """Split the checked pairs by kind; sort impostors by similarity (descending, stable)."""
     imp_sim = s[~same]
-    imp_min = min_ers[~same]
     order = np.argsort(-imp_sim, kind="stable")
-    imp_sim_desc = imp_sim[order]
-    imp_min_desc = imp_min[order]
-    gen_sim = s[same]
-    gen_min = min_ers[same]
+    return _SplitPairs(
+        imp_sim_desc=imp_sim[order],
+        imp_min_desc=min_ers[~same][order],
+        gen_sim=s[same],
+        gen_min=min_ers[same],
+        budget=int(np.floor(target_far * imp_sim.size + 1e-9)),
+    )
 
-    best: tuple[float, float, float, float] | None = None  # (frr, gamma, far, t)
-    for g in cand:
-        sure_imp = imp_min_desc >= g
-        csum = np.cumsum(sure_imp)
-        if csum[-1] <= budget:
-            t = float("-inf")
-        else:
-            pos = int(np.searchsorted(csum, budget + 1))  # index of the (budget+1)-th sure impostor
-            t = float(imp_sim_desc[pos])
-        far = float(np.count_nonzero(sure_imp & (imp_sim_desc > t))) / n_imp
-        acc_gen = np.count_nonzero((gen_min >= g) & (gen_sim > t))
-        frr = float(1.0 - acc_gen / n_gen)
-        if best is None or frr < best[0]:
-            best = (frr, float(g), far, t)
-    assert best is not None
-    return GammaCalibration(gamma=best[1], frr=best[0], far=best[2], threshold=best[3], method="pairs-frr-at-far")
+
+def _rates_at_gamma(pairs: _SplitPairs, g: float) -> tuple[float, float, float]:
+    """(FRR, FAR, similarity threshold t) when pairs with ``min ERS < g`` are rejected."""
+    n_imp, n_gen = pairs.imp_sim_desc.size, pairs.gen_sim.size
+    sure_imp = pairs.imp_min_desc >= g
+    csum = np.cumsum(sure_imp)
+    if csum[-1] <= pairs.budget:
+        t = float("-inf")
+    else:
+        pos = int(np.searchsorted(csum, pairs.budget + 1))  # index of the (budget+1)-th sure impostor
+        t = float(pairs.imp_sim_desc[pos])
+    far = float(np.count_nonzero(sure_imp & (pairs.imp_sim_desc > t))) / n_imp
+    acc_gen = np.count_nonzero((pairs.gen_min >= g) & (pairs.gen_sim > t))
+    frr = float(1.0 - acc_gen / n_gen)
+    return frr, far, t
 
 
 def _all_within_group_pairs(starts: IntArray, sizes: IntArray) -> tuple[IntArray, IntArray]:
@@ -482,19 +520,40 @@ def build_identity_pairs(
         raise ValueError(f"build_identity_pairs: identities must be 1-D, got shape {labels.shape}")
     if max_pairs < 2:
         raise ValueError(f"build_identity_pairs: max_pairs must be >= 2, got {max_pairs}")
-    n = labels.size
     half = max_pairs // 2
     rng = np.random.default_rng(seed)
+    inv, order, starts, sizes = _group_layout(labels)
+    # genuine pairs draw from rng before impostor pairs: this order fixes the result for a seed
+    gi, gj = _genuine_pairs(rng, order, starts, sizes, half)
+    n_gen_total = int((sizes * (sizes - 1) // 2).sum())
+    ii, jj = _impostor_pairs(rng, inv, n_gen_total, half)
+    i_all = np.concatenate([gi, ii]).astype(np.int64)
+    j_all = np.concatenate([gj, jj]).astype(np.int64)
+    lo, hi = np.minimum(i_all, j_all), np.maximum(i_all, j_all)
+    is_same = np.concatenate([np.ones(gi.size, bool), np.zeros(ii.size, bool)])
+    return lo, hi, is_same
+
+
+def _group_layout(labels: npt.NDArray[Any]) -> tuple[IntArray, IntArray, IntArray, IntArray]:
+    """(label code per row, rows ordered by label, start and size of each label's run in that order).
+
+    Why: with rows grouped into contiguous runs, a genuine pair is two positions in one run.
+    """
+    n = labels.size
     _, inv = np.unique(labels, return_inverse=True)
     inv = inv.astype(np.int64).ravel()
     order = np.argsort(inv, kind="stable").astype(np.int64)
     sorted_lab = inv[order]
     starts = np.flatnonzero(np.r_[True, sorted_lab[1:] != sorted_lab[:-1]]).astype(np.int64) if n else np.zeros(0, np.int64)
     sizes = np.diff(np.r_[starts, n]).astype(np.int64)
-    n_gen_total = int((sizes * (sizes - 1) // 2).sum())
-    n_imp_total = n * (n - 1) // 2 - n_gen_total
+    return inv, order, starts, sizes
 
-    # genuine
+
+def _genuine_pairs(
+    rng: np.random.Generator, order: IntArray, starts: IntArray, sizes: IntArray, half: int
+) -> tuple[IntArray, IntArray]:
+    """Row pairs with the same label: all of them when at most ``half``, else ``half`` drawn uniformly."""
+    n_gen_total = int((sizes * (sizes - 1) // 2).sum())
     if n_gen_total <= half:
         p, q = _all_within_group_pairs(starts, sizes)
     else:
@@ -507,34 +566,32 @@ def build_identity_pairs(
         b = b + (b >= a)
         p = starts[grp] + np.minimum(a, b)
         q = starts[grp] + np.maximum(a, b)
-    gi, gj = order[p], order[q]
+    return order[p], order[q]
 
-    # impostor
-    if n_imp_total <= half:
+
+def _impostor_pairs(rng: np.random.Generator, inv: IntArray, n_gen_total: int, half: int) -> tuple[IntArray, IntArray]:
+    """Row pairs ``i < j`` with different labels: all when at most ``half``, else ``half`` drawn uniformly.
+
+    Why rejection sampling: uniform over all impostor pairs without listing them (n^2 for big sets).
+    """
+    n = inv.size
+    if n * (n - 1) // 2 - n_gen_total <= half:
         ii, jj = np.triu_indices(n, k=1)
         keep = inv[ii] != inv[jj]
-        ii, jj = ii[keep].astype(np.int64), jj[keep].astype(np.int64)
-    else:
-        got_i: list[IntArray] = []
-        got_j: list[IntArray] = []
-        have = 0
-        while have < half:
-            m = 2 * (half - have) + 16
-            a = rng.integers(0, n, size=m)
-            b = rng.integers(0, n, size=m)
-            ok = inv[a] != inv[b]
-            a, b = a[ok], b[ok]
-            got_i.append(np.minimum(a, b))
-            got_j.append(np.maximum(a, b))
-            have += a.size
-        ii = np.concatenate(got_i)[:half].astype(np.int64)
-        jj = np.concatenate(got_j)[:half].astype(np.int64)
-
-    i_all = np.concatenate([gi, ii]).astype(np.int64)
-    j_all = np.concatenate([gj, jj]).astype(np.int64)
-    lo, hi = np.minimum(i_all, j_all), np.maximum(i_all, j_all)
-    is_same = np.concatenate([np.ones(gi.size, bool), np.zeros(ii.size, bool)])
-    return lo, hi, is_same
+        return ii[keep].astype(np.int64), jj[keep].astype(np.int64)
+    got_i: list[IntArray] = []
+    got_j: list[IntArray] = []
+    have = 0
+    while have < half:
+        m = 2 * (half - have) + 16
+        a = rng.integers(0, n, size=m)
+        b = rng.integers(0, n, size=m)
+        ok = inv[a] != inv[b]
+        a, b = a[ok], b[ok]
+        got_i.append(np.minimum(a, b))
+        got_j.append(np.maximum(a, b))
+        have += a.size
+    return np.concatenate(got_i)[:half].astype(np.int64), np.concatenate(got_j)[:half].astype(np.int64)
 
 
 def calibrate_gamma_identities(

@@ -29,7 +29,20 @@ def running_under_spark_submit() -> bool:
 def session_settings(cfg: ErsConfig, stage: str) -> dict[str, str]:
     """Every Spark setting the project applies, as a plain dict (tested without a JVM)."""
     spark = cfg.spark
-    settings: dict[str, str] = {
+    settings = _base_settings(cfg, stage)
+    settings.update(_launch_settings(cfg))
+    settings.update(_catalog_settings(cfg))
+    if not is_verbose() and QUIET_LOG4J.is_file():  # conf/log4j2-quiet.properties; --verbose keeps Spark's
+        java_options = add_java_option(settings.get("spark.driver.extraJavaOptions"), quiet_java_option())
+        settings["spark.driver.extraJavaOptions"] = java_options
+    settings.update(spark.conf)
+    return settings
+
+
+def _base_settings(cfg: ErsConfig, stage: str) -> dict[str, str]:
+    """Settings every session gets: app name, Delta, Arrow batches, shuffle width, quiet console."""
+    spark = cfg.spark
+    return {
         "spark.app.name": f"{spark.app_name_prefix}-{stage}",
         "spark.sql.extensions": DELTA_EXTENSION,
         "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
@@ -42,6 +55,12 @@ def session_settings(cfg: ErsConfig, stage: str) -> dict[str, str]:
         "spark.databricks.delta.merge.repartitionBeforeWrite.enabled": "true",
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
     }
+
+
+def _launch_settings(cfg: ErsConfig) -> dict[str, str]:
+    """Master, driver memory and jars; spark-submit's own command line wins for master and memory."""
+    spark = cfg.spark
+    settings: dict[str, str] = {}
     if spark.master and not running_under_spark_submit():
         settings["spark.master"] = spark.master
     if spark.driver_memory and not running_under_spark_submit():
@@ -51,11 +70,17 @@ def session_settings(cfg: ErsConfig, stage: str) -> dict[str, str]:
         settings["spark.jars"] = ",".join(jars)
     elif spark.packages:
         settings["spark.jars.packages"] = ",".join(spark.packages)
+    return settings
+
+
+def _catalog_settings(cfg: ErsConfig) -> dict[str, str]:
+    """Warehouse folder and catalog: Hive (a local Derby metastore under a local root) or in-memory."""
+    spark = cfg.spark
     local_root = cfg.storage.local_root()
     warehouse = cfg.storage.warehouse_dir or (
         str(local_root / "_warehouse") if local_root is not None else f"{cfg.storage.root.rstrip('/')}/_warehouse"
     )
-    settings["spark.sql.warehouse.dir"] = os.path.expanduser(warehouse)
+    settings = {"spark.sql.warehouse.dir": os.path.expanduser(warehouse)}
     if spark.hive_metastore:
         settings["spark.sql.catalogImplementation"] = "hive"
         if local_root is not None and "spark.hadoop.hive.metastore.uris" not in spark.conf:
@@ -66,10 +91,6 @@ def session_settings(cfg: ErsConfig, stage: str) -> dict[str, str]:
             settings["spark.driver.extraJavaOptions"] = f"-Dderby.system.home={local_root}"
     else:
         settings["spark.sql.catalogImplementation"] = "in-memory"
-    if not is_verbose() and QUIET_LOG4J.is_file():  # conf/log4j2-quiet.properties; --verbose keeps Spark's
-        java_options = add_java_option(settings.get("spark.driver.extraJavaOptions"), quiet_java_option())
-        settings["spark.driver.extraJavaOptions"] = java_options
-    settings.update(spark.conf)
     return settings
 
 

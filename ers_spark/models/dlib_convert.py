@@ -381,15 +381,29 @@ def read_dlib_resnet(path: str | os.PathLike[str]) -> DlibNetwork:
     except OSError as exc:
         raise ModelError(f"cannot read dlib model {path}: {exc.strerror or exc}") from exc
     r = _Reader(data, str(path))
+    loss = _read_loss_header(r)
+    arch = face_resnet_v1_architecture()
+    versions = _read_layer_versions(r, arch)
+    mean, size = _read_input_layer(r)
+    layers = _read_layer_details(r, arch, versions)
+    if r.pos != len(r.buf):
+        raise r.fail(f"{len(r.buf) - r.pos} trailing bytes")
+    return DlibNetwork(layers=layers, input_mean=mean, input_size=size, loss=loss)
 
+
+def _read_loss_header(r: _Reader) -> dict[str, Any]:
+    """The loss layer, which dlib writes first: its name and, for loss_metric_2, its settings."""
     if r.read_int() != 1:
         raise r.fail("unexpected loss layer version")
     loss_version = r.expect("loss", ("loss_metric_", "loss_metric_2"))
     loss: dict[str, Any] = {"name": loss_version}
     if loss_version == "loss_metric_2":
         loss["margin"], loss["distance_threshold"] = r.read_float(), r.read_float()
+    return loss
 
-    arch = face_resnet_v1_architecture()
+
+def _read_layer_versions(r: _Reader, arch: list[ArchLayer]) -> list[int]:
+    """The version of every layer (top first), written before any layer's details; each is checked."""
     versions: list[int] = []
     for i, layer in enumerate(arch):
         version = r.read_int()
@@ -401,11 +415,19 @@ def read_dlib_resnet(path: str | os.PathLike[str]) -> DlibNetwork:
         if not ok:
             raise r.fail(f"unexpected version {version} for {layer.kind} layer #{i}")
         versions.append(version)
+    return versions
 
+
+def _read_input_layer(r: _Reader) -> tuple[tuple[float, float, float], tuple[int, int]]:
+    """The input layer: (mean RGB, input size); an unsized input layer means 150x150."""
     input_version = r.expect("input", ("input_rgb_image", "input_rgb_image_sized"))
     mean = (r.read_float(), r.read_float(), r.read_float())
     size = (r.read_uint(), r.read_uint()) if input_version == "input_rgb_image_sized" else (150, 150)
+    return mean, size
 
+
+def _read_layer_details(r: _Reader, arch: list[ArchLayer], versions: list[int]) -> list[DlibLayer]:
+    """Each layer's details, bottom (input side) first, so the result is in evaluation order."""
     layers: list[DlibLayer] = []
     for i in range(len(arch) - 1, -1, -1):
         spec = arch[i]
@@ -414,9 +436,7 @@ def read_dlib_resnet(path: str | os.PathLike[str]) -> DlibNetwork:
             continue
         layers.append(_DETAIL_READERS[spec.kind](r, spec))
         _skip_add_layer_trailer(r, versions[i], bottom=i == len(arch) - 1)
-    if r.pos != len(r.buf):
-        raise r.fail(f"{len(r.buf) - r.pos} trailing bytes")
-    return DlibNetwork(layers=layers, input_mean=mean, input_size=size, loss=loss)
+    return layers
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,10 +576,16 @@ def build_onnx(network: DlibNetwork) -> Any:
         Input ``input`` [N, 3, H, W] float32 (already ``(x - mean) / 256``), output
         ``embedding`` [N, D] float32 (raw, not normalised). Opset 17; passes the ONNX checker.
     """
-    import onnx
-    from onnx import TensorProto, helper
-
     g = _GraphBuilder()
+    x, shape = _emit_layers(g, network)
+    return _make_model(g, network, x, shape)
+
+
+def _emit_layers(g: _GraphBuilder, network: DlibNetwork) -> tuple[str, Shape]:
+    """Emit every layer's nodes in evaluation order; return the last output and its shape.
+
+    Why a loop with an index: a convolution may consume the affine layer after it.
+    """
     height, width = network.input_size
     x, shape = INPUT_NAME, (3, height, width)
     tags: dict[int, tuple[str, Shape]] = {}
@@ -580,7 +606,15 @@ def build_onnx(network: DlibNetwork) -> Any:
         else:
             x, shape = _emit_simple(g, layer, x, shape)
         i += 1
+    return x, shape
 
+
+def _make_model(g: _GraphBuilder, network: DlibNetwork, x: str, shape: Shape) -> Any:
+    """Wrap the emitted nodes into a checked ModelProto with input/output, opset and metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    height, width = network.input_size
     g.nodes.append(helper.make_node("Identity", [x], [OUTPUT_NAME], name="embedding_out"))
     graph = helper.make_graph(
         g.nodes,

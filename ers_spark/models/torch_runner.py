@@ -19,7 +19,9 @@ Example
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,6 @@ import numpy as np
 from ers_spark.errors import ModelError
 from ers_spark.models.onnx_runner import l2_normalize
 from ers_spark.models.spec import ModelSpec
-
-SUPPORTED_OPS = (
-    "Conv", "Relu", "Add", "Mul", "Sub", "Div", "Pad", "AveragePool", "MaxPool",
-    "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape", "MatMul", "Gemm",
-    "Identity", "Slice", "BatchNormalization",
-)
 
 
 def _import_torch() -> Any:
@@ -54,125 +50,230 @@ def _sym_pads(op: str, pads: list[int]) -> tuple[int, int]:
     return (top, left)
 
 
+# --------------------------------------------------------------------------------------------
+# One function per ONNX op: (context, input names, attributes) -> output tensor
+# --------------------------------------------------------------------------------------------
+
+
+class _OpContext:
+    """What an op reads while the graph runs: tensors by name and the integer initializers.
+
+    Why: a tensor is either computed earlier in this run (``env``) or a float initializer
+    stored as a buffer of the module, so ops look names up here instead of in either place.
+    """
+
+    def __init__(self, module: Any, env: dict[str, Any]) -> None:
+        import torch.nn.functional as F
+
+        self.module = module
+        self.env = env
+        self.ints: dict[str, list[int]] = module.ints
+        self.F = F
+
+    def val(self, name: str) -> Any:
+        """The tensor called ``name``: a result of this run, else a float initializer."""
+        if name in self.env:
+            return self.env[name]
+        return getattr(self.module, self.module.buffer_of[name])
+
+
+Attrs = dict[str, Any]
+
+
+def _has_input(ins: list[str], k: int) -> bool:
+    """ONNX optional inputs: absent, or present with an empty name."""
+    return len(ins) > k and bool(ins[k])
+
+
+def _conv(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    w = ctx.val(ins[1])
+    b = ctx.val(ins[2]) if _has_input(ins, 2) else None
+    return ctx.F.conv2d(ctx.val(ins[0]), w, b, stride=tuple(at.get("strides", [1, 1])),
+                        padding=_sym_pads("Conv", list(at.get("pads", []))),
+                        dilation=tuple(at.get("dilations", [1, 1])), groups=at.get("group", 1))
+
+
+def _relu(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    return ctx.F.relu(ctx.val(ins[0]))
+
+
+def _add(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    return ctx.val(ins[0]) + ctx.val(ins[1])
+
+
+def _mul(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    return ctx.val(ins[0]) * ctx.val(ins[1])
+
+
+def _sub(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    return ctx.val(ins[0]) - ctx.val(ins[1])
+
+
+def _div(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    return ctx.val(ins[0]) / ctx.val(ins[1])
+
+
+def _pad(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    if at.get("mode", b"constant") not in (b"constant", "constant"):
+        raise ModelError("torch backend runs only constant Pad")
+    pads = ctx.ints[ins[1]]
+    half = len(pads) // 2
+    torch_pads: list[int] = []
+    for d in range(half - 1, -1, -1):  # torch wants last dim first
+        torch_pads += [pads[d], pads[d + half]]
+    return ctx.F.pad(ctx.val(ins[0]), torch_pads, mode="constant", value=0.0)
+
+
+def _average_pool(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    return ctx.F.avg_pool2d(ctx.val(ins[0]), tuple(at["kernel_shape"]), tuple(at.get("strides", [1, 1])),
+                            padding=_sym_pads("AveragePool", list(at.get("pads", []))),
+                            ceil_mode=bool(at.get("ceil_mode", 0)),
+                            count_include_pad=bool(at.get("count_include_pad", 0)))
+
+
+def _max_pool(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    return ctx.F.max_pool2d(ctx.val(ins[0]), tuple(at["kernel_shape"]), tuple(at.get("strides", [1, 1])),
+                            padding=_sym_pads("MaxPool", list(at.get("pads", []))),
+                            ceil_mode=bool(at.get("ceil_mode", 0)))
+
+
+def _global_average_pool(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    return ctx.val(ins[0]).mean(dim=(2, 3), keepdim=True)
+
+
+def _global_max_pool(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    return ctx.val(ins[0]).amax(dim=(2, 3), keepdim=True)
+
+
+def _flatten(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    t = ctx.val(ins[0])
+    lead = 1
+    for s in t.shape[: at.get("axis", 1)]:
+        lead *= s
+    return t.reshape(lead, -1)
+
+
+def _reshape(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    t = ctx.val(ins[0])
+    return t.reshape([t.shape[i] if s == 0 else s for i, s in enumerate(ctx.ints[ins[1]])])
+
+
+def _matmul(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    return ctx.val(ins[0]) @ ctx.val(ins[1])
+
+
+def _gemm(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    a, c = ctx.val(ins[0]), ctx.val(ins[1])
+    a = a.t() if at.get("transA", 0) else a
+    c = c.t() if at.get("transB", 0) else c
+    y = at.get("alpha", 1.0) * (a @ c)
+    if _has_input(ins, 2):
+        y = y + at.get("beta", 1.0) * ctx.val(ins[2])
+    return y
+
+
+def _identity(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    return ctx.val(ins[0])
+
+
+def _slice(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    t = ctx.val(ins[0])
+    starts, ends = ctx.ints[ins[1]], ctx.ints[ins[2]]
+    axes = ctx.ints[ins[3]] if _has_input(ins, 3) else list(range(len(starts)))
+    steps = ctx.ints[ins[4]] if _has_input(ins, 4) else [1] * len(starts)
+    index = [slice(None)] * t.dim()
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        index[ax] = slice(s, min(e, t.shape[ax]), st)
+    return t[tuple(index)]
+
+
+def _batch_normalization(ctx: _OpContext, ins: list[str], at: Attrs) -> Any:
+    v = ctx.val
+    return ctx.F.batch_norm(v(ins[0]), v(ins[3]), v(ins[4]), v(ins[1]), v(ins[2]),
+                            training=False, eps=at.get("epsilon", 1e-5))
+
+
+OPS: dict[str, Callable[[_OpContext, list[str], Attrs], Any]] = {
+    "Conv": _conv, "Relu": _relu, "Add": _add, "Mul": _mul, "Sub": _sub, "Div": _div, "Pad": _pad,
+    "AveragePool": _average_pool, "MaxPool": _max_pool, "GlobalAveragePool": _global_average_pool,
+    "GlobalMaxPool": _global_max_pool, "Flatten": _flatten, "Reshape": _reshape, "MatMul": _matmul,
+    "Gemm": _gemm, "Identity": _identity, "Slice": _slice, "BatchNormalization": _batch_normalization,
+}
+SUPPORTED_OPS = tuple(OPS)
+
+
+# --------------------------------------------------------------------------------------------
+# The module: load the graph once, run its nodes in order
+# --------------------------------------------------------------------------------------------
+
+
+def _load_graph(module: Any, graph: Any) -> None:
+    """Keep the graph on ``module``: float initializers as buffers, the rest as plain Python.
+
+    Why buffers: ``.to(device)`` and ``.half()`` then move the weights with the module.
+    """
+    torch = _import_torch()
+    from onnx import helper, numpy_helper
+
+    module.buffer_of = {}
+    module.ints = {}
+    for i, init in enumerate(graph.initializer):
+        arr = numpy_helper.to_array(init)
+        if np.issubdtype(arr.dtype, np.floating):
+            key = f"p{i}"
+            module.register_buffer(key, torch.from_numpy(np.array(arr, dtype=np.float32)))
+            module.buffer_of[init.name] = key
+        else:
+            module.ints[init.name] = [int(v) for v in arr.ravel()]
+    init_names = {init.name for init in graph.initializer}
+    module.input_names = [i.name for i in graph.input if i.name not in init_names]
+    module.output_name = graph.output[0].name
+    module.nodes = [
+        (n.op_type, list(n.input), list(n.output), {a.name: helper.get_attribute_value(a) for a in n.attribute})
+        for n in graph.node
+    ]
+
+
+def _run_nodes(module: Any, x: Any) -> Any:
+    """Evaluate the loaded nodes in graph order on input ``x``; return the graph's output."""
+    ctx = _OpContext(module, {module.input_names[0]: x})
+    for op, ins, outs, at in module.nodes:
+        run_op = OPS.get(op)
+        if run_op is None:  # pragma: no cover - filtered in build_torch_module
+            raise ModelError(f"torch backend cannot run ONNX op {op}")
+        ctx.env[outs[0]] = run_op(ctx, ins, at)
+    return ctx.env[module.output_name]
+
+
+@functools.lru_cache(maxsize=1)
+def _graph_module_class() -> Any:
+    """The ``torch.nn.Module`` subclass, defined on first use so this file imports without torch."""
+    torch = _import_torch()
+
+    class OnnxGraphModule(torch.nn.Module):  # type: ignore[misc, name-defined]
+        """Evaluates one ONNX graph (supported ops only) with torch."""
+
+        def __init__(self, graph: Any) -> None:
+            super().__init__()
+            _load_graph(self, graph)
+
+        def forward(self, x: Any) -> Any:
+            return _run_nodes(self, x)
+
+    return OnnxGraphModule
+
+
 def build_torch_module(model: Any) -> Any:
     """Build a ``torch.nn.Module`` that evaluates an ONNX ModelProto (supported ops only).
 
     Float initializers become buffers (so ``.to(device)`` and ``.half()`` move them);
     integer initializers (shapes, pads, slice bounds) stay Python lists.
     """
-    torch = _import_torch()
-    import torch.nn.functional as F
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    unsupported = sorted({n.op_type for n in graph.node} - set(SUPPORTED_OPS))
+    module_class = _graph_module_class()
+    unsupported = sorted({n.op_type for n in model.graph.node} - set(SUPPORTED_OPS))
     if unsupported:
         raise ModelError(f"torch backend cannot run ONNX op(s) {', '.join(unsupported)}")
-
-    class OnnxGraphModule(torch.nn.Module):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            self.buffer_of: dict[str, str] = {}
-            self.ints: dict[str, list[int]] = {}
-            for i, init in enumerate(graph.initializer):
-                arr = numpy_helper.to_array(init)
-                if np.issubdtype(arr.dtype, np.floating):
-                    key = f"p{i}"
-                    self.register_buffer(key, torch.from_numpy(np.array(arr, dtype=np.float32)))
-                    self.buffer_of[init.name] = key
-                else:
-                    self.ints[init.name] = [int(v) for v in arr.ravel()]
-            init_names = {init.name for init in graph.initializer}
-            self.input_names = [i.name for i in graph.input if i.name not in init_names]
-            self.output_name = graph.output[0].name
-            self.nodes = [
-                (n.op_type, list(n.input), list(n.output),
-                 {a.name: helper.get_attribute_value(a) for a in n.attribute})
-                for n in graph.node
-            ]
-
-        def forward(self, x: Any) -> Any:
-            env: dict[str, Any] = {self.input_names[0]: x}
-
-            def val(name: str) -> Any:
-                if name in env:
-                    return env[name]
-                return getattr(self, self.buffer_of[name])
-
-            for op, ins, outs, at in self.nodes:
-                if op == "Conv":
-                    w = val(ins[1])
-                    b = val(ins[2]) if len(ins) > 2 and ins[2] else None
-                    y = F.conv2d(val(ins[0]), w, b, stride=tuple(at.get("strides", [1, 1])),
-                                 padding=_sym_pads(op, list(at.get("pads", []))),
-                                 dilation=tuple(at.get("dilations", [1, 1])), groups=at.get("group", 1))
-                elif op == "Relu":
-                    y = F.relu(val(ins[0]))
-                elif op in ("Add", "Mul", "Sub", "Div"):
-                    a, c = val(ins[0]), val(ins[1])
-                    y = a + c if op == "Add" else a * c if op == "Mul" else a - c if op == "Sub" else a / c
-                elif op == "Pad":
-                    if at.get("mode", b"constant") not in (b"constant", "constant"):
-                        raise ModelError("torch backend runs only constant Pad")
-                    pads = self.ints[ins[1]]
-                    half = len(pads) // 2
-                    torch_pads: list[int] = []
-                    for d in range(half - 1, -1, -1):  # torch wants last dim first
-                        torch_pads += [pads[d], pads[d + half]]
-                    y = F.pad(val(ins[0]), torch_pads, mode="constant", value=0.0)
-                elif op == "AveragePool":
-                    y = F.avg_pool2d(val(ins[0]), tuple(at["kernel_shape"]), tuple(at.get("strides", [1, 1])),
-                                     padding=_sym_pads(op, list(at.get("pads", []))),
-                                     ceil_mode=bool(at.get("ceil_mode", 0)),
-                                     count_include_pad=bool(at.get("count_include_pad", 0)))
-                elif op == "MaxPool":
-                    y = F.max_pool2d(val(ins[0]), tuple(at["kernel_shape"]), tuple(at.get("strides", [1, 1])),
-                                     padding=_sym_pads(op, list(at.get("pads", []))),
-                                     ceil_mode=bool(at.get("ceil_mode", 0)))
-                elif op == "GlobalAveragePool":
-                    y = val(ins[0]).mean(dim=(2, 3), keepdim=True)
-                elif op == "GlobalMaxPool":
-                    y = val(ins[0]).amax(dim=(2, 3), keepdim=True)
-                elif op == "Flatten":
-                    t = val(ins[0])
-                    axis = at.get("axis", 1)
-                    lead = 1
-                    for s in t.shape[:axis]:
-                        lead *= s
-                    y = t.reshape(lead, -1)
-                elif op == "Reshape":
-                    t = val(ins[0])
-                    shape = [t.shape[i] if s == 0 else s for i, s in enumerate(self.ints[ins[1]])]
-                    y = t.reshape(shape)
-                elif op == "MatMul":
-                    y = val(ins[0]) @ val(ins[1])
-                elif op == "Gemm":
-                    a, c = val(ins[0]), val(ins[1])
-                    a = a.t() if at.get("transA", 0) else a
-                    c = c.t() if at.get("transB", 0) else c
-                    y = at.get("alpha", 1.0) * (a @ c)
-                    if len(ins) > 2 and ins[2]:
-                        y = y + at.get("beta", 1.0) * val(ins[2])
-                elif op == "Identity":
-                    y = val(ins[0])
-                elif op == "Slice":
-                    t = val(ins[0])
-                    starts, ends = self.ints[ins[1]], self.ints[ins[2]]
-                    axes = self.ints[ins[3]] if len(ins) > 3 and ins[3] else list(range(len(starts)))
-                    steps = self.ints[ins[4]] if len(ins) > 4 and ins[4] else [1] * len(starts)
-                    index = [slice(None)] * t.dim()
-                    for s, e, ax, st in zip(starts, ends, axes, steps):
-                        index[ax] = slice(s, min(e, t.shape[ax]), st)
-                    y = t[tuple(index)]
-                elif op == "BatchNormalization":
-                    y = F.batch_norm(val(ins[0]), val(ins[3]), val(ins[4]), val(ins[1]), val(ins[2]),
-                                     training=False, eps=at.get("epsilon", 1e-5))
-                else:  # pragma: no cover - filtered in build_torch_module
-                    raise ModelError(f"torch backend cannot run ONNX op {op}")
-                env[outs[0]] = y
-            return env[self.output_name]
-
-    return OnnxGraphModule().eval()
+    return module_class(model.graph).eval()
 
 
 class TorchEmbedder:

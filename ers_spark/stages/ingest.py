@@ -219,39 +219,9 @@ def run_ingest(spark: SparkSession, cfg: ErsConfig) -> dict:
     source = _read_images(spark, params) if params.input_format == "images" else _read_parquet(spark, params)
     probed = probe(source).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        totals = probed.agg(F.count(F.lit(1)).alias("read"), F.count(REASON).alias("bad")).first()
-        read, quarantined_rows = int(totals["read"]), int(totals["bad"])
-        everything = probed
-        if params.input_format == "images":
-            listed_count = len(source._jdf.inputFiles())
-            if listed_count > read:
-                empties = _empty_files(spark, list(source.inputFiles()), probed)
-                everything = probed.unionByName(empties)
-                quarantined_rows += listed_count - read
-                read = listed_count
-        now = F.current_timestamp()
-        good = everything.where(F.col(REASON).isNull()).select(
-            IMAGE_ID,
-            F.lit(None).cast("string").alias(PARENT_IMAGE_ID),
-            F.lit(None).cast("int").alias(FACE_INDEX),
-            SOURCE_PATH,
-            IDENTITY,
-            WIDTH,
-            HEIGHT,
-            FORMAT,
-            BYTES,
-            now.alias(INGESTED_AT),
-        )
-        good, conflicts = split_identity_conflicts(spark, cfg, good)
-        conflicts = conflicts.persist(StorageLevel.MEMORY_AND_DISK)
-        conflicted = conflicts.count()
-        bad = quarantine_rows(
-            everything.where(F.col(REASON).isNotNull()), STAGE_NAME, F.col(REASON), F.col(DETAIL)
-        ).unionByName(quarantine_rows(conflicts, STAGE_NAME, F.col(REASON), F.col(DETAIL)))
+        everything, read, quarantined_rows = _count_read(spark, params, source, probed)
+        written, conflicted = _write_crops_and_quarantine(spark, cfg, everything)
         quarantined_rows += conflicted
-        written = merge_insert_new(spark, cfg, CROPS, good)
-        merge_insert_new(spark, cfg, QUARANTINE, bad)
-        conflicts.unpersist()
     finally:
         probed.unpersist()
     run.counts = {
@@ -262,3 +232,54 @@ def run_ingest(spark: SparkSession, cfg: ErsConfig) -> dict:
         "identity_conflicts": conflicted,
     }
     return run.finish(spark, cfg, outputs=(CROPS, QUARANTINE))
+
+
+def _count_read(
+    spark: SparkSession, params: IngestParams, source: DataFrame, probed: DataFrame
+) -> tuple[DataFrame, int, int]:
+    """(every input row, rows read, rows to quarantine so far), zero-length files included.
+
+    Why: Spark's file scan skips empty files, so they are added back from the listing as quarantined rows.
+    """
+    totals = probed.agg(F.count(F.lit(1)).alias("read"), F.count(REASON).alias("bad")).first()
+    read, quarantined_rows = int(totals["read"]), int(totals["bad"])
+    everything = probed
+    if params.input_format == "images":
+        listed_count = len(source._jdf.inputFiles())
+        if listed_count > read:
+            empties = _empty_files(spark, list(source.inputFiles()), probed)
+            everything = probed.unionByName(empties)
+            quarantined_rows += listed_count - read
+            read = listed_count
+    return everything, read, quarantined_rows
+
+
+def _crop_rows(everything: DataFrame) -> DataFrame:
+    """The decodable rows as crops-table rows (whole images: no parent, no face index)."""
+    now = F.current_timestamp()
+    return everything.where(F.col(REASON).isNull()).select(
+        IMAGE_ID,
+        F.lit(None).cast("string").alias(PARENT_IMAGE_ID),
+        F.lit(None).cast("int").alias(FACE_INDEX),
+        SOURCE_PATH,
+        IDENTITY,
+        WIDTH,
+        HEIGHT,
+        FORMAT,
+        BYTES,
+        now.alias(INGESTED_AT),
+    )
+
+
+def _write_crops_and_quarantine(spark: SparkSession, cfg: ErsConfig, everything: DataFrame) -> tuple[int, int]:
+    """MERGE new crops and the quarantined rows (undecodable or identity conflicts); (written, conflicts)."""
+    good, conflicts = split_identity_conflicts(spark, cfg, _crop_rows(everything))
+    conflicts = conflicts.persist(StorageLevel.MEMORY_AND_DISK)
+    conflicted = conflicts.count()
+    bad = quarantine_rows(
+        everything.where(F.col(REASON).isNotNull()), STAGE_NAME, F.col(REASON), F.col(DETAIL)
+    ).unionByName(quarantine_rows(conflicts, STAGE_NAME, F.col(REASON), F.col(DETAIL)))
+    written = merge_insert_new(spark, cfg, CROPS, good)
+    merge_insert_new(spark, cfg, QUARANTINE, bad)
+    conflicts.unpersist()
+    return written, conflicted
