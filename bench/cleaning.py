@@ -10,7 +10,7 @@ with its true label. The project's own stages run on local[2]: ingest -> embed -
 score -> clean, once with ``embed.align=true`` (dlib chips, small crops enlarged, centred resize
 where no face is found) and once with ``embed.align=false`` (crops resized as they are). The clean
 stage is then re-run with its defaults, with ``clean.max_angle_deg`` 60 / 75 / 90, and (aligned)
-with other ``clean.impostor_percentile`` values.
+with other ``clean.impostor_percentile`` and ``clean.genuine_percentile`` values.
 
 Reported per clean run (``label_noise`` = quarantined by clean with reason label_noise):
 - ``label_noise_precision``: share of label_noise rows whose label was swapped;
@@ -53,6 +53,7 @@ SWAP_SHARE = 0.05
 PHOTO_MAX_SIDE = 400
 MAX_ANGLES = (60.0, 75.0, 90.0)
 IMPOSTOR_PERCENTILES = (1.0, 2.0, 10.0)
+GENUINE_PERCENTILES = (25.0, 75.0, 90.0)
 TARGETS = {"label_noise_precision": ">= 0.9", "label_noise_recall": ">= 0.8", "clean_false_flag_rate": "<= 0.02"}
 
 
@@ -140,6 +141,7 @@ def metrics(table: pd.DataFrame, record: dict) -> dict:
         "swapped_rows": int(swapped.sum()),
         "swapped_rows_quarantined_unrecognizable": int(((table.reason == "unrecognizable") & swapped).sum()),
         "max_angle_deg_applied": record["params"].get("max_angle_deg_applied"),
+        "claim_angle_deg_applied": record["params"].get("claim_angle_deg_applied"),
     }
 
 
@@ -170,6 +172,9 @@ def run_lake(spark_holder: dict, work: Path, data: pd.DataFrame, *, align: bool,
         result["by_impostor_percentile"] = {
             str(q): clean_with(f"clean.impostor_percentile={q}") for q in IMPOSTOR_PERCENTILES
         }
+        result["by_genuine_percentile"] = {
+            str(q): clean_with(f"clean.genuine_percentile={q}") for q in GENUINE_PERCENTILES
+        }
     result["embeddings_by_aligned"] = {str(r["aligned"]).lower(): int(r["count"]) for r in embedded.to_dict("records")}
     result["gamma"] = records["score"]["params"].get("gamma")
     result["embed_counts"] = records["embed"]["counts"]
@@ -197,6 +202,7 @@ def main() -> None:
         **defaults,
         "by_max_angle_deg": aligned["by_max_angle_deg"],
         "by_impostor_percentile": aligned["by_impostor_percentile"],
+        "by_genuine_percentile": aligned["by_genuine_percentile"],
         "embeddings_by_aligned": aligned["embeddings_by_aligned"],
         "unaligned": unaligned,
         "targets": TARGETS,

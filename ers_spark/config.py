@@ -177,6 +177,8 @@ class LocateUiConfig:
     eps_grid_step: float
     dominance_ratio: float
     min_share: float
+    identity_min_size: int
+    identity_tolerance: float
     grid_sample_rows: int
     sample_hac_rows: int
     kmeans_cells: int
@@ -200,6 +202,11 @@ class LocateUiConfig:
             )
         if self.dominance_ratio < 1:
             raise ConfigError(f"locate_ui.dominance_ratio must be >= 1, got {self.dominance_ratio} (in {source})")
+        if self.identity_min_size < 2 or not 0 <= self.identity_tolerance < 1:
+            raise ConfigError(
+                f"locate_ui.identity_min_size must be >= 2 and locate_ui.identity_tolerance in [0, 1), got "
+                f"{self.identity_min_size} and {self.identity_tolerance} (in {source})"
+            )
         if not 0 <= self.min_share <= 1:
             raise ConfigError(f"locate_ui.min_share must be in [0, 1], got {self.min_share} (in {source})")
         for name in ("grid_sample_rows", "sample_hac_rows", "kmeans_cells", "kmeans_sample_rows", "nprobe", "block_size"):

@@ -11,6 +11,8 @@ from scipy.spatial.distance import pdist
 
 from ers_spark.errors import ClusteringError
 from ers_spark.core.neighbours import (
+    identity_clusters,
+    separated_limit,
     EpsChoice,
     LocalLinks,
     choose_eps,
@@ -193,32 +195,65 @@ def test_dominant_cluster_errors(labels, ratio, min_share, sizes) -> None:  # ty
     assert "\n" not in msg
 
 
-def test_choose_eps_finds_planted_ui() -> None:
+GRID = [0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7]
+
+
+def test_choose_eps_takes_the_largest_eps_before_identities_merge() -> None:
+    """Planted UI: the chosen eps gathers the whole UI, pure, and is the last eps before identity clusters vanish."""
     x, y = vmf_embeddings(60, 5, dim=128, ui_share=0.1, seed=5)
-    grid = [0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5]
-    choice = choose_eps(x, grid, ratio=3.0, min_share=0.05)
+    choice = choose_eps(x, GRID, ratio=3.0, min_share=0.05, identity_min_size=3, identity_tolerance=0.1)
     assert isinstance(choice, EpsChoice)
-    assert 0.25 <= choice.eps <= RECOMMENDED_EPS
     dom = dominant_cluster(choice.labels, 3.0, 0.05)
     members = np.flatnonzero(choice.labels == dom)
     ui = np.flatnonzero(y == -1)
-    assert set(members.tolist()) <= set(ui.tolist())  # smallest qualifying eps: a pure, maybe partial UI
-    assert jaccard(members, ui) >= 0.8
-    assert dict(choice.size_table)[RECOMMENDED_EPS][0] == ui.size  # whole UI at the recommended eps
-    assert [e for e, _ in choice.size_table] == grid
+    assert set(members.tolist()) == set(ui.tolist())
+    assert [e for e, _, _ in choice.size_table] == GRID
+    table = {e: (sizes, n) for e, sizes, n in choice.size_table}
+    assert choice.eps == 0.6 and table[0.7][0][1] == 20  # at 0.7 identities merge (a second cluster of 4 identities)
     # independent: the table at the chosen eps equals the exact clustering's sizes
-    table = dict(choice.size_table)
-    assert table[choice.eps] == cluster_sizes(exact_single_linkage(x, choice.eps))[:5].tolist()
+    assert table[choice.eps][0] == cluster_sizes(exact_single_linkage(x, choice.eps))[:5].tolist()
+    assert choice.eps >= RECOMMENDED_EPS  # the old rule's smallest dominant eps (0.3) held a partial UI
+
+
+def test_choose_eps_says_no_ui_when_there_are_only_identities() -> None:
+    """Recognizable faces only: clusters merge only across identities, so there is no UI to find (one-line error)."""
+    x, _ = vmf_embeddings(60, 5, dim=128, ui_share=0.0, seed=5)
+    with pytest.raises(ClusteringError) as exc:
+        choose_eps(x, GRID, ratio=3.0, min_share=0.05, identity_min_size=3, identity_tolerance=0.1)
+    msg = str(exc.value)
+    assert msg.startswith("no UI here: identities stay separate up to eps=0.6 and no cluster up to there has largest >= 3")
+    assert "eps=0.2: [5, 5, 5, 5, 5] (59 identity-sized)" in msg and "\n" not in msg
 
 
 def test_choose_eps_error_lists_table() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 64))  # no structure: everything a singleton at small eps
     with pytest.raises(ClusteringError) as exc:
-        choose_eps(x, [0.05, 0.1], ratio=2.0, min_share=0.2)
+        choose_eps(x, [0.05, 0.1], ratio=2.0, min_share=0.2, identity_min_size=3, identity_tolerance=0.1)
     msg = str(exc.value)
-    assert "eps=0.05: [1, 1, 1, 1, 1]" in msg and "eps=0.1: [1, 1, 1, 1, 1]" in msg
+    assert msg.startswith("no UI here: no cluster of >= 3 images besides the largest at any eps")
+    assert "eps=0.05: [1, 1, 1, 1, 1] (0 identity-sized)" in msg and "eps=0.1: [1, 1, 1, 1, 1]" in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "counts,tolerance,expected",
+    [
+        ([0, 20, 46, 45, 43, 42, 40, 37, 27], 0.1, 5),  # ORL + degraded copies (dlib), 0.01 grid
+        ([0, 20, 46, 45, 43, 42, 40, 37, 27], 0.2, 7),
+        ([0, 20, 46, 45, 43, 42, 40, 37, 27], 0.0, 2),  # the peak itself
+        ([5, 5, 5], 0.1, 2),  # flat: the last eps
+        ([9, 3, 9], 0.1, 0),  # stops at the first drop, even if the count recovers
+        ([0, 0], 0.1, 1),
+    ],
+)
+def test_separated_limit(counts, tolerance, expected) -> None:  # type: ignore[no-untyped-def]
+    assert separated_limit(counts, tolerance) == expected
+
+
+@pytest.mark.parametrize("sizes,min_size,expected", [([40, 10, 9, 3, 1], 5, 2), ([40], 5, 0), ([10, 10, 10], 10, 2)])
+def test_identity_clusters_excludes_the_largest(sizes, min_size, expected) -> None:  # type: ignore[no-untyped-def]
+    assert identity_clusters(np.array(sizes), min_size) == expected
 
 
 @pytest.mark.parametrize(

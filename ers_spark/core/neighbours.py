@@ -38,10 +38,13 @@ __all__ = [
     "cluster_sizes",
     "dominant_cluster",
     "choose_eps",
+    "identity_clusters",
+    "separated_limit",
     "jaccard",
 ]
 
 IntArray = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,12 @@ class LocalLinks:
 
 @dataclass(frozen=True)
 class EpsChoice:
-    """Outcome of :func:`choose_eps`: eps, labels at that eps, and per-eps top-5 sizes."""
+    """Outcome of :func:`choose_eps`: eps, labels at that eps, and per grid eps the top-5 sizes
+    and the number of identity-sized clusters outside the largest."""
 
     eps: float
     labels: IntArray
-    size_table: list[tuple[float, list[int]]]
+    size_table: list[tuple[float, list[int], int]]
 
 
 def _star_forest(n: int, src: IntArray, dst: IntArray) -> tuple[IntArray, IntArray]:
@@ -357,15 +361,59 @@ def dominant_cluster(labels: npt.ArrayLike, ratio: float, min_share: float) -> A
     return lab.item() if hasattr(lab, "item") else lab
 
 
-def choose_eps(
-    embeddings: npt.ArrayLike, grid: npt.ArrayLike, ratio: float, min_share: float
-) -> EpsChoice:
-    """Smallest eps in ``grid`` where exact single linkage has a dominant cluster.
+def identity_clusters(sizes: IntArray, identity_min_size: int) -> int:
+    """Clusters of at least ``identity_min_size`` members other than the largest (``sizes`` largest first).
 
-    One scipy linkage is cut at every grid value (ascending); ``size_table``
-    lists the top-5 cluster sizes at every grid eps (for the report and for
-    the error message). Raises ClusteringError with that table when no eps
-    qualifies.
+    >>> identity_clusters(np.array([40, 10, 9, 3, 1]), 5)
+    2
+    """
+    return int(np.count_nonzero(np.asarray(sizes)[1:] >= identity_min_size))
+
+
+def separated_limit(counts: npt.ArrayLike, tolerance: float) -> int:
+    """Index of the last grid eps at which identities are still separate.
+
+    From the first peak of ``counts`` (identity-sized clusters per ascending eps) walk up while
+    the count stays >= ``(1 - tolerance) * peak``; past that eps identity-sized clusters vanish,
+    absorbed by the largest cluster or merged with each other.
+
+    >>> separated_limit([0, 20, 46, 45, 43, 42, 40, 37, 27], 0.1)
+    5
+    """
+    c = np.asarray(counts, dtype=np.int64)
+    peak = int(np.argmax(c))
+    floor = (1.0 - tolerance) * c[peak]
+    last = peak
+    while last + 1 < c.size and c[last + 1] >= floor:
+        last += 1
+    return last
+
+
+def _eps_table(x: F64, grid: F64, ratio: float, min_share: float, identity_min_size: int) -> list[tuple[float, IntArray, IntArray, bool]]:
+    """Per grid eps (ascending): labels, sizes and dominance of one scipy single linkage cut there."""
+    z = linkage(x, method="single", metric="cosine")
+    rows = []
+    for eps in grid:
+        lab = fcluster(z, t=float(eps), criterion="distance").astype(np.int64)
+        ok, _, sizes = _dominance(lab, ratio, min_share)
+        rows.append((float(eps), lab, sizes, ok))
+    return rows
+
+
+def choose_eps(
+    embeddings: npt.ArrayLike, grid: npt.ArrayLike, ratio: float, min_share: float, *,
+    identity_min_size: int, identity_tolerance: float,
+) -> EpsChoice:
+    """The largest eps in ``grid`` at which identities are still separate and the largest cluster dominates.
+
+    The paper's UI is the largest cluster, far above the next, at the cut where identities are
+    still separate. Identities count as separate up to :func:`separated_limit` of the number of
+    clusters with >= ``identity_min_size`` members outside the largest; among those eps the
+    largest one with a dominant cluster (:func:`dominant_cluster`) is chosen, so the UI gathers
+    as many unrecognizable images as it can before it absorbs identities. ``size_table`` lists
+    per eps the top-5 sizes and that count. Raises ClusteringError with the table when no eps
+    qualifies: no UI in these embeddings (e.g. only recognizable faces), or no identity-sized
+    cluster at any eps.
     """
     x = np.asarray(embeddings, dtype=np.float64)
     g = np.unique(np.asarray(grid, dtype=np.float64).ravel())
@@ -373,21 +421,18 @@ def choose_eps(
         raise ValueError("choose_eps: grid is empty")
     if x.ndim != 2 or x.shape[0] < 2:
         raise ClusteringError(f"choose_eps needs at least 2 embeddings, got shape {x.shape}")
-    z = linkage(x, method="single", metric="cosine")
-    table: list[tuple[float, list[int]]] = []
-    chosen: tuple[float, IntArray] | None = None
-    for eps in g:
-        lab = fcluster(z, t=float(eps), criterion="distance").astype(np.int64)
-        ok, _, sizes = _dominance(lab, ratio, min_share)
-        table.append((float(eps), sizes[:5].tolist()))
-        if ok and chosen is None:
-            chosen = (float(eps), lab)
-    if chosen is None:
-        txt = "; ".join(f"eps={e:g}: {s}" for e, s in table)
-        raise ClusteringError(
-            f"no eps in the grid gives a dominant cluster (largest >= {ratio:g} x second and >= "
-            f"{min_share:g} of {x.shape[0]} rows); top sizes per eps: {txt}"
-        )
+    rows = _eps_table(x, g, ratio, min_share, identity_min_size)
+    table = [(eps, sizes[:5].tolist(), identity_clusters(sizes, identity_min_size)) for eps, _, sizes, _ in rows]
+    counts = [c for _, _, c in table]
+    limit = separated_limit(counts, identity_tolerance)
+    chosen = next((r for r in reversed(rows[: limit + 1]) if r[3]), None)
+    if chosen is None or max(counts) == 0:
+        txt = "; ".join(f"eps={e:g}: {s} ({c} identity-sized)" for e, s, c in table)
+        why = ("no cluster of >= {0} images besides the largest at any eps (lower locate_ui.identity_min_size, "
+               "sample more rows or set locate_ui.eps)".format(identity_min_size) if max(counts) == 0 else
+               f"identities stay separate up to eps={table[limit][0]:g} and no cluster up to there has largest >= "
+               f"{ratio:g} x second and >= {min_share:g} of {x.shape[0]} rows")
+        raise ClusteringError(f"no UI here: {why}; top sizes per eps: {txt}")
     return EpsChoice(eps=chosen[0], labels=chosen[1], size_table=table)
 
 

@@ -119,6 +119,8 @@ class LocateUiParams:
     eps_grid: tuple[float, ...]
     dominance_ratio: float
     min_share: float
+    identity_min_size: int
+    identity_tolerance: float
     grid_sample_rows: int
     sample_hac_rows: int
     kmeans_cells: int
@@ -140,6 +142,8 @@ class LocateUiParams:
             eps_grid=tuple(float(round(g, 10)) for g in grid),
             dominance_ratio=float(lu.dominance_ratio),
             min_share=float(lu.min_share),
+            identity_min_size=int(lu.identity_min_size),
+            identity_tolerance=float(lu.identity_tolerance),
             grid_sample_rows=int(lu.grid_sample_rows),
             sample_hac_rows=int(lu.sample_hac_rows),
             kmeans_cells=int(lu.kmeans_cells),
@@ -248,8 +252,8 @@ def check_dominance(top_sizes: list[int], n_rows: int, ratio: float, min_share: 
         )
 
 
-def _print_size_table(table: list[tuple[float, list[int]]]) -> None:
-    lines = "".join(f"\n  eps={eps:.4g}\ttop sizes {sizes}" for eps, sizes in table)
+def _print_size_table(table: list[tuple[float, list[int], int]]) -> None:
+    lines = "".join(f"\n  eps={eps:.4g}\ttop sizes {sizes}\t{n} identity-sized" for eps, sizes, n in table)
     log.info("locate-ui: top cluster sizes per eps (exact single linkage on the eps sample)%s", lines)
 
 
@@ -600,7 +604,7 @@ def cluster_settings(params: LocateUiParams) -> dict[str, Any]:
     """The settings that decide which cluster a run finds (not those that only change its speed)."""
     keys = ["method", "eps", "seed"]
     if params.eps is None:
-        keys += ["eps_grid", "dominance_ratio", "min_share", "grid_sample_rows"]
+        keys += ["eps_grid", "dominance_ratio", "min_share", "identity_min_size", "identity_tolerance", "grid_sample_rows"]
     if params.method == "graph":
         keys += ["kmeans_cells", "kmeans_sample_rows", "kmeans_max_iter", "nprobe"]
     else:
@@ -709,7 +713,8 @@ def _choose_eps(points: DataFrame, n_rows: int, params: LocateUiParams) -> tuple
     if params.eps is not None:
         return float(params.eps), "config"
     _, xs = _to_numpy(_sample(points, n_rows, params.grid_sample_rows, params.seed))
-    choice = choose_eps(xs, params.eps_grid, params.dominance_ratio, params.min_share)
+    choice = choose_eps(xs, params.eps_grid, params.dominance_ratio, params.min_share,
+                        identity_min_size=params.identity_min_size, identity_tolerance=params.identity_tolerance)
     _print_size_table(choice.size_table)
     log.info(f"locate-ui: chose eps={choice.eps:.4g}")
     return choice.eps, f"grid on {xs.shape[0]} sampled rows"
