@@ -232,6 +232,8 @@ class ScoreConfig:
     calibration: str
     target_far: float
     calibration_sample_rows: int
+    calibration_share: float
+    seed: int
     enhanced: bool
 
     def validate(self, source: str) -> None:
@@ -248,6 +250,8 @@ class ScoreConfig:
             raise ConfigError(
                 f"score.calibration_sample_rows must be >= 10, got {self.calibration_sample_rows} (in {source})"
             )
+        if not 0 < self.calibration_share < 1:
+            raise ConfigError(f"score.calibration_share must be in (0, 1), got {self.calibration_share} (in {source})")
 
 
 @dataclass(frozen=True)

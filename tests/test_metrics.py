@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ers_spark.core import metrics as m
-from ers_spark.core.ers import calibrate_gamma_pairs
+from ers_spark.core.ers import build_identity_pairs, calibrate_gamma_pairs
 from ers_spark.errors import ErsUserError
 
 
@@ -249,3 +249,43 @@ def test_calibration_lowers_frr_when_low_ers_explains_the_failures() -> None:
     baseline = m.verification_at_far(gen, imp, 1e-3)
     unsure = m.unsure_as_reject_at_far(gen, gen_q < cal.gamma, imp, imp_q < cal.gamma, 1e-3)
     assert cal.gamma > 0 and unsure.reject_rate < baseline.reject_rate
+
+
+def test_calibration_identities_are_a_seeded_share_of_names() -> None:
+    names = np.array([f"id{i}" for i in range(2000)])
+    cal = m.calibration_identities(names, 0.3, seed=4)
+    assert 0.25 < cal.mean() < 0.35
+    shuffled = np.random.default_rng(0).permutation(2000)
+    assert (m.calibration_identities(names[shuffled], 0.3, seed=4) == cal[shuffled]).all()  # by name, not position
+    assert (m.calibration_identities(names, 0.3, seed=5) != cal).any()
+
+
+def test_calibrate_gamma_held_out_is_the_split_calibration_and_a_brute_force_check() -> None:
+    rng = np.random.default_rng(3)
+    identities = np.repeat([f"p{i}" for i in range(30)], 6)
+    centres = rng.normal(size=(30, 16))
+    emb = centres[np.repeat(np.arange(30), 6)] + 0.6 * rng.normal(size=(180, 16))
+    ers = rng.uniform(0.0, 1.0, size=180)
+    calibration, check = m.calibrate_gamma_held_out(emb, identities, ers, target_far=0.05,
+                                                          calibration_share=0.5, seed=1)
+    i, j, same = build_identity_pairs(identities, max_pairs=200_000, seed=1)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = np.array([unit[a] @ unit[b] for a, b in zip(i, j)])
+    q = np.minimum(ers[i], ers[j])
+    cal_row = m.calibration_identities(identities, 0.5, 1)
+    cal, ev = cal_row[i] & cal_row[j], ~cal_row[i] & ~cal_row[j]
+    expected = calibrate_gamma_pairs(sim[cal], q[cal], q[cal], same[cal], 0.05)
+    assert calibration.gamma == pytest.approx(expected.gamma) and calibration.frr == pytest.approx(expected.frr)
+
+    def frr_at_far(gen, imp):  # brute force: the lowest threshold accepting at most floor(far * n) impostors
+        budget = int(np.floor(0.05 * imp.size + 1e-9))
+        t = min(x for x in list(imp) + [np.inf] if np.sum(imp > x) <= budget)
+        return float(np.mean(gen <= t))
+
+    gen, imp = sim[ev & same], sim[ev & ~same]
+    unsure_g, unsure_i = q[ev & same] < calibration.gamma, q[ev & ~same] < calibration.gamma
+    assert check is not None and check.genuine_pairs == gen.size and check.impostor_pairs == imp.size
+    assert check.frr_baseline == pytest.approx(frr_at_far(gen, imp))
+    assert check.frr_unsure_as_reject == pytest.approx(
+        frr_at_far(np.where(unsure_g, -np.inf, gen), np.where(unsure_i, -np.inf, imp)))
+    assert check.unsure_rate_genuine == pytest.approx(unsure_g.mean())

@@ -213,6 +213,18 @@ def test_choose_eps_takes_the_largest_eps_before_identities_merge() -> None:
     # independent: the table at the chosen eps equals the exact clustering's sizes
     assert table[choice.eps][0] == cluster_sizes(exact_single_linkage(x, choice.eps))[:5].tolist()
     assert choice.eps >= RECOMMENDED_EPS  # the old rule's smallest dominant eps (0.3) held a partial UI
+    assert choice.rule == "largest eps before identities merge"
+
+
+def test_choose_eps_without_identity_clusters_takes_the_smallest_dominant_eps() -> None:
+    """One image per person: identities cannot be seen merging, so the UI is cut where it first dominates."""
+    x, y = vmf_embeddings(200, 1, dim=128, ui_share=0.2, seed=2)
+    choice = choose_eps(x, GRID, ratio=3.0, min_share=0.05, identity_min_size=3, identity_tolerance=0.1)
+    assert choice.rule.startswith("smallest dominant eps")
+    first = next(e for e, sizes, _ in choice.size_table if len(sizes) > 1 and sizes[0] >= 3 * sizes[1] and sizes[0] >= 0.05 * len(x))
+    assert choice.eps == first
+    members = np.flatnonzero(choice.labels == dominant_cluster(choice.labels, 3.0, 0.05))
+    assert set(members.tolist()) <= set(np.flatnonzero(y == -1).tolist())
 
 
 def test_choose_eps_says_no_ui_when_there_are_only_identities() -> None:
@@ -231,7 +243,8 @@ def test_choose_eps_error_lists_table() -> None:
     with pytest.raises(ClusteringError) as exc:
         choose_eps(x, [0.05, 0.1], ratio=2.0, min_share=0.2, identity_min_size=3, identity_tolerance=0.1)
     msg = str(exc.value)
-    assert msg.startswith("no UI here: no cluster of >= 3 images besides the largest at any eps")
+    assert msg.startswith("no UI here: fewer than 10 clusters of >= 3 images at every eps and no eps in the grid "
+                          "gives a dominant cluster (largest >= 2 x second and >= 0.2 of 60 rows)")
     assert "eps=0.05: [1, 1, 1, 1, 1] (0 identity-sized)" in msg and "eps=0.1: [1, 1, 1, 1, 1]" in msg
     assert "\n" not in msg
 

@@ -8,16 +8,18 @@ import numpy as np
 import pytest
 
 from ers_spark.core import ers as ers_math
+from ers_spark.core import metrics
 from chispa import assert_approx_df_equality, assert_df_equality
 
 from ers_spark.config import load_config
 from ers_spark.stages.clean import (
-    CleanParams, calibrate_threshold, label_noise_flags, nearest_other_centres, run_clean, seeded_sample,
+    CleanParams, calibrate_threshold, label_noise_flags, nearest_other_centres, run_clean,
 )
-from ers_spark.lake.contracts import CLEANED, QUARANTINE, SCORES, UI_CENTROIDS
+from ers_spark.lake.tables import seeded_sample
+from ers_spark.lake.contracts import CLEANED, EMBEDDINGS, QUARANTINE, SCORES, UI_CENTROIDS
 from ers_spark.errors import ContractError
-from ers_spark.lake.tables import table_path, table_version
-from ers_spark.stages.score import run_score
+from ers_spark.lake.tables import read_table, table_path, table_version
+from ers_spark.stages.score import IMAGES_PER_IDENTITY, ScoreParams, identity_sample, run_score
 from ers_spark.core.synthetic import vmf_embeddings
 from stage_data import write_embeddings, write_uic
 
@@ -109,20 +111,48 @@ def test_gamma_calibrated_with_identities_and_stored(spark, make_cfg, dataset) -
     (row,) = _table(spark, cfg, UI_CENTROIDS).where(f"uic_id = '{uic_id}'").collect()
     assert row.gamma_method == "pairs-frr-at-far"
     assert row.gamma == pytest.approx(record["params"]["gamma"])
+    # chosen on half the identities (seeded), checked on the other half: the same function evaluate uses,
+    # on up to IMAGES_PER_IDENTITY images of each identity
+    sample = identity_sample(spark, cfg, read_table(spark, cfg, EMBEDDINGS), ScoreParams.from_config(cfg))
+    emb = np.stack(sample.embedding.to_numpy())
+    expected, check = metrics.calibrate_gamma_held_out(
+        emb, sample.identity.to_numpy(), ers_math.ers_scores(emb, dataset["uic"]),
+        target_far=0.05, calibration_share=0.5, seed=0)
+    assert record["params"]["gamma"] == pytest.approx(expected.gamma, abs=1e-6)
+    details = record["params"]["gamma_calibration"]
+    assert details["identities"] == 6 and details["rows"] == 6 * IMAGES_PER_IDENTITY
+    assert (details["held_out"] is None) == (check is None)
     # the stored gamma is reused on the next run, not recalibrated
     assert run_score(spark, cfg)["params"]["gamma_method"] == "pairs-frr-at-far"
 
 
-def test_gamma_calibrated_without_labels(spark, make_cfg, dataset) -> None:
+def test_calibration_sample_is_drawn_by_identity(spark, make_cfg, dataset) -> None:
+    """calibration_sample_rows=20 -> two identities, every one of their (12) images capped at 10: whole identities."""
+    cfg = make_cfg("score.calibration_sample_rows=20")
+    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
+    write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
+    sample = identity_sample(spark, cfg, read_table(spark, cfg, EMBEDDINGS), ScoreParams.from_config(cfg))
+    per_identity = sample.groupby("identity").size()
+    assert len(per_identity) == 2 and (per_identity == IMAGES_PER_IDENTITY).all()
+    again = identity_sample(spark, cfg, read_table(spark, cfg, EMBEDDINGS).repartition(5), ScoreParams.from_config(cfg))
+    assert sorted(again.image_id) == sorted(sample.image_id)  # seeded, not the first rows
+
+
+def test_gamma_calibrated_without_labels(spark, make_cfg, dataset, caplog) -> None:
     cfg = make_cfg("score.calibration=unlabelled")
     write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], None)
     write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
-    record = run_score(spark, cfg)
+    with caplog.at_level("INFO", logger="ers_spark.stages.score"):
+        record = run_score(spark, cfg)
     scores = _table(spark, cfg, SCORES).toPandas().set_index("image_id")
     gamma = record["params"]["gamma"]
     # the unlabelled rule separates UI members from identities on this clean synthetic data
     assert (scores.loc[dataset["ui_members"], "ers"] < gamma).all()
     assert (scores.drop(index=dataset["ui_members"])["ers"] >= gamma).all()
+    # what it measures is the split of UI members and other rows, not error rates derived from that split
+    assert record["params"]["gamma_calibration"] == {"rows": len(dataset["ids"]), "ui_members_below_gamma": 1.0,
+                                                     "other_rows_below_gamma": 0.0}
+    assert "not error rates" in caplog.text and "frr=" not in caplog.text
 
 
 def test_score_without_uic_is_a_clear_error(spark, make_cfg, dataset) -> None:

@@ -17,6 +17,7 @@ on Spark and collects only these few floats per pair). Conventions:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -24,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ers_spark.core.ers import GammaCalibration, calibrate_gamma_pairs, threshold_at_far
+from ers_spark.core.ers import GammaCalibration, build_identity_pairs, calibrate_gamma_pairs, normalize_rows, threshold_at_far
 from ers_spark.errors import ErsUserError
 
 __all__ = [
@@ -46,6 +47,9 @@ __all__ = [
     "edc_curve",
     "partial_area",
     "calibrate_gamma_split",
+    "HeldOutCheck",
+    "calibration_identities",
+    "calibrate_gamma_held_out",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -355,3 +359,65 @@ def calibrate_gamma_split(
     ea = np.asarray(ers_a, dtype=np.float64)
     eb = np.asarray(ers_b, dtype=np.float64)
     return calibrate_gamma_pairs(s[mask], ea[mask], eb[mask], same[mask], target_far, grid=grid)
+
+
+@dataclass(frozen=True)
+class HeldOutCheck:
+    """What a calibrated gamma does on identities it was not chosen on, at the target FAR."""
+
+    frr_baseline: float  # plain verification
+    frr_unsure_as_reject: float  # with gamma, unsure pairs rejected
+    unsure_rate_genuine: float
+    genuine_pairs: int
+    impostor_pairs: int
+
+
+def calibration_identities(identities: npt.ArrayLike, share: float, seed: int) -> BoolArray:
+    """Per row: whether its identity is drawn for calibration (about ``share`` of the identities).
+
+    The draw hashes ``seed`` and the identity's name, so an identity lands on the same side in
+    every process and sample.
+
+    >>> calibration_identities(["a", "b", "a"], 1.0, 0).tolist()
+    [True, True, True]
+    """
+    labels = np.asarray(identities, dtype=object)
+    names, inverse = np.unique(labels.astype(str), return_inverse=True)
+    draw = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{n}".encode()).digest()[:8], "big") / 2.0**64
+                     for n in names])
+    return (draw < share)[inverse.ravel()]
+
+
+def _held_out_check(sim: F64, q: F64, same: BoolArray, ev: BoolArray, gamma: float, far: float) -> HeldOutCheck | None:
+    """FRR at ``far`` on the evaluation pairs, without and with gamma (None when they cannot support ``far``)."""
+    gen, imp = sim[ev & same], sim[ev & ~same]
+    if gen.size == 0 or not supported_rates(imp.size, [far])[0]:
+        return None
+    gen_u, imp_u = q[ev & same] < gamma, q[ev & ~same] < gamma
+    return HeldOutCheck(
+        frr_baseline=verification_at_far(gen, imp, far).reject_rate,
+        frr_unsure_as_reject=unsure_as_reject_at_far(gen, gen_u, imp, imp_u, far).reject_rate,
+        unsure_rate_genuine=float(gen_u.mean()), genuine_pairs=int(gen.size), impostor_pairs=int(imp.size),
+    )
+
+
+def calibrate_gamma_held_out(
+    embeddings: npt.ArrayLike, identities: npt.ArrayLike, ers: npt.ArrayLike, *,
+    target_far: float, calibration_share: float, seed: int, max_pairs: int = 200_000,
+) -> tuple[GammaCalibration, HeldOutCheck | None]:
+    """The paper's gamma on calibration identities (:func:`calibrate_gamma_split`), checked on the others.
+
+    Pairs come from :func:`ers_spark.core.ers.build_identity_pairs`; a pair is a calibration pair
+    when both identities are calibration identities (:func:`calibration_identities`) and an
+    evaluation pair when neither is. The check is None when the evaluation pairs cannot support
+    ``target_far`` (too few impostors or no genuine pair).
+    """
+    emb = normalize_rows(embeddings).astype(np.float64)
+    e = np.asarray(ers, dtype=np.float64)
+    i, j, same = build_identity_pairs(np.asarray(identities), max_pairs=max_pairs, seed=seed)
+    sim = np.einsum("ij,ij->i", emb[i], emb[j])
+    q = np.minimum(e[i], e[j])
+    cal_row = calibration_identities(identities, calibration_share, seed)
+    calibration = calibrate_gamma_split(sim, q, q, same, cal_row[i] & cal_row[j], target_far)
+    ev = ~cal_row[i] & ~cal_row[j]
+    return calibration, _held_out_check(sim, q, same, ev, calibration.gamma, target_far)

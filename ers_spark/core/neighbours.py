@@ -69,6 +69,7 @@ class EpsChoice:
     eps: float
     labels: IntArray
     size_table: list[tuple[float, list[int], int]]
+    rule: str
 
 
 def _star_forest(n: int, src: IntArray, dst: IntArray) -> tuple[IntArray, IntArray]:
@@ -400,6 +401,24 @@ def _eps_table(x: F64, grid: F64, ratio: float, min_share: float, identity_min_s
     return rows
 
 
+def _candidates(rows: list, counts: list[int], tolerance: float) -> tuple[list, str, int | None]:
+    """Grid rows to try, best first, the rule that orders them, and the last separated index (identities rule)."""
+    if max(counts) * tolerance >= 1:  # at least one identity cluster may vanish within the tolerance
+        limit = separated_limit(counts, tolerance)
+        return list(reversed(rows[: limit + 1])), "largest eps before identities merge", limit
+    return rows, "smallest dominant eps (too few identity-sized clusters to see identities merge)", None
+
+
+def _no_ui_message(table: list, limit: int | None, ratio: float, min_share: float, n: int, tolerance: float,
+                   identity_min_size: int) -> str:
+    sizes = "; ".join(f"eps={e:g}: {s} ({c} identity-sized)" for e, s, c in table)
+    need = f"largest >= {ratio:g} x second and >= {min_share:g} of {n} rows"
+    if limit is not None:
+        return f"no UI here: identities stay separate up to eps={table[limit][0]:g} and no cluster up to there has {need}; top sizes per eps: {sizes}"
+    return (f"no UI here: fewer than {1 / tolerance:g} clusters of >= {identity_min_size} images at every eps and no eps "
+            f"in the grid gives a dominant cluster ({need}); top sizes per eps: {sizes}")
+
+
 def choose_eps(
     embeddings: npt.ArrayLike, grid: npt.ArrayLike, ratio: float, min_share: float, *,
     identity_min_size: int, identity_tolerance: float,
@@ -410,10 +429,12 @@ def choose_eps(
     still separate. Identities count as separate up to :func:`separated_limit` of the number of
     clusters with >= ``identity_min_size`` members outside the largest; among those eps the
     largest one with a dominant cluster (:func:`dominant_cluster`) is chosen, so the UI gathers
-    as many unrecognizable images as it can before it absorbs identities. ``size_table`` lists
-    per eps the top-5 sizes and that count. Raises ClusteringError with the table when no eps
-    qualifies: no UI in these embeddings (e.g. only recognizable faces), or no identity-sized
-    cluster at any eps.
+    as many unrecognizable images as it can before it absorbs identities. When the data show too
+    few identity-sized clusters for that (fewer than ``1 / identity_tolerance`` at every eps,
+    e.g. one image per person), the smallest eps with a dominant cluster is chosen instead;
+    ``rule`` says which. ``size_table`` lists per eps the top-5 sizes and that count. Raises
+    ClusteringError ("no UI here", with the table) when no eps qualifies, e.g. on recognizable
+    faces only.
     """
     x = np.asarray(embeddings, dtype=np.float64)
     g = np.unique(np.asarray(grid, dtype=np.float64).ravel())
@@ -423,17 +444,11 @@ def choose_eps(
         raise ClusteringError(f"choose_eps needs at least 2 embeddings, got shape {x.shape}")
     rows = _eps_table(x, g, ratio, min_share, identity_min_size)
     table = [(eps, sizes[:5].tolist(), identity_clusters(sizes, identity_min_size)) for eps, _, sizes, _ in rows]
-    counts = [c for _, _, c in table]
-    limit = separated_limit(counts, identity_tolerance)
-    chosen = next((r for r in reversed(rows[: limit + 1]) if r[3]), None)
-    if chosen is None or max(counts) == 0:
-        txt = "; ".join(f"eps={e:g}: {s} ({c} identity-sized)" for e, s, c in table)
-        why = ("no cluster of >= {0} images besides the largest at any eps (lower locate_ui.identity_min_size, "
-               "sample more rows or set locate_ui.eps)".format(identity_min_size) if max(counts) == 0 else
-               f"identities stay separate up to eps={table[limit][0]:g} and no cluster up to there has largest >= "
-               f"{ratio:g} x second and >= {min_share:g} of {x.shape[0]} rows")
-        raise ClusteringError(f"no UI here: {why}; top sizes per eps: {txt}")
-    return EpsChoice(eps=chosen[0], labels=chosen[1], size_table=table)
+    candidates, rule, limit = _candidates(rows, [c for _, _, c in table], identity_tolerance)
+    chosen = next((r for r in candidates if r[3]), None)
+    if chosen is None:
+        raise ClusteringError(_no_ui_message(table, limit, ratio, min_share, x.shape[0], identity_tolerance, identity_min_size))
+    return EpsChoice(eps=chosen[0], labels=chosen[1], size_table=table, rule=rule)
 
 
 def jaccard(a_ids: npt.ArrayLike, b_ids: npt.ArrayLike) -> float:

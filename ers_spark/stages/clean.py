@@ -69,6 +69,7 @@ from ers_spark.lake.tables import (
     of_model,
     quarantine_rows,
     read_table,
+    seeded_sample,
     table_version,
 )
 
@@ -163,11 +164,6 @@ def nearest_other_centres(candidates: DataFrame, centres: DataFrame, block_rows:
     nearest = pairs.mapInPandas(_nearest_in_block_pairs, f"{IMAGE_ID} string, {OTHER_ANGLE} double, {OTHER_IDENTITY} string")
     return nearest.groupBy(IMAGE_ID).agg(F.min(OTHER_ANGLE).alias(OTHER_ANGLE),
                                          F.min_by(OTHER_IDENTITY, OTHER_ANGLE).alias(OTHER_IDENTITY))
-
-
-def seeded_sample(df: DataFrame, key: str, cap: int, seed: int) -> DataFrame:
-    """At most ``cap`` rows, a pseudo-random choice fixed by ``seed`` and the rows' keys (not their order or partitioning)."""
-    return df.orderBy(F.xxhash64(F.col(key).cast("string"), F.lit(seed))).limit(cap)
 
 
 def _impostor_angle_batches(centres: np.ndarray, centre_identity: np.ndarray):

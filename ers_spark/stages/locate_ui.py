@@ -716,8 +716,8 @@ def _choose_eps(points: DataFrame, n_rows: int, params: LocateUiParams) -> tuple
     choice = choose_eps(xs, params.eps_grid, params.dominance_ratio, params.min_share,
                         identity_min_size=params.identity_min_size, identity_tolerance=params.identity_tolerance)
     _print_size_table(choice.size_table)
-    log.info(f"locate-ui: chose eps={choice.eps:.4g}")
-    return choice.eps, f"grid on {xs.shape[0]} sampled rows"
+    log.info(f"locate-ui: chose eps={choice.eps:.4g} ({choice.rule})")
+    return choice.eps, f"grid on {xs.shape[0]} sampled rows: {choice.rule}"
 
 
 def _cluster_and_write(spark: SparkSession, cfg: ErsConfig, run: StageRun, emb: DataFrame, model: tuple[str, str],

@@ -21,10 +21,12 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.window import Window
 from pyspark.sql.types import ArrayType, DoubleType, FloatType
 
 from ers_spark.core import ers as ers_math
-from ers_spark.config import ErsConfig
+from ers_spark.core import metrics
+from ers_spark.config import ErsConfig, ScoreConfig
 from ers_spark.lake.contracts import (
     CENTROID,
     CREATED_AT,
@@ -56,6 +58,7 @@ from ers_spark.lake.tables import (
     latest_model,
     merge_sync,
     of_model,
+    seeded_sample,
     read_table,
     settings_json,
     table_exists,
@@ -66,21 +69,15 @@ STAGE_NAME = "score"
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ScoreParams:
-    """The score stage's parameters (from ``score.*``)."""
+IMAGES_PER_IDENTITY = 10  # calibration draws up to this many images of each sampled identity (45 genuine pairs)
 
-    gamma: float | None
-    uic_id: str | None
-    calibration: str
-    target_far: float
-    calibration_sample_rows: int
-    enhanced: bool
+
+class ScoreParams(ScoreConfig):
+    """The score stage's parameters: exactly ``score.*`` (validated once, by the config loader)."""
 
     @classmethod
     def from_config(cls, cfg: ErsConfig) -> "ScoreParams":
-        s = cfg.score
-        return cls(s.gamma, s.uic_id, s.calibration, s.target_far, s.calibration_sample_rows, s.enhanced)
+        return cls(**asdict(cfg.score))
 
 
 @dataclass(frozen=True)
@@ -174,55 +171,95 @@ def score_dataframe(embeddings: DataFrame, centroid: Centroid, gamma: float, enh
     )
 
 
-def calibrate_gamma(
-    spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, centroid: Centroid, params: ScoreParams
-) -> ers_math.GammaCalibration:
-    """Calibrate gamma on a sample collected to the driver (labels when present, else UI membership)."""
-    sample = embeddings.select(IMAGE_ID, EMBEDDING)
-    n = sample.count()
-    if n > params.calibration_sample_rows:
-        sample = sample.sample(fraction=min(1.0, 1.2 * params.calibration_sample_rows / n), seed=0).limit(
-            params.calibration_sample_rows
-        )
-    identities = None
-    if params.calibration in ("auto", "identities") and table_exists(spark, cfg, CROPS):
-        crops = read_table(spark, cfg, CROPS).select(IMAGE_ID, IDENTITY)
-        sample = sample.join(crops, IMAGE_ID, "left")
-    else:
-        sample = sample.withColumn(IDENTITY, F.lit(None).cast("string"))
-    members = (
-        read_table(spark, cfg, UI_MEMBERS).where(F.col(UIC_ID) == centroid.uic_id)
-        .select(IMAGE_ID, F.lit(True).alias("_ui"))
-        if table_exists(spark, cfg, UI_MEMBERS)
-        else None
+@dataclass(frozen=True)
+class GammaChoice:
+    """A gamma, how it was found, and what the calibration measured (for the run record and the log)."""
+
+    gamma: float
+    method: str
+    details: dict[str, Any]
+
+
+def identity_sample(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, params: ScoreParams) -> pd.DataFrame:
+    """Labelled rows for calibration, drawn by identity: the first identities (2+ images) in seeded hash order,
+    up to ``IMAGES_PER_IDENTITY`` images each, at most ``calibration_sample_rows`` rows in all.
+
+    Why by identity: a uniform row sample of a set with many identities holds almost no genuine pairs.
+    Only the sampled rows reach the driver; nothing counts the whole table first.
+    """
+    if not table_exists(spark, cfg, CROPS):
+        return pd.DataFrame(columns=[IMAGE_ID, EMBEDDING, IDENTITY])
+    crops = read_table(spark, cfg, CROPS).where(F.col(IDENTITY).isNotNull()).select(IMAGE_ID, IDENTITY)
+    labelled = embeddings.select(IMAGE_ID, EMBEDDING).join(crops, IMAGE_ID)
+    n_identities = max(2, params.calibration_sample_rows // IMAGES_PER_IDENTITY)
+    chosen = seeded_sample(labelled.groupBy(IDENTITY).count().where(F.col("count") >= 2), IDENTITY, n_identities, params.seed)
+    order = Window.partitionBy(IDENTITY).orderBy(F.xxhash64(IMAGE_ID, F.lit(params.seed)), IMAGE_ID)
+    rows = (labelled.join(F.broadcast(chosen.select(IDENTITY)), IDENTITY)
+            .withColumn("_k", F.row_number().over(order)).where(F.col("_k") <= IMAGES_PER_IDENTITY).drop("_k"))
+    return rows.toPandas()
+
+
+def _calibrate_with_identities(sample: pd.DataFrame, centroid: Centroid, params: ScoreParams) -> GammaChoice:
+    """The paper's gamma on the calibration identities, checked on the held-out ones (as ``evaluate`` does)."""
+    emb = np.stack(sample[EMBEDDING].to_numpy()).astype(np.float32)
+    calibration, check = metrics.calibrate_gamma_held_out(
+        emb, sample[IDENTITY].to_numpy(), ers_math.ers_scores(emb, centroid.vector), target_far=params.target_far,
+        calibration_share=params.calibration_share, seed=params.seed,
     )
-    if members is not None:
+    details: dict[str, Any] = {"rows": len(sample), "identities": int(sample[IDENTITY].nunique()),
+                               "calibration_frr": calibration.frr, "calibration_far": calibration.far,
+                               "held_out": None if check is None else asdict(check)}
+    if check is None:
+        log.info("score: gamma = %.4f (FRR %.3f at FAR %.3f on the calibration identities; the held-out ones "
+                 "cannot support FAR %g)", calibration.gamma, calibration.frr, calibration.far, params.target_far)
+    else:
+        log.info("score: gamma = %.4f; on %d held-out genuine pairs FRR at FAR %g goes from %.3f to %.3f "
+                 "with unsure pairs rejected (%.1f%% of genuine pairs unsure)", calibration.gamma, check.genuine_pairs,
+                 params.target_far, check.frr_baseline, check.frr_unsure_as_reject, 100 * check.unsure_rate_genuine)
+    return GammaChoice(calibration.gamma, calibration.method, details)
+
+
+def _calibrate_unlabelled(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, centroid: Centroid,
+                          params: ScoreParams) -> GammaChoice:
+    """Best balanced accuracy between UI members and the rest, on a seeded row sample (no error rates: see log)."""
+    sample = seeded_sample(embeddings.select(IMAGE_ID, EMBEDDING), IMAGE_ID, params.calibration_sample_rows, params.seed)
+    if table_exists(spark, cfg, UI_MEMBERS):
+        members = read_table(spark, cfg, UI_MEMBERS).where(F.col(UIC_ID) == centroid.uic_id).select(IMAGE_ID, F.lit(True).alias("_ui"))
         sample = sample.join(members, IMAGE_ID, "left")
     else:
         sample = sample.withColumn("_ui", F.lit(None).cast("boolean"))
     pdf = sample.toPandas()
-    emb = np.stack(pdf[EMBEDDING].to_numpy()).astype(np.float32)
-    ers = ers_math.ers_scores(emb, centroid.vector)
-    labelled = pdf[IDENTITY].notna().to_numpy()
-    counts = pdf.loc[labelled, IDENTITY].value_counts()
-    usable = counts[counts >= 2]
-    if params.calibration != "unlabelled" and len(usable) >= 2:
-        keep = labelled & pdf[IDENTITY].isin(usable.index).to_numpy()
-        identities = pdf.loc[keep, IDENTITY].to_numpy()
-        return ers_math.calibrate_gamma_identities(emb[keep], identities, ers[keep], params.target_far)
-    if params.calibration == "identities":
-        raise ContractError(
-            "score.calibration=identities needs crops with at least 2 identities of 2+ images each; "
-            "use score.calibration=unlabelled or set score.gamma"
-        )
+    ers = ers_math.ers_scores(np.stack(pdf[EMBEDDING].to_numpy()).astype(np.float32), centroid.vector)
     is_ui = pdf["_ui"].eq(True).to_numpy(dtype=bool)
-    return ers_math.calibrate_gamma_unlabelled(ers[is_ui], ers[~is_ui])
+    calibration = ers_math.calibrate_gamma_unlabelled(ers[is_ui], ers[~is_ui])
+    below_ui, below_rest = 1.0 - calibration.far, calibration.frr
+    log.info("score: gamma = %.4f separates the UI cluster from the rest (no identities: not error rates, the UI "
+             "defines both sides): %.1f%% of %d sampled UI members and %.1f%% of %d other rows fall below it",
+             calibration.gamma, 100 * below_ui, int(is_ui.sum()), 100 * below_rest, int((~is_ui).sum()))
+    details = {"rows": len(pdf), "ui_members_below_gamma": below_ui, "other_rows_below_gamma": below_rest}
+    return GammaChoice(calibration.gamma, calibration.method, details)
+
+
+def calibrate_gamma(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, centroid: Centroid,
+                    params: ScoreParams) -> GammaChoice:
+    """With identities (``auto`` when 2+ identities of 2+ images exist): the paper's rule; else the unlabelled one."""
+    if params.calibration != "unlabelled":
+        sample = identity_sample(spark, cfg, embeddings, params)
+        if sample[IDENTITY].nunique() >= 2:
+            return _calibrate_with_identities(sample, centroid, params)
+        if params.calibration == "identities":
+            raise ContractError(
+                "score.calibration=identities needs crops with at least 2 identities of 2+ images each; "
+                "use score.calibration=unlabelled or set score.gamma"
+            )
+    return _calibrate_unlabelled(spark, cfg, embeddings, centroid, params)
 
 
 def gamma_settings(params: ScoreParams) -> dict[str, Any]:
     """The settings a calibrated gamma depends on; a stored gamma is reused only when they are unchanged."""
     return {"calibration": params.calibration, "target_far": params.target_far,
-            "calibration_sample_rows": params.calibration_sample_rows}
+            "calibration_sample_rows": params.calibration_sample_rows,
+            "calibration_share": params.calibration_share, "seed": params.seed}
 
 
 def store_gamma(spark: SparkSession, cfg: ErsConfig, centroid: Centroid, gamma: float, method: str,
@@ -236,26 +273,24 @@ def store_gamma(spark: SparkSession, cfg: ErsConfig, centroid: Centroid, gamma: 
 
 
 def choose_gamma(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, centroid: Centroid,
-                 params: ScoreParams) -> tuple[float, str, list[str]]:
-    """(gamma, method, settings that changed since the stored gamma was calibrated).
+                 params: ScoreParams) -> tuple[GammaChoice, list[str]]:
+    """(gamma, settings that changed since the stored gamma was calibrated).
 
     The configured gamma; else the UIC's stored one if it was calibrated with today's settings; else calibrate.
     """
     if params.gamma is not None:
-        return params.gamma, "fixed", []
+        return GammaChoice(params.gamma, "fixed", {}), []
     settings = gamma_settings(params)
     changed: list[str] = []
     if centroid.gamma is not None:
         changed = changed_settings(centroid.gamma_settings, settings)
         if not changed:
-            return float(centroid.gamma), str(centroid.gamma_method), []
+            return GammaChoice(float(centroid.gamma), str(centroid.gamma_method), {"reused": True}), []
         log.info("score: the gamma stored with UIC %s was calibrated with other settings (%s differ); calibrating again",
                  centroid.uic_id, ", ".join(changed))
-    calibration = calibrate_gamma(spark, cfg, embeddings, centroid, params)
-    store_gamma(spark, cfg, centroid, calibration.gamma, calibration.method, settings)
-    log.info(f"score: calibrated gamma = {calibration.gamma:.4f} "
-             f"({calibration.method}; frr={calibration.frr:.3f}, far={calibration.far:.3f})")
-    return calibration.gamma, calibration.method, changed
+    choice = calibrate_gamma(spark, cfg, embeddings, centroid, params)
+    store_gamma(spark, cfg, centroid, choice.gamma, choice.method, settings)
+    return choice, changed
 
 
 def run_score(spark: SparkSession, cfg: ErsConfig) -> dict:
@@ -270,8 +305,10 @@ def run_score(spark: SparkSession, cfg: ErsConfig) -> dict:
         EMBEDDINGS.name: table_version(spark, cfg, EMBEDDINGS),
         UI_CENTROIDS.name: table_version(spark, cfg, UI_CENTROIDS),
     }
-    gamma, method, changed = choose_gamma(spark, cfg, embeddings, centroid, params)
-    run.params.update(gamma=gamma, gamma_method=method, gamma_settings_changed=changed)
+    choice, changed = choose_gamma(spark, cfg, embeddings, centroid, params)
+    gamma = choice.gamma
+    run.params.update(gamma=gamma, gamma_method=choice.method, gamma_settings_changed=changed,
+                      gamma_calibration=choice.details)
     scores = score_dataframe(embeddings, centroid, gamma, params.enhanced)
     ensure_table(
         spark, cfg, SCORES,
