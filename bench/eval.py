@@ -5,7 +5,9 @@
 Data as bench/quality.py (every ORL crop aligned to a 150x150 dlib chip plus one heavily degraded
 copy, both labelled with the person). One run on local[2]: ingest -> embed -> locate-ui -> score ->
 evaluate, with the embedded defaults of `evaluate:`. The figures are read back from the
-eval_metrics table of that run; targets from issue 11.
+eval_metrics table of that run; targets from issue 11. ``eps_sweep`` then recomputes, in numpy on
+the same embeddings, the UI, ERS AUC and held-out FRR reduction at every grid eps (until one cluster
+holds 95 % of the rows), so ``eps_rule`` shows where locate-ui's rule landed against the best eps.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,7 +33,9 @@ from quality import ORL, orl_with_degraded_copies  # noqa: E402
 
 from ers_spark.config import load_config  # noqa: E402
 from ers_spark.core import ers as ers_math  # noqa: E402
-from ers_spark.lake.contracts import CROPS, EVAL_METRICS, SCORES  # noqa: E402
+from ers_spark.core import metrics  # noqa: E402
+from ers_spark.lake.contracts import CROPS, EMBEDDINGS, EVAL_METRICS, SCORES  # noqa: E402
+from ers_spark.stages.locate_ui import LocateUiParams  # noqa: E402
 from ers_spark.lake.session import build_session  # noqa: E402
 from ers_spark.lake.tables import table_path  # noqa: E402
 
@@ -65,6 +71,43 @@ def figures(table) -> dict:
     }
 
 
+def eps_sweep(x: np.ndarray, identity: np.ndarray, degraded: np.ndarray, grid: tuple, target_far: float,
+              calibration_share: float, seed: int) -> list[dict]:
+    """Per grid eps, until the largest cluster holds 95 % of the rows: the UI exact single linkage gives there,
+    its ERS AUC (clean vs degraded) and what gamma calibrated on it does to the held-out FRR at ``target_far``
+    (metrics.calibrate_gamma_held_out: the split score uses; pairs drawn in numpy, not evaluate's)."""
+    z = linkage(x.astype(np.float64), method="single", metric="cosine")
+    rows = []
+    for eps in grid:
+        labels = fcluster(z, t=float(eps), criterion="distance")
+        members = labels == np.bincount(labels).argmax()
+        if members.sum() >= 0.95 * len(x):
+            break
+        ers = ers_math.ers_scores(x, ers_math.ui_centroid(x[members]))
+        calibration, check = metrics.calibrate_gamma_held_out(
+            x, identity, ers, target_far=target_far, calibration_share=calibration_share, seed=seed, max_pairs=50_000)
+        rows.append({
+            "eps": round(float(eps), 6), "ui_members": int(members.sum()),
+            "ui_degraded_share": round(float(degraded[members].mean()), 4),
+            "auc_ers_clean_vs_degraded": round(ers_math.roc_auc(ers, ~degraded), 4),
+            "gamma": round(calibration.gamma, 4),
+            "frr_baseline": None if check is None else round(check.frr_baseline, 4),
+            "frr_unsure_as_reject": None if check is None else round(check.frr_unsure_as_reject, 4),
+            "frr_reduction": None if check is None or not check.frr_baseline
+            else round(1 - check.frr_unsure_as_reject / check.frr_baseline, 4),
+        })
+    return rows
+
+
+def sweep_summary(rows: list[dict], chosen: float) -> dict:
+    """The chosen eps against the best of the sweep, by AUC and by FRR reduction."""
+    best_auc = max(rows, key=lambda r: r["auc_ers_clean_vs_degraded"])
+    best_frr = max((r for r in rows if r["frr_reduction"] is not None), key=lambda r: r["frr_reduction"])
+    at = next((r for r in rows if abs(r["eps"] - chosen) < 1e-9), None)
+    return {"eps_chosen": chosen, "at_chosen": at, "eps_best_auc": best_auc["eps"], "best_auc": best_auc["auc_ers_clean_vs_degraded"],
+            "eps_best_frr_reduction": best_frr["eps"], "best_frr_reduction": best_frr["frr_reduction"]}
+
+
 def targets(result: dict) -> dict:
     sets = result["set_tar_far1e2"]
     return {
@@ -78,7 +121,7 @@ def targets(result: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval.json"))
-    parser.add_argument("--dominance-ratio", type=float, default=3.0, help="as bench/quality.py")
+    parser.add_argument("--dominance-ratio", type=float, default=None, help="locate_ui.dominance_ratio (default: the config's)")
     args = parser.parse_args()
     if not ORL.is_dir():
         raise SystemExit(f"eval bench needs the shared ORL faces at {ORL}")
@@ -90,8 +133,8 @@ def main() -> None:
         f"storage.root={work / 'lake'}", "spark.master=local[2]", "spark.shuffle_partitions=4",
         f"spark.checkpoint_dir={work / 'ckpt'}", "spark.hive_metastore=false",
         f"ingest.input_path={work / 'in.parquet'}", "ingest.input_format=parquet", "ingest.identity_column=identity",
-        f"locate_ui.dominance_ratio={args.dominance_ratio}", "locate_ui.kmeans_cells=4", "locate_ui.nprobe=2",
-    ])
+        "locate_ui.kmeans_cells=4", "locate_ui.nprobe=2",
+    ] + ([f"locate_ui.dominance_ratio={args.dominance_ratio}"] if args.dominance_ratio else []))
     spark = build_session(cfg, "bench-eval")
     from ers_spark.stages.embed import run_embed
     from ers_spark.stages.evaluate import run_evaluate
@@ -117,10 +160,19 @@ def main() -> None:
     result["auc_ers_clean_vs_degraded"] = round(
         ers_math.roc_auc(scored["ers"].to_numpy(), ~scored["degraded"].to_numpy(bool)), 4)
     result["targets_met"] = targets(result)
+    labelled = scored.merge(spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).select("image_id", "embedding")
+                            .toPandas(), on="image_id").merge(data[["path", "identity"]].rename(columns={"path": "source_path"}),
+                                                              on="source_path")
+    params = LocateUiParams.from_config(cfg)
+    sweep = eps_sweep(np.stack(labelled.embedding.to_numpy()).astype(np.float32), labelled.identity.to_numpy(),
+                      labelled.degraded.to_numpy(bool), params.eps_grid, cfg.score.target_far,
+                      cfg.score.calibration_share, cfg.score.seed)
+    result["eps_sweep"] = sweep
+    result["eps_rule"] = {**sweep_summary(sweep, ui["params"]["eps_used"]), "rule": ui["params"]["eps_source"]}
     result.update({
         "gamma_evaluate": round(float(record["params"]["gamma"]), 4),
         "gamma_score": round(float(score["params"]["gamma"]), 4),
-        "eps": ui["params"].get("eps"),
+        "eps": ui["params"]["eps_used"],
         "ui_members": ui["counts"].get("members", ui["counts"]),
         "evaluate_counts": record["counts"],
         "evaluate_notes": record["params"].get("notes"),
