@@ -54,7 +54,7 @@ SWAP_SHARE = 0.05
 PHOTO_MAX_SIDE = 400
 MAX_ANGLES = (60.0, 75.0, 90.0)
 IMPOSTOR_PERCENTILES = (1.0, 2.0, 10.0)
-GENUINE_PERCENTILES = (25.0, 75.0, 90.0)
+GENUINE_PERCENTILES = (25.0, 50.0, 65.0, 75.0, 90.0)
 TARGETS = {"label_noise_precision": ">= 0.9", "label_noise_recall": ">= 0.8", "clean_false_flag_rate": "<= 0.02"}
 
 

@@ -16,7 +16,7 @@
      ``clean.calibration_identities``);
    - *claimed by another identity*: its angle to the nearest clean centre of another identity is
      at most the ``clean.genuine_percentile``-th percentile of the checked images' own angles
-     (default the median: as close to that person as a typical image is to its own).
+     (default 60: about as close to that person as a typical image is to its own).
    A swapped label satisfies both; a degraded image of the right person is far from its own
    identity but also from everyone else's, so it is left to the ERS rule (1).
 

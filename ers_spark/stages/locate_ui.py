@@ -195,8 +195,9 @@ def _arrow_lists(x: npt.NDArray[Any], value_type: pa.DataType) -> pa.Array:
 def _member_sums(df: DataFrame) -> tuple[F64, int]:
     """Sum of the unit embeddings of ``df`` (column ``embedding``) and its row count, on the executors.
 
-    Each Arrow batch is normalised and summed in the Python worker; only one
-    (count, partial sum) row per batch comes back to the driver.
+    Each Arrow batch is normalised and summed in the Python worker; the partial sums are then
+    added up by one Spark aggregate over their positions, so the driver receives ``d + 1`` numbers
+    (the count and one sum per dimension), however many members and batches there are.
     """
 
     def partial(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -204,16 +205,17 @@ def _member_sums(df: DataFrame) -> tuple[F64, int]:
             x = _arrow_matrix(batch.column(0))
             if x.shape[0] == 0:
                 continue
-            s = normalize_rows(x).astype(np.float64).sum(axis=0)
-            yield pa.RecordBatch.from_arrays(
-                [pa.array([x.shape[0]], pa.int64()), _arrow_lists(s[None, :], pa.float64())], names=["n", "s"]
-            )
+            s = np.concatenate([[float(x.shape[0])], normalize_rows(x).astype(np.float64).sum(axis=0)])
+            yield pa.RecordBatch.from_arrays([_arrow_lists(s[None, :], pa.float64())], names=["s"])
 
-    rows = df.select(EMBEDDING).mapInArrow(partial, "n long, s array<double>").collect()
+    partials = df.select(EMBEDDING).mapInArrow(partial, "s array<double>")
+    rows = partials.select(F.posexplode("s").alias("i", "v")).groupBy("i").agg(F.sum("v").alias("v")).collect()
     if not rows:
         return np.zeros(0, np.float64), 0
-    total = np.sum(np.asarray([r["s"] for r in rows], dtype=np.float64), axis=0)
-    return total, int(sum(r["n"] for r in rows))
+    values = np.zeros(len(rows), np.float64)
+    for r in rows:  # d + 1 rows: the count at position 0, then the sums
+        values[r["i"]] = r["v"]
+    return values[1:], int(round(values[0]))
 
 
 def _to_numpy(df: DataFrame) -> tuple[list[str], F32]:
