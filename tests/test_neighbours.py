@@ -11,6 +11,7 @@ from scipy.spatial.distance import pdist
 
 from ers_spark.errors import ClusteringError
 from ers_spark.core.neighbours import (
+    first_absorption,
     identity_clusters,
     separated_limit,
     EpsChoice,
@@ -216,25 +217,27 @@ def test_choose_eps_takes_the_largest_eps_before_identities_merge() -> None:
     assert choice.rule == "largest eps before identities merge"
 
 
-def test_choose_eps_without_identity_clusters_takes_the_smallest_dominant_eps() -> None:
-    """One image per person: identities cannot be seen merging, so the UI is cut where it first dominates."""
+def test_choose_eps_without_identity_clusters_stops_before_an_absorption() -> None:
+    """One image per person: identities cannot be seen merging, so the limit is the first absorption of a
+    cluster of identity size; here there is none, and the whole planted UI is taken, pure."""
     x, y = vmf_embeddings(200, 1, dim=128, ui_share=0.2, seed=2)
     choice = choose_eps(x, GRID, ratio=3.0, min_share=0.05, identity_min_size=3, identity_tolerance=0.1)
-    assert choice.rule.startswith("smallest dominant eps")
-    first = next(e for e, sizes, _ in choice.size_table if len(sizes) > 1 and sizes[0] >= 3 * sizes[1] and sizes[0] >= 0.05 * len(x))
-    assert choice.eps == first
+    assert choice.rule == "largest eps before the largest cluster absorbs an identity-sized one"
     members = np.flatnonzero(choice.labels == dominant_cluster(choice.labels, 3.0, 0.05))
-    assert set(members.tolist()) <= set(np.flatnonzero(y == -1).tolist())
+    assert set(members.tolist()) == set(np.flatnonzero(y == -1).tolist()) and choice.eps == 0.7
 
 
-def test_choose_eps_says_no_ui_when_there_are_only_identities() -> None:
-    """Recognizable faces only: clusters merge only across identities, so there is no UI to find (one-line error)."""
-    x, _ = vmf_embeddings(60, 5, dim=128, ui_share=0.0, seed=5)
-    with pytest.raises(ClusteringError) as exc:
-        choose_eps(x, GRID, ratio=3.0, min_share=0.05, identity_min_size=3, identity_tolerance=0.1)
-    msg = str(exc.value)
-    assert msg.startswith("no UI here: identities stay separate up to eps=0.6 and no cluster up to there has largest >= 3")
-    assert "eps=0.2: [5, 5, 5, 5, 5] (59 identity-sized)" in msg and "\n" not in msg
+@pytest.mark.parametrize(
+    "labels,min_size,expected",
+    [
+        ([[1, 1, 1, 2, 2, 2, 3], [1, 1, 1, 1, 1, 1, 3]], 3, 1),  # the core takes a 3-cluster
+        ([[1, 1, 1, 2, 2, 2, 3], [1, 1, 1, 1, 1, 1, 3]], 4, None),  # ... which is below the identity size
+        ([[1, 1, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 4, 5], [1, 1, 1, 1, 1, 1, 1]], 2, None),  # singletons only
+        ([[1, 2, 3, 4], [1, 1, 3, 3], [1, 1, 1, 1]], 2, 2),  # two pairs merge at the second step
+    ],
+)
+def test_first_absorption(labels, min_size, expected) -> None:  # type: ignore[no-untyped-def]
+    assert first_absorption([np.array(lab) for lab in labels], min_size) == expected
 
 
 def test_choose_eps_error_lists_table() -> None:
@@ -243,8 +246,8 @@ def test_choose_eps_error_lists_table() -> None:
     with pytest.raises(ClusteringError) as exc:
         choose_eps(x, [0.05, 0.1], ratio=2.0, min_share=0.2, identity_min_size=3, identity_tolerance=0.1)
     msg = str(exc.value)
-    assert msg.startswith("no UI here: fewer than 10 clusters of >= 3 images at every eps and no eps in the grid "
-                          "gives a dominant cluster (largest >= 2 x second and >= 0.2 of 60 rows)")
+    assert msg.startswith("no UI here: the largest cluster absorbs no identity-sized cluster up to eps=0.1 and no "
+                          "cluster up to there has largest >= 2 x second and >= 0.2 of 60 rows")
     assert "eps=0.05: [1, 1, 1, 1, 1] (0 identity-sized)" in msg and "eps=0.1: [1, 1, 1, 1, 1]" in msg
     assert "\n" not in msg
 

@@ -40,6 +40,7 @@ __all__ = [
     "choose_eps",
     "identity_clusters",
     "separated_limit",
+    "first_absorption",
     "jaccard",
 ]
 
@@ -401,22 +402,39 @@ def _eps_table(x: F64, grid: F64, ratio: float, min_share: float, identity_min_s
     return rows
 
 
-def _candidates(rows: list, counts: list[int], tolerance: float) -> tuple[list, str, int | None]:
-    """Grid rows to try, best first, the rule that orders them, and the last separated index (identities rule)."""
+def first_absorption(labels_per_eps: list[IntArray], identity_min_size: int) -> int | None:
+    """Index of the first grid eps whose largest cluster took in another cluster of >= ``identity_min_size``.
+
+    The largest cluster at eps ``k`` is made of clusters of eps ``k - 1``; besides its biggest part
+    (the previous core), any part of ``identity_min_size`` or more images is an absorbed identity.
+
+    >>> first_absorption([np.array([1, 1, 1, 2, 2, 2, 3]), np.array([1, 1, 1, 1, 1, 1, 3])], 3)
+    1
+    """
+    for k in range(1, len(labels_per_eps)):
+        cur, prev = labels_per_eps[k], labels_per_eps[k - 1]
+        parts = np.sort(np.unique(prev[cur == np.bincount(cur).argmax()], return_counts=True)[1])[::-1]
+        if parts.size > 1 and parts[1] >= identity_min_size:
+            return k
+    return None
+
+
+def _candidates(rows: list, counts: list[int], tolerance: float, identity_min_size: int) -> tuple[list, str, int]:
+    """Grid rows to try, best first, the rule that limits them, and the last index the rule allows."""
     if max(counts) * tolerance >= 1:  # at least one identity cluster may vanish within the tolerance
         limit = separated_limit(counts, tolerance)
         return list(reversed(rows[: limit + 1])), "largest eps before identities merge", limit
-    return rows, "smallest dominant eps (too few identity-sized clusters to see identities merge)", None
+    absorbed = first_absorption([r[1] for r in rows], identity_min_size)
+    limit = len(rows) - 1 if absorbed is None else absorbed - 1
+    apart = [r for r in rows[: limit + 1] if r[2].size > 1]  # one cluster holding every row is no UI
+    return list(reversed(apart)), "largest eps before the largest cluster absorbs an identity-sized one", limit
 
 
-def _no_ui_message(table: list, limit: int | None, ratio: float, min_share: float, n: int, tolerance: float,
-                   identity_min_size: int) -> str:
+def _no_ui_message(table: list, limit: int, ratio: float, min_share: float, n: int, separated: bool) -> str:
     sizes = "; ".join(f"eps={e:g}: {s} ({c} identity-sized)" for e, s, c in table)
     need = f"largest >= {ratio:g} x second and >= {min_share:g} of {n} rows"
-    if limit is not None:
-        return f"no UI here: identities stay separate up to eps={table[limit][0]:g} and no cluster up to there has {need}; top sizes per eps: {sizes}"
-    return (f"no UI here: fewer than {1 / tolerance:g} clusters of >= {identity_min_size} images at every eps and no eps "
-            f"in the grid gives a dominant cluster ({need}); top sizes per eps: {sizes}")
+    what = "identities stay separate" if separated else "the largest cluster absorbs no identity-sized cluster"
+    return f"no UI here: {what} up to eps={table[limit][0]:g} and no cluster up to there has {need}; top sizes per eps: {sizes}"
 
 
 def choose_eps(
@@ -431,8 +449,9 @@ def choose_eps(
     largest one with a dominant cluster (:func:`dominant_cluster`) is chosen, so the UI gathers
     as many unrecognizable images as it can before it absorbs identities. When the data show too
     few identity-sized clusters for that (fewer than ``1 / identity_tolerance`` at every eps,
-    e.g. one image per person), the smallest eps with a dominant cluster is chosen instead;
-    ``rule`` says which. ``size_table`` lists per eps the top-5 sizes and that count. Raises
+    e.g. one image per person), the limit is instead the eps before the largest cluster first
+    takes in a cluster of ``identity_min_size`` or more (:func:`first_absorption`), and a cut
+    that puts every row in one cluster is never a UI; ``rule`` says which. ``size_table`` lists per eps the top-5 sizes and that count. Raises
     ClusteringError ("no UI here", with the table) when no eps qualifies, e.g. on recognizable
     faces only.
     """
@@ -444,10 +463,10 @@ def choose_eps(
         raise ClusteringError(f"choose_eps needs at least 2 embeddings, got shape {x.shape}")
     rows = _eps_table(x, g, ratio, min_share, identity_min_size)
     table = [(eps, sizes[:5].tolist(), identity_clusters(sizes, identity_min_size)) for eps, _, sizes, _ in rows]
-    candidates, rule, limit = _candidates(rows, [c for _, _, c in table], identity_tolerance)
+    candidates, rule, limit = _candidates(rows, [c for _, _, c in table], identity_tolerance, identity_min_size)
     chosen = next((r for r in candidates if r[3]), None)
     if chosen is None:
-        raise ClusteringError(_no_ui_message(table, limit, ratio, min_share, x.shape[0], identity_tolerance, identity_min_size))
+        raise ClusteringError(_no_ui_message(table, limit, ratio, min_share, x.shape[0], rule.startswith("largest eps before identities")))
     return EpsChoice(eps=chosen[0], labels=chosen[1], size_table=table, rule=rule)
 
 
