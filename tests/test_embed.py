@@ -13,10 +13,10 @@ import yaml
 
 from ers_spark.lake.contracts import CROPS, EMBEDDINGS, QUARANTINE
 from ers_spark.demo import demo_records
-from ers_spark.stages.embed import EmbedParams, embed_images, run_embed
+from ers_spark.stages.embed import EmbedParams, embed_images, pending_crops, run_embed
 from ers_spark.errors import ConfigError, ModelError
 from ers_spark.stages.ingest import run_ingest
-from ers_spark.lake.tables import merge_insert_new, table_path
+from ers_spark.lake.tables import merge_insert_new, read_table, table_path
 from ers_spark.models.onnx_runner import OnnxEmbedder
 from ers_spark.models.preprocess import decode_batch
 from conftest import shared_data_dir
@@ -120,6 +120,50 @@ def test_undecodable_crop_goes_to_quarantine(spark, make_cfg, demo_rows, tmp_pat
     assert retried["counts"]["to_embed"] == 2 and retried["counts"]["quarantined"] == 1
     versions = {r.model_version for r in spark.read.format("delta").load(table_path(cfg, QUARANTINE)).collect()}
     assert versions == {record["params"]["model_version"], retried["params"]["model_version"]}
+
+
+def _exchanges_under_anti_joins(plan) -> list:
+    """Every Exchange node between a LeftAnti join and the next join below it (JVM plan nodes, via py4j)."""
+    found, stack = [], [(plan, False)]
+    while stack:
+        node, under_anti = stack.pop()
+        name = node.nodeName()
+        is_join = "Join" in name
+        if is_join:
+            under_anti = "LeftAnti" in node.joinType().toString()
+        elif under_anti and name == "Exchange":
+            found.append(node)
+        children = node.children()
+        stack.extend((children.apply(i), under_anti) for i in range(children.size()))
+    return found
+
+
+def test_pending_work_is_found_from_ids_only(spark, make_cfg, demo_rows) -> None:
+    """The anti-joins that find pending crops shuffle ids, never image bytes (physical plan with shuffle joins,
+    as on tables too big to broadcast); the bytes are joined once, to the pending rows."""
+    cfg = make_cfg()
+    now = datetime(2026, 1, 1)
+    good = demo_rows.iloc[0]
+    rows = [("a", None, None, "a.png", "astronaut", 160, 160, "png", good["bytes"], now),
+            ("b", None, None, "b.png", None, 10, 10, "png", b"\x89PNG broken", now)]
+    merge_insert_new(spark, cfg, CROPS, spark.createDataFrame(rows, CROPS.schema))
+    run_embed(spark, cfg)  # writes embeddings (a) and quarantine (b): both anti-joins take part
+    merge_insert_new(spark, cfg, CROPS, spark.createDataFrame(
+        [("c", None, None, "c.png", "astronaut", 160, 160, "png", good["bytes"] + b"\0", now)], CROPS.schema))
+    previous = {k: spark.conf.get(k) for k in ("spark.sql.adaptive.enabled", "spark.sql.autoBroadcastJoinThreshold")}
+    spark.conf.set("spark.sql.adaptive.enabled", "false")  # plan the exchanges up front ...
+    spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")  # ... as shuffles, as on a big table
+    try:
+        pending = pending_crops(spark, cfg, read_table(spark, cfg, CROPS), EmbedParams.from_config(cfg))
+        exchanges = _exchanges_under_anti_joins(pending._jdf.queryExecution().executedPlan())
+        assert exchanges, pending._jdf.queryExecution().executedPlan().toString()
+        for exchange in exchanges:
+            types = [exchange.output().apply(i).dataType().typeName() for i in range(exchange.output().size())]
+            assert "binary" not in types, exchange.toString()
+        assert [r.image_id for r in pending.collect()] == ["c"]
+    finally:
+        for key, value in previous.items():
+            spark.conf.set(key, value)
 
 
 def _params(**changes) -> EmbedParams:

@@ -342,19 +342,29 @@ def embed_dataframe(crops: DataFrame, params: EmbedParams) -> DataFrame:
     return crops.select(IMAGE_ID, BYTES).mapInArrow(make_embed_batches(params), EMBED_OUTPUT_SCHEMA)
 
 
-def pending_crops(spark: SparkSession, cfg: ErsConfig, crops: DataFrame, params: EmbedParams) -> DataFrame:
-    """Crops with no embedding for this model version yet and not quarantined by embed *with this version*.
+def pending_ids(spark: SparkSession, cfg: ErsConfig, crops: DataFrame, params: EmbedParams) -> DataFrame | None:
+    """Ids of the crops with no embedding for this model version yet and not quarantined by embed *with this
+    version*; None when nothing has been embedded or quarantined yet (every crop is pending).
 
-    A crop quarantined under an older model version is tried again (the model may read it now).
+    Only id columns take part, so the anti-joins shuffle ids, never image bytes. A crop quarantined
+    under an older model version is tried again (the model may read it now).
     """
-    this_version = of_model((params.spec.name, params.model_version))
+    ids, filtered = crops.select(IMAGE_ID), False
     if table_exists(spark, cfg, QUARANTINE):
         failed = read_table(spark, cfg, QUARANTINE).where((F.col(STAGE) == STAGE_NAME) & (F.col(MODEL_VERSION) == params.model_version))
-        crops = crops.join(failed.select(IMAGE_ID), IMAGE_ID, "left_anti")
-    if not table_exists(spark, cfg, EMBEDDINGS):
-        return crops
-    done = read_table(spark, cfg, EMBEDDINGS).where(this_version).select(IMAGE_ID)
-    return crops.join(done, IMAGE_ID, "left_anti")
+        ids, filtered = ids.join(failed.select(IMAGE_ID), IMAGE_ID, "left_anti"), True
+    if table_exists(spark, cfg, EMBEDDINGS):
+        done = read_table(spark, cfg, EMBEDDINGS).where(of_model((params.spec.name, params.model_version))).select(IMAGE_ID)
+        ids, filtered = ids.join(done, IMAGE_ID, "left_anti"), True
+    return ids if filtered else None
+
+
+def pending_crops(spark: SparkSession, cfg: ErsConfig, crops: DataFrame, params: EmbedParams) -> DataFrame:
+    """The pending crops with their bytes: the id-only anti-joins of :func:`pending_ids`, then one semi-join
+    that reads bytes only for the pending rows (adaptive execution broadcasts a small id set, so a re-run
+    with little to do shuffles no bytes at all)."""
+    ids = pending_ids(spark, cfg, crops, params)
+    return crops if ids is None else crops.join(ids, IMAGE_ID, "left_semi")
 
 
 ALIGN_OUTPUT_SCHEMA = StructType(
