@@ -159,6 +159,22 @@ def test_connected_components_tiny_graphs(spark, impl):
     assert expected[503] == 501 and expected[509] == 507 and 205 not in got
 
 
+def test_connected_components_checkpoint_into_the_checkpoint_dir(spark):
+    """A long chain needs several rounds; the checkpoints are files in spark.checkpoint_dir (they survive a
+    lost executor), not blocks in executor memory, and the components are still right."""
+    n = 200
+    rng = np.random.default_rng(0)
+    order = rng.permutation(n)
+    links = spark.createDataFrame([(int(order[i]), int(order[i + 1])) for i in range(n - 1)], "src long, dst long")
+    folder = Path(spark.sparkContext.getCheckpointDir().removeprefix("file:"))
+    before = set(folder.rglob("rdd-*"))
+    comps, rounds = connected_components_builtin(links, checkpoint_every=1)
+    assert rounds >= 2
+    assert {r["root"] for r in comps.collect()} == {0} and comps.count() == n
+    assert set(folder.rglob("rdd-*")) - before  # written by this run
+    assert spark.conf.get("spark.cleaner.referenceTracking.cleanCheckpoints") == "true"
+
+
 # ----------------------------------------------------------------------------- stage on synthetic data
 
 

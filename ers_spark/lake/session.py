@@ -54,6 +54,8 @@ def _base_settings(cfg: ErsConfig, stage: str) -> dict[str, str]:
         # Delta MERGE on image_id: keep the source deterministic across retries
         "spark.databricks.delta.merge.repartitionBeforeWrite.enabled": "true",
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        # connected components checkpoints reliably into spark.checkpoint_dir; remove the files once unused
+        "spark.cleaner.referenceTracking.cleanCheckpoints": "true",
     }
 
 

@@ -303,7 +303,9 @@ def connected_components_builtin(links: DataFrame, checkpoint_every: int = 2) ->
 
     Alternates large-star and small-star (Kiveris et al., 2014) until the
     edges form stars, checkpointing every ``checkpoint_every`` rounds so the
-    plan does not grow. Returns ``(node, root)`` for every node in a link
+    plan does not grow (reliable checkpoints in ``spark.checkpoint_dir``: a local checkpoint
+    lives in executor memory and fails the job when an executor dies; the files are removed
+    when their DataFrame is garbage-collected, ``spark.cleaner.referenceTracking.cleanCheckpoints``). Returns ``(node, root)`` for every node in a link
     (root = smallest id of its component, roots included with ``node ==
     root``) and the number of rounds. The local links are already stars, so
     this takes few rounds.
@@ -322,7 +324,7 @@ def connected_components_builtin(links: DataFrame, checkpoint_every: int = 2) ->
         rounds += 1
         edges = _small_star(_large_star(edges))
         if rounds % checkpoint_every == 0:
-            edges = edges.localCheckpoint(eager=True)  # cuts the plan; lineage kept short
+            edges = edges.checkpoint(eager=True)  # cuts the plan; in spark.checkpoint_dir, so a lost executor loses nothing
         else:
             edges = edges.persist(StorageLevel.MEMORY_AND_DISK)
         previous.append(edges)
