@@ -122,6 +122,7 @@ def write_table(spark: Any, cfg: Any, n: int, seed: int) -> tuple[np.ndarray, np
             IMAGE_ID: ids, EMBEDDING: emb, "raw_norm": pa.array(np.ones(m, np.float32)),
             "model_name": pa.array(["synthetic"] * m), "model_version": pa.array(["1"] * m),
             "embedded_at": pa.array([datetime(2024, 1, 1)] * m, pa.timestamp("us")),
+            "aligned": pa.array([None] * m, pa.bool_()),  # the embeddings contract's column (null: not a face chip)
         })
         append(spark, cfg, EMBEDDINGS, spark.createDataFrame(table))
         s = x[y < 0].astype(np.float64).sum(axis=0)

@@ -50,6 +50,7 @@ __all__ = [
     "calibrate_gamma_pairs",
     "build_identity_pairs",
     "calibrate_gamma_identities",
+    "identity_pair_similarities",
     "calibrate_gamma_unlabelled",
     "subcentre_count",
     "dominant_subcentre",
@@ -616,12 +617,22 @@ def calibrate_gamma_identities(
         raise ValueError(
             f"calibrate_gamma_identities: {emb.shape[0]} embeddings, {labels.size} identities, {e.size} ERS values"
         )
-    i, j, same = build_identity_pairs(labels, max_pairs=max_pairs, seed=seed)
+    i, j, same, sim = identity_pair_similarities(emb, labels, max_pairs=max_pairs, seed=seed)
+    return calibrate_gamma_pairs(sim, e[i], e[j], same, target_far, grid=grid)
+
+
+def identity_pair_similarities(
+    embeddings: npt.ArrayLike, identities: npt.ArrayLike, *, max_pairs: int, seed: int
+) -> tuple[IntArray, IntArray, BoolArray, F64]:
+    """Pairs from :func:`build_identity_pairs` and their cosine similarities (in chunks of 65,536 pairs,
+    so no pairs x dimension matrix is built)."""
+    emb = normalize_rows(embeddings)
+    i, j, same = build_identity_pairs(np.asarray(identities), max_pairs=max_pairs, seed=seed)
     sim = np.empty(i.size, dtype=np.float64)
     step = 65_536
     for k in range(0, i.size, step):
         sim[k : k + step] = np.einsum("ij,ij->i", emb[i[k : k + step]], emb[j[k : k + step]], dtype=np.float64)
-    return calibrate_gamma_pairs(sim, e[i], e[j], same, target_far, grid=grid)
+    return i, j, same, sim
 
 
 def calibrate_gamma_unlabelled(ers_ui_members: npt.ArrayLike, ers_rest: npt.ArrayLike) -> GammaCalibration:

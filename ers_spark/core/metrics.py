@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ers_spark.core.ers import GammaCalibration, build_identity_pairs, calibrate_gamma_pairs, normalize_rows, threshold_at_far
+from ers_spark.core.ers import GammaCalibration, calibrate_gamma_pairs, identity_pair_similarities, threshold_at_far
 from ers_spark.errors import ErsUserError
 
 __all__ = [
@@ -412,10 +412,8 @@ def calibrate_gamma_held_out(
     evaluation pair when neither is. The check is None when the evaluation pairs cannot support
     ``target_far`` (too few impostors or no genuine pair).
     """
-    emb = normalize_rows(embeddings).astype(np.float64)
     e = np.asarray(ers, dtype=np.float64)
-    i, j, same = build_identity_pairs(np.asarray(identities), max_pairs=max_pairs, seed=seed)
-    sim = np.einsum("ij,ij->i", emb[i], emb[j])
+    i, j, same, sim = identity_pair_similarities(embeddings, identities, max_pairs=max_pairs, seed=seed)
     q = np.minimum(e[i], e[j])
     cal_row = calibration_identities(identities, calibration_share, seed)
     calibration = calibrate_gamma_split(sim, q, q, same, cal_row[i] & cal_row[j], target_far)

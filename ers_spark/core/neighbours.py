@@ -391,7 +391,7 @@ def separated_limit(counts: npt.ArrayLike, tolerance: float) -> int:
     return last
 
 
-def _eps_table(x: F64, grid: F64, ratio: float, min_share: float, identity_min_size: int) -> list[tuple[float, IntArray, IntArray, bool]]:
+def _eps_table(x: F64, grid: F64, ratio: float, min_share: float) -> list[tuple[float, IntArray, IntArray, bool]]:
     """Per grid eps (ascending): labels, sizes and dominance of one scipy single linkage cut there."""
     z = linkage(x, method="single", metric="cosine")
     rows = []
@@ -419,9 +419,10 @@ def first_absorption(labels_per_eps: list[IntArray], identity_min_size: int) -> 
     return None
 
 
-def _candidates(rows: list, counts: list[int], tolerance: float, identity_min_size: int) -> tuple[list, str, int]:
+def _candidates(rows: list, counts: list[int], tolerance: float, identity_min_size: int,
+                separated: bool) -> tuple[list, str, int]:
     """Grid rows to try, best first, the rule that limits them, and the last index the rule allows."""
-    if max(counts) * tolerance >= 1:  # at least one identity cluster may vanish within the tolerance
+    if separated:
         limit = separated_limit(counts, tolerance)
         return list(reversed(rows[: limit + 1])), "largest eps before identities merge", limit
     absorbed = first_absorption([r[1] for r in rows], identity_min_size)
@@ -451,9 +452,9 @@ def choose_eps(
     few identity-sized clusters for that (fewer than ``1 / identity_tolerance`` at every eps,
     e.g. one image per person), the limit is instead the eps before the largest cluster first
     takes in a cluster of ``identity_min_size`` or more (:func:`first_absorption`), and a cut
-    that puts every row in one cluster is never a UI; ``rule`` says which. ``size_table`` lists per eps the top-5 sizes and that count. Raises
-    ClusteringError ("no UI here", with the table) when no eps qualifies, e.g. on recognizable
-    faces only.
+    that puts every row in one cluster is never a UI; ``rule`` says which. ``size_table`` lists
+    per eps the top-5 sizes and that count. Raises ClusteringError ("no UI here", with the
+    table) when no eps qualifies, e.g. on recognizable faces only.
     """
     x = np.asarray(embeddings, dtype=np.float64)
     g = np.unique(np.asarray(grid, dtype=np.float64).ravel())
@@ -461,12 +462,14 @@ def choose_eps(
         raise ValueError("choose_eps: grid is empty")
     if x.ndim != 2 or x.shape[0] < 2:
         raise ClusteringError(f"choose_eps needs at least 2 embeddings, got shape {x.shape}")
-    rows = _eps_table(x, g, ratio, min_share, identity_min_size)
+    rows = _eps_table(x, g, ratio, min_share)
     table = [(eps, sizes[:5].tolist(), identity_clusters(sizes, identity_min_size)) for eps, _, sizes, _ in rows]
-    candidates, rule, limit = _candidates(rows, [c for _, _, c in table], identity_tolerance, identity_min_size)
+    counts = [c for _, _, c in table]
+    separated = max(counts) * identity_tolerance >= 1  # identities visible: one may vanish within the tolerance
+    candidates, rule, limit = _candidates(rows, counts, identity_tolerance, identity_min_size, separated)
     chosen = next((r for r in candidates if r[3]), None)
     if chosen is None:
-        raise ClusteringError(_no_ui_message(table, limit, ratio, min_share, x.shape[0], rule.startswith("largest eps before identities")))
+        raise ClusteringError(_no_ui_message(table, limit, ratio, min_share, x.shape[0], separated))
     return EpsChoice(eps=chosen[0], labels=chosen[1], size_table=table, rule=rule)
 
 
