@@ -44,13 +44,14 @@ def test_int_accepted_where_float_expected() -> None:
         ("embed.batch_size=abc", "config key 'embed.batch_size' must be an integer, got 'abc' (in {src})"),
         ("clean.label_noise=maybe", "config key 'clean.label_noise' must be true or false, got 'maybe' (in {src})"),
         ("embed.backend=tensorflow", "embed.backend must be 'onnx' or 'torch', got 'tensorflow' (in {src})"),
-        ("locate_ui.nprobe=40", "locate_ui.nprobe (40) cannot exceed locate_ui.kmeans_cells (16) (in {src})"),
+        ("locate_ui.kmeans_cells=1 locate_ui.nprobe=40", "locate_ui.nprobe (40) cannot exceed locate_ui.kmeans_cells (1) (in {src})"),
+        ("locate_ui.cell_leaders=9000", "locate_ui.max_cell_rows must be >= 2 and locate_ui.cell_leaders in [0, max_cell_rows), got 8192 and 9000 (in {src})"),
         ("scor.gamma=0.1", "unknown config key 'scor' in {src}; did you mean 'score'?"),
     ],
 )
 def test_bad_values_name_the_key_and_file(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(overrides=[override])
+        load_config(overrides=override.split())
     assert str(info.value) == message.format(src=embedded_config_path())
 
 

@@ -42,6 +42,12 @@ __all__ = [
     "separated_limit",
     "first_absorption",
     "jaccard",
+    "CellPlan",
+    "plan_cells",
+    "nearest_cells",
+    "tile_memberships",
+    "spherical_kmeans",
+    "tiled_single_linkage",
 ]
 
 IntArray = npt.NDArray[np.int64]
@@ -471,6 +477,131 @@ def choose_eps(
     if chosen is None:
         raise ClusteringError(_no_ui_message(table, limit, ratio, min_share, x.shape[0], separated))
     return EpsChoice(eps=chosen[0], labels=chosen[1], size_table=table, rule=rule)
+
+
+# --------------------------------------------------------------------------- capped cells
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """How each coarse cell is processed: ``tiles[c]`` groups, and the share of its rows that are leaders.
+
+    A cell expected to hold at most ``max_cell_rows`` rows is one group, clustered exactly. A
+    larger cell (a dense region: the UI lands in one or two cells of a coarse quantiser) is cut
+    into ``tiles[c]`` random tiles of about ``max_cell_rows - leaders`` rows; about ``leaders``
+    of its rows (``leader_share[c]``) join every tile, so tiles whose points reach a leader
+    within eps end up in one component. Each group costs at most about ``max_cell_rows^2``
+    comparisons, so the total grows linearly with the rows however dense a region is.
+    """
+
+    tiles: IntArray
+    leader_share: F64
+
+
+def plan_cells(expected_rows: npt.ArrayLike, max_cell_rows: int, leaders: int) -> CellPlan:
+    """Tiles and leader share per cell from the expected row count of each cell.
+
+    >>> p = plan_cells([100.0, 1000.0], max_cell_rows=300, leaders=50)
+    >>> p.tiles.tolist(), p.leader_share.round(3).tolist()
+    ([1, 4], [0.0, 0.05])
+    """
+    if max_cell_rows < 2 or not 0 <= leaders < max_cell_rows:
+        raise ValueError(f"plan_cells: need max_cell_rows >= 2 and 0 <= leaders < max_cell_rows, got {max_cell_rows}, {leaders}")
+    rows = np.asarray(expected_rows, dtype=np.float64)
+    over = rows > max_cell_rows
+    tiles = np.where(over, np.ceil(rows / (max_cell_rows - leaders)), 1).astype(np.int64)
+    share = np.where(over, np.minimum(1.0, leaders / np.maximum(rows, 1.0)), 0.0)
+    return CellPlan(tiles=tiles, leader_share=share)
+
+
+def _unit_hash(ids: IntArray, salt: int) -> F64:
+    """A deterministic uniform [0, 1) value per id (splitmix64), the same in every process."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(ids, dtype=np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(salt + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def tile_memberships(ids: npt.ArrayLike, cells: npt.ArrayLike, plan: CellPlan,
+                     seed: int) -> tuple[IntArray, IntArray, IntArray]:
+    """``(row, cell, tile)`` group memberships of points assigned to ``cells`` (one entry per point and cell).
+
+    A point of a one-tile cell is in tile 0; in a tiled cell it is in the tile its id hashes to,
+    and a leader (id hash below the cell's leader share) is in every tile of the cell.
+
+    >>> plan = CellPlan(tiles=np.array([1, 3]), leader_share=np.array([0.0, 0.0]))
+    >>> rows, cells, tiles = tile_memberships([5, 6], [0, 1], plan, seed=0)
+    >>> rows.tolist(), cells.tolist(), tiles.tolist()
+    ([0, 1], [0, 1], [0, 2])
+    """
+    pid = np.asarray(ids, dtype=np.int64)
+    cell = np.asarray(cells, dtype=np.int64)
+    t = plan.tiles[cell]
+    leader = _unit_hash(pid, 2 * seed + 1) < plan.leader_share[cell]
+    tile = np.minimum((_unit_hash(pid, 2 * seed) * t).astype(np.int64), t - 1)
+    reps = np.where(leader, t, 1)
+    rows = np.repeat(np.arange(pid.size, dtype=np.int64), reps)
+    starts = np.repeat(np.cumsum(reps) - reps, reps)
+    offset = np.arange(rows.size, dtype=np.int64) - starts  # 0..reps-1 within a point's entries
+    tiles = np.where(np.repeat(leader, reps), offset, np.repeat(tile, reps))
+    return rows, cell[rows], tiles
+
+
+def faiss_module() -> Any:
+    """faiss (faiss-cpu), imported where it is used so that ``import ers_spark`` stays light."""
+    import faiss  # type: ignore[import-untyped,unused-ignore]
+
+    return faiss
+
+
+def nearest_cells(x: npt.ArrayLike, centres: npt.ArrayLike, nprobe: int) -> IntArray:
+    """Indices of the ``nprobe`` nearest unit ``centres`` of each unit row (inner product, faiss)."""
+    c = np.ascontiguousarray(centres, dtype=np.float32)
+    q = np.ascontiguousarray(x, dtype=np.float32)
+    index = faiss_module().IndexFlatIP(c.shape[1])
+    index.add(c)
+    _, nearest = index.search(q, min(nprobe, c.shape[0]))
+    return nearest.astype(np.int64)
+
+
+def spherical_kmeans(x: npt.ArrayLike, k: int, seed: int, niter: int = 10) -> npt.NDArray[np.float32]:
+    """Unit centres of a spherical k-means (faiss) of the unit rows ``x``; k is capped at the row count."""
+    sample = np.ascontiguousarray(x, dtype=np.float32)
+    k = max(1, min(int(k), sample.shape[0]))
+    km = faiss_module().Kmeans(sample.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False,
+                         max_points_per_centroid=max(256, sample.shape[0] // k + 1))
+    km.train(sample)
+    centres: npt.NDArray[np.float32] = np.asarray(km.centroids, dtype=np.float32)
+    return centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
+
+
+def tiled_single_linkage(ids: npt.ArrayLike, x: npt.ArrayLike, eps: float, centres: npt.ArrayLike, *,
+                         nprobe: int, max_cell_rows: int, leaders: int, seed: int = 0,
+                         block_size: int = 2048) -> IntArray:
+    """Labels (smallest member id) of the capped-cell single linkage, in one process.
+
+    The same steps as locate-ui's distributed graph method, for tests and benchmarks: every row
+    goes to its ``nprobe`` nearest cells, oversized cells are tiled with shared leaders
+    (:func:`plan_cells`, :func:`tile_memberships`, sizes counted exactly here), each group's
+    eps-graph is compressed by :func:`eps_spanning_links`, and the links' components are the
+    clusters. Exact single linkage when no cell is tiled and ``nprobe`` covers every cell.
+    """
+    pid = np.asarray(ids, dtype=np.int64)
+    unit = np.asarray(x, dtype=np.float32)
+    cells = nearest_cells(unit, centres, nprobe)
+    point = np.repeat(np.arange(pid.size), cells.shape[1])
+    plan = plan_cells(np.bincount(cells.ravel(), minlength=len(centres)), max_cell_rows, leaders)
+    rows, cell, tile = tile_memberships(pid[point], cells.ravel(), plan, seed)
+    key = cell * (int(plan.tiles.max()) + 1) + tile
+    src, dst = [], []
+    for group in np.unique(key):
+        members = point[rows[key == group]]
+        out = eps_spanning_links(pid[members], unit[members], eps, block_size)
+        src.append(out.src)
+        dst.append(out.dst)
+    return links_to_labels(pid, np.concatenate(src or [pid[:0]]), np.concatenate(dst or [pid[:0]]))
 
 
 def jaccard(a_ids: npt.ArrayLike, b_ids: npt.ArrayLike) -> float:

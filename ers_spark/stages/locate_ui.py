@@ -4,20 +4,32 @@ The paper finds the unrecognizable identity (UI) as the dominant cluster of a
 single-linkage clustering of all embeddings. Exact single linkage is O(n^2)
 memory on one machine, so the default ``graph`` method distributes it:
 
-1. a coarse quantiser (Spark MLlib KMeans, cosine distance, trained on a
-   sample) assigns every point to its ``nprobe`` nearest cells, so eps-pairs
-   that straddle a cell border still meet in some cell (exact when
-   ``nprobe == kmeans_cells``, approximate otherwise);
-2. inside each cell :func:`~ers_spark.core.neighbours.eps_spanning_links` finds all
-   eps-pairs with blocked matrix products and emits only ``point -> local
-   root`` links (at most one per point and cell, whatever the density);
-3. a global connected-components pass over those links (DataFrame
+1. a coarse quantiser (faiss spherical k-means, trained on a bounded
+   driver-side sample) assigns every point to its ``nprobe`` nearest cells,
+   so eps-pairs that straddle a cell border still meet in some cell;
+2. a cell expected to hold more than ``max_cell_rows`` rows is a dense
+   region (a coarse quantiser puts the whole UI in one or two cells): it is
+   cut into random tiles spread over several tasks, and about
+   ``cell_leaders`` of its rows join every tile, so the tiles of a dense core
+   are linked through the leaders (:class:`~ers_spark.core.neighbours.CellPlan`).
+   Every group then costs at most about ``max_cell_rows^2`` comparisons and
+   the whole pass grows linearly with the rows;
+3. inside each group :func:`~ers_spark.core.neighbours.eps_spanning_links`
+   finds all eps-pairs exactly (blocked matrix products) and emits only
+   ``point -> local root`` links (at most one per point and group);
+4. a global connected-components pass over those links (DataFrame
    large-star / small-star alternation, or GraphFrames) gives the clusters;
    points in no link are singletons;
-4. the largest component must dominate (same rule as
+5. the largest component must dominate (same rule as
    :func:`~ers_spark.core.neighbours.dominant_cluster`); its members' unit
-   embeddings are summed on the executors and normalised on the driver into
-   the UIC.
+   embeddings are summed by one Spark aggregate and normalised on the
+   driver into the UIC.
+
+Single linkage is exact inside every untiled cell; the approximations are
+eps-pairs whose points share no cell (``nprobe``) and, inside a tiled dense
+cell, pairs in different tiles that reach no leader.
+:func:`~ers_spark.core.neighbours.tiled_single_linkage` runs the same steps
+in one process for tests and benchmarks.
 
 ``sample-hac`` runs the paper's exact scipy single linkage on a uniform sample
 of at most ``sample_hac_rows`` rows; only the sampled rows can be members.
@@ -77,7 +89,19 @@ from ers_spark.lake.tables import (
     table_exists,
     table_version,
 )
-from ers_spark.core.neighbours import choose_eps, cluster_sizes, dominant_cluster, eps_spanning_links, exact_single_linkage
+from ers_spark.core.neighbours import (
+    CellPlan,
+    faiss_module,
+    choose_eps,
+    cluster_sizes,
+    dominant_cluster,
+    eps_spanning_links,
+    exact_single_linkage,
+    nearest_cells,
+    plan_cells,
+    spherical_kmeans,
+    tile_memberships,
+)
 
 __all__ = [
     "LocateUiParams",
@@ -100,6 +124,8 @@ _CELL = "_cell"
 _SRC = "src"
 _DST = "dst"
 _RAW = "raw_edges"
+_PAIRS = "pair_comparisons"
+_TILE = "_tile"
 _NODE = "node"
 _ROOT = "root"
 
@@ -123,10 +149,12 @@ class LocateUiParams:
     identity_tolerance: float
     grid_sample_rows: int
     sample_hac_rows: int
-    kmeans_cells: int
+    kmeans_cells: int | None
     kmeans_sample_rows: int
     kmeans_max_iter: int
     nprobe: int
+    max_cell_rows: int
+    cell_leaders: int
     block_size: int
     connected_components: str
     seed: int
@@ -146,10 +174,12 @@ class LocateUiParams:
             identity_tolerance=float(lu.identity_tolerance),
             grid_sample_rows=int(lu.grid_sample_rows),
             sample_hac_rows=int(lu.sample_hac_rows),
-            kmeans_cells=int(lu.kmeans_cells),
+            kmeans_cells=None if lu.kmeans_cells is None else int(lu.kmeans_cells),
             kmeans_sample_rows=int(lu.kmeans_sample_rows),
             kmeans_max_iter=KMEANS_MAX_ITER,
             nprobe=int(lu.nprobe),
+            max_cell_rows=int(lu.max_cell_rows),
+            cell_leaders=int(lu.cell_leaders),
             block_size=int(lu.block_size),
             connected_components=lu.connected_components,
             seed=int(lu.seed),
@@ -383,91 +413,97 @@ def connected_components_graphframes(spark: SparkSession, links: DataFrame) -> D
 # --------------------------------------------------------------------------- graph method
 
 
-def _assign_cells(points: DataFrame, centres: F32, nprobe: int) -> DataFrame:
-    """(pid, embedding) -> (cell, pid, embedding) for the ``nprobe`` nearest centres of each point."""
+def _assign_cells(points: DataFrame, centres: F32, plan: CellPlan, nprobe: int, seed: int) -> DataFrame:
+    """(pid, embedding) -> (cell, tile, pid, embedding): one row per group a point joins.
+
+    A point goes to its ``nprobe`` nearest cells; in a tiled cell to the tile its id hashes to,
+    or to every tile when it is one of the cell's leaders (:func:`tile_memberships`).
+    """
     spark = points.sparkSession
-    bc = spark.sparkContext.broadcast(np.ascontiguousarray(centres, dtype=np.float32))
-    k = int(centres.shape[0])
-    probe = min(nprobe, k)
+    bc = spark.sparkContext.broadcast((np.ascontiguousarray(centres, dtype=np.float32), plan))
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        c = bc.value
+        faiss_module().omp_set_num_threads(1)  # one task per core: faiss must not start a thread per core in each
+        c, cell_plan = bc.value
         for batch in batches:
-            ids = batch.column(0).to_numpy(zero_copy_only=False)
+            ids = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64)
             x = _arrow_matrix(batch.column(1))
             if x.shape[0] == 0:
                 continue
             x = normalize_rows(x)
-            if probe >= k:
-                top = np.broadcast_to(np.arange(k, dtype=np.int32), (x.shape[0], k))
-            else:
-                top = np.argpartition(-(x @ c.T), probe - 1, axis=1)[:, :probe]
+            cells = nearest_cells(x, c, nprobe)
+            point = np.repeat(np.arange(ids.size), cells.shape[1])
+            rows, cell, tile = tile_memberships(ids[point], cells.ravel(), cell_plan, seed)
             yield pa.RecordBatch.from_arrays(
-                [
-                    pa.array(np.ascontiguousarray(top, dtype=np.int32).ravel()),
-                    pa.array(np.repeat(ids.astype(np.int64), probe)),
-                    _arrow_lists(np.repeat(x, probe, axis=0), pa.float32()),
-                ],
-                names=[_CELL, _ID, EMBEDDING],
+                [pa.array(cell.astype(np.int32)), pa.array(tile.astype(np.int32)), pa.array(ids[point[rows]]),
+                 _arrow_lists(x[point[rows]], pa.float32())],
+                names=[_CELL, _TILE, _ID, EMBEDDING],
             )
 
-    return points.select(_ID, EMBEDDING).mapInArrow(assign, f"{_CELL} int, {_ID} long, {EMBEDDING} array<float>")
+    schema = f"{_CELL} int, {_TILE} int, {_ID} long, {EMBEDDING} array<float>"
+    return points.select(_ID, EMBEDDING).mapInArrow(assign, schema)
 
 
 def _cell_links(assigned: DataFrame, eps: float, block_size: int) -> DataFrame:
-    """Per cell: the eps-graph compressed to point -> local-root links; raw edge count on the first link."""
+    """Per group (cell, tile): the eps-graph compressed to point -> local-root links.
+
+    The group's first row also carries its raw eps-pair count and its pair comparisons; a group
+    without links emits one self-link for them (dropped by connected components).
+    """
 
     def links(table: pa.Table) -> pa.Table:
         ids = table.column(_ID).to_numpy()
         x = _arrow_matrix(table.column(EMBEDDING))
         out = eps_spanning_links(ids, x, eps, block_size)
-        raw = np.zeros(out.src.size, np.int64)
-        if raw.size:
-            raw[0] = out.raw_edge_count
-        return pa.table({_SRC: out.src, _DST: out.dst, _RAW: raw})
+        src, dst = (out.src, out.dst) if out.src.size else (ids[:1], ids[:1])
+        raw, pairs = np.zeros(src.size, np.int64), np.zeros(src.size, np.int64)
+        raw[0], pairs[0] = out.raw_edge_count, ids.size * (ids.size - 1) // 2
+        return pa.table({_SRC: src, _DST: dst, _RAW: raw, _PAIRS: pairs})
 
-    schema = f"{_SRC} long, {_DST} long, {_RAW} long"
-    return assigned.groupBy(_CELL).applyInArrow(links, schema)
+    schema = f"{_SRC} long, {_DST} long, {_RAW} long, {_PAIRS} long"
+    return assigned.groupBy(_CELL, _TILE).applyInArrow(links, schema)
 
 
-def _kmeans_centres(points: DataFrame, n_rows: int, params: LocateUiParams) -> F32:
-    """Coarse quantiser: MLlib KMeans (cosine) on a sample; unit centres as a (k, d) array."""
-    if params.kmeans_cells == 1:
-        return np.zeros((0, 0), np.float32)
-    from pyspark.ml.clustering import KMeans
-    from pyspark.ml.functions import array_to_vector
+def _driver_sample(points: DataFrame, n_rows: int, params: LocateUiParams) -> F32:
+    """Unit embeddings of a seeded sample of at most ``kmeans_sample_rows`` rows (bounded, not data-sized)."""
+    _, x = _to_numpy(_sample(points, n_rows, params.kmeans_sample_rows, params.seed + 1))
+    return x
 
-    sample = _sample(points.select(EMBEDDING), n_rows, params.kmeans_sample_rows, params.seed + 1)
-    vecs = sample.select(array_to_vector(EMBEDDING).alias("features")).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        model = KMeans(
-            k=min(params.kmeans_cells, max(2, min(n_rows, params.kmeans_sample_rows))),
-            seed=params.seed,
-            maxIter=params.kmeans_max_iter,
-            distanceMeasure="cosine",
-            featuresCol="features",
-        ).fit(vecs)
-    finally:
-        vecs.unpersist()
-    centres = np.asarray([np.asarray(c, dtype=np.float64) for c in model.clusterCenters()])
-    return normalize_rows(centres)
+
+def cell_count(n_rows: int, params: LocateUiParams) -> int:
+    """Coarse cells: the configured count, or enough that an average cell fills half of ``max_cell_rows``."""
+    if params.kmeans_cells is not None:
+        return params.kmeans_cells
+    return max(1, int(np.ceil(2 * n_rows * params.nprobe / params.max_cell_rows)))
+
+
+def _plan_cells(points: DataFrame, n_rows: int, params: LocateUiParams) -> tuple[F32, CellPlan]:
+    """Coarse quantiser (faiss spherical k-means on a driver sample) and the tiling of each cell.
+
+    Cell sizes are estimated from the sample's own assignments (scaled to ``n_rows``), so no pass
+    over the data is needed to find the oversized cells.
+    """
+    sample = _driver_sample(points, n_rows, params)
+    centres = spherical_kmeans(sample, cell_count(n_rows, params), params.seed, params.kmeans_max_iter)
+    nearest = nearest_cells(sample, centres, params.nprobe)
+    expected = np.bincount(nearest.ravel(), minlength=centres.shape[0]) * (n_rows / max(1, sample.shape[0]))
+    return centres, plan_cells(expected, params.max_cell_rows, params.cell_leaders)
 
 
 def _graph(
     spark: SparkSession, points: DataFrame, n_rows: int, eps: float, params: LocateUiParams
 ) -> UiResult:
     """Distributed approximate single linkage; members = the largest connected component."""
-    centres = _kmeans_centres(points, n_rows, params)
-    if centres.shape[0] <= 1:
-        assigned = points.select(F.lit(0).cast("int").alias(_CELL), _ID, EMBEDDING)
-        n_cells = 1
-    else:
-        assigned = _assign_cells(points, centres, params.nprobe)
-        n_cells = int(centres.shape[0])
+    centres, plan = _plan_cells(points, n_rows, params)
+    assigned = _assign_cells(points, centres, plan, params.nprobe, params.seed)
     links = _cell_links(assigned, eps, params.block_size).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        stats = links.agg(F.count(F.lit(1)).alias("n"), F.coalesce(F.sum(_RAW), F.lit(0)).alias("raw")).first()
-        n_links, raw_edges = int(stats["n"]), int(stats["raw"])
+        stats = links.agg(
+            F.count(F.when(F.col(_SRC) != F.col(_DST), 1)).alias("n"),
+            F.coalesce(F.sum(_RAW), F.lit(0)).alias("raw"),
+            F.coalesce(F.sum(_PAIRS), F.lit(0)).alias("pairs"),
+        ).first()
+        n_links, raw_edges, pair_comparisons = int(stats["n"]), int(stats["raw"]), int(stats["pairs"])
         if params.connected_components == "graphframes":
             comps, rounds = connected_components_graphframes(spark, links), -1
         else:
@@ -481,9 +517,12 @@ def _graph(
     singletons = n_rows - covered
     top_sizes = sorted([int(r["size"]) for r in top] + [1] * min(5, singletons), reverse=True)[:5]
     counts = {
-        "cells": n_cells,
+        "cells": int(centres.shape[0]),
+        "tiled_cells": int(np.count_nonzero(plan.tiles > 1)),
+        "groups": int(plan.tiles.sum()),
         "links": n_links,
         "raw_edges": raw_edges,
+        "pair_comparisons": pair_comparisons,
         "cc_rounds": rounds,
         "clustered_points": covered,
         "singletons": singletons,
@@ -610,7 +649,7 @@ def cluster_settings(params: LocateUiParams) -> dict[str, Any]:
     if params.eps is None:
         keys += ["eps_grid", "dominance_ratio", "min_share", "identity_min_size", "identity_tolerance", "grid_sample_rows"]
     if params.method == "graph":
-        keys += ["kmeans_cells", "kmeans_sample_rows", "kmeans_max_iter", "nprobe"]
+        keys += ["kmeans_cells", "kmeans_sample_rows", "kmeans_max_iter", "nprobe", "max_cell_rows", "cell_leaders"]
     else:
         keys += ["sample_hac_rows"]
     return {k: getattr(params, k) for k in keys}
