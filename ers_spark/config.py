@@ -185,7 +185,6 @@ class LocateUiConfig:
     kmeans_sample_rows: int
     nprobe: int
     max_cell_rows: int
-    cell_leaders: int
     block_size: int
     connected_components: str
     seed: int
@@ -214,11 +213,8 @@ class LocateUiConfig:
         for name in ("grid_sample_rows", "sample_hac_rows", "kmeans_cells", "kmeans_sample_rows", "nprobe", "block_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"locate_ui.{name} must be >= 1, got {getattr(self, name)} (in {source})")
-        if not 0 <= self.cell_leaders < self.max_cell_rows or self.max_cell_rows < 2:
-            raise ConfigError(
-                f"locate_ui.max_cell_rows must be >= 2 and locate_ui.cell_leaders in [0, max_cell_rows), got "
-                f"{self.max_cell_rows} and {self.cell_leaders} (in {source})"
-            )
+        if self.max_cell_rows < 2:
+            raise ConfigError(f"locate_ui.max_cell_rows must be >= 2, got {self.max_cell_rows} (in {source})")
         if self.kmeans_cells is not None and self.nprobe > self.kmeans_cells:
             raise ConfigError(
                 f"locate_ui.nprobe ({self.nprobe}) cannot exceed locate_ui.kmeans_cells ({self.kmeans_cells}) (in {source})"

@@ -45,7 +45,7 @@ def test_int_accepted_where_float_expected() -> None:
         ("clean.label_noise=maybe", "config key 'clean.label_noise' must be true or false, got 'maybe' (in {src})"),
         ("embed.backend=tensorflow", "embed.backend must be 'onnx' or 'torch', got 'tensorflow' (in {src})"),
         ("locate_ui.kmeans_cells=1 locate_ui.nprobe=40", "locate_ui.nprobe (40) cannot exceed locate_ui.kmeans_cells (1) (in {src})"),
-        ("locate_ui.cell_leaders=9000", "locate_ui.max_cell_rows must be >= 2 and locate_ui.cell_leaders in [0, max_cell_rows), got 8192 and 9000 (in {src})"),
+        ("locate_ui.max_cell_rows=1", "locate_ui.max_cell_rows must be >= 2, got 1 (in {src})"),
         ("scor.gamma=0.1", "unknown config key 'scor' in {src}; did you mean 'score'?"),
     ],
 )

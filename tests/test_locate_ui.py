@@ -193,6 +193,28 @@ def graph_run(spark, vmf, tmp_path_factory):
     return cfg, run_locate_ui(spark, cfg)
 
 
+@pytest.mark.parametrize("cells", ["4", "null"])
+def test_graph_with_a_cut_ui_cell_matches_exact_single_linkage(spark, make_cfg, cells):
+    """The UI's oversized cell is cut into sub-cells (capped work per group); the members stay exact.
+
+    cells=4: the coarse quantiser puts the whole UI in one cell; null: cells sized from the rows.
+    """
+    x, y = vmf_embeddings(n_identities=150, per_identity=10, ui_share=0.2, seed=5)
+    ids = [f"cut{i:05d}" for i in range(x.shape[0])]
+    exact = exact_single_linkage(x, 0.3)
+    exact_ids = [ids[i] for i in np.flatnonzero(exact == np.bincount(exact).argmax())]
+    cfg = make_cfg(f"locate_ui.kmeans_cells={cells}", "locate_ui.nprobe=2", "locate_ui.max_cell_rows=300",
+                   "locate_ui.eps=0.3", "locate_ui.dominance_ratio=5", "locate_ui.block_size=256")
+    write_embeddings(spark, cfg, x, ids)
+    rec = run_locate_ui(spark, cfg)
+    row, members = _stored(spark, cfg, rec["params"]["uic_id"])
+    assert rec["counts"]["cut_cells"] >= 1 and rec["counts"]["groups"] > rec["counts"]["cells"]
+    assert jaccard(members, exact_ids) >= 0.99
+    assert float(np.dot(np.asarray(row[CENTROID]), ui_centroid(x[np.isin(ids, exact_ids)]))) >= 0.9999
+    n = x.shape[0]
+    assert rec["counts"]["pair_comparisons"] < n * (n - 1) // 2 // 2  # far below all pairs
+
+
 def test_graph_matches_exact_single_linkage(spark, vmf, graph_run):
     x, _, ids, ui_exact = vmf
     cfg, rec = graph_run

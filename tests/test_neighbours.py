@@ -11,6 +11,13 @@ from scipy.spatial.distance import pdist
 
 from ers_spark.errors import ClusteringError
 from ers_spark.core.neighbours import (
+    CellPlan,
+    capped_single_linkage,
+    expected_cell_rows,
+    group_memberships,
+    nearest_cells,
+    plan_cells,
+    spherical_kmeans,
     first_absorption,
     identity_clusters,
     separated_limit,
@@ -320,3 +327,80 @@ def test_many_duplicate_edges_between_two_components() -> None:
     assert sorted(out.src.tolist()) == list(range(1, 256))
     assert set(out.dst.tolist()) == {0}
     assert out.raw_edge_count == 256 * 255 // 2
+
+
+# ----------------------------------------------------------------------------- capped cells
+
+
+@pytest.mark.parametrize(
+    "cells,cut,expected_rows,expected_groups",
+    [
+        ([[0], [1], [2]], {}, [0, 1, 2], [0, 1, 2]),  # nothing cut: the cell is the group
+        ([[0, 1], [1, 0]], {}, [0, 0, 1, 1], [0, 1, 1, 0]),  # nprobe 2: a row joins both cells
+        ([[1], [0]], {1: 2}, [0, 1], [2, 0]),  # cut cell 1: its row goes to group offset + nearest sub-cell
+        ([[0], [1]], {1: 2}, [0, 1], [0, 3]),
+        ([[1, 0]], {1: 2}, [0, 0], [0, 2]),  # a row in an uncut and a cut cell joins one group of each
+    ],
+)
+def test_group_memberships(cells, cut, expected_rows, expected_groups) -> None:  # type: ignore[no-untyped-def]
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)[: len(cells)]
+    subs = {c: np.eye(2, dtype=np.float32) for c in cut}
+    plan = CellPlan(n_cells=3, sub_centres=subs, offsets=cut)
+    rows, groups = group_memberships(x, np.array(cells), plan, nprobe=1)
+    assert sorted(zip(rows.tolist(), groups.tolist())) == sorted(zip(expected_rows, expected_groups))
+
+
+def test_plan_cells_cuts_only_the_cells_above_the_cap() -> None:
+    x, _ = vmf_embeddings(n_identities=50, per_identity=10, ui_share=0.2, seed=2)
+    centres = spherical_kmeans(x, 4, seed=0)
+    near = nearest_cells(x, centres, 2)
+    expected = expected_cell_rows(near, 4, n_rows=x.shape[0])
+    assert expected.sum() == pytest.approx(2 * x.shape[0])
+    plan = plan_cells(x, near, expected, max_cell_rows=int(np.median(expected)), nprobe=2, seed=0)
+    big = np.flatnonzero(expected > np.median(expected))
+    assert sorted(plan.sub_centres) == big.tolist()
+    for c in big:  # about half the cap per sub-cell: ceil(2 * nprobe * expected / cap) sub-centres
+        assert plan.sub_centres[c].shape[0] == int(np.ceil(4 * expected[c] / int(np.median(expected))))
+        assert np.allclose(np.linalg.norm(plan.sub_centres[c], axis=1), 1.0, atol=1e-5)
+
+
+def _largest(labels: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(labels == np.bincount(labels).argmax())
+
+
+@pytest.mark.parametrize("eps", [RECOMMENDED_EPS, 0.3])
+@pytest.mark.parametrize(
+    "case,cells,cap",
+    [
+        ("ui_split_across_many_cells", 32, 400),
+        ("ui_inside_one_oversized_cell", 4, 400),
+        ("everything_in_one_cut_cell", 1, 400),
+    ],
+)
+def test_capped_single_linkage_matches_exact_single_linkage(case: str, cells: int, cap: int, eps: float) -> None:
+    """The UI found with capped, sub-quantised cells is the exact single-linkage UI (Jaccard >= 0.99)."""
+    x, y = vmf_embeddings(n_identities=400, per_identity=10, ui_share=0.2, seed=1)
+    ids = np.arange(x.shape[0], dtype=np.int64)
+    exact = eps_spanning_links(ids, x, eps)
+    exact_ui = _largest(links_to_labels(ids, exact.src, exact.dst))
+    centres = spherical_kmeans(x, cells, seed=0)
+    near = nearest_cells(x, centres, 2)
+    ui_cells = np.unique(near[y < 0])
+    expected = expected_cell_rows(near, cells, x.shape[0])
+    if case == "ui_inside_one_oversized_cell":  # the coarse quantiser put the whole UI in one cell
+        assert np.bincount(near[y < 0][:, 0]).max() == np.count_nonzero(y < 0)
+    assert (expected[ui_cells] > cap).any(), "the UI's cells must be cut for this case to test anything"
+    capped = capped_single_linkage(ids, x, eps, centres, nprobe=2, max_cell_rows=cap)
+    assert jaccard(_largest(capped), exact_ui) >= 0.99
+    assert jaccard(exact_ui, np.flatnonzero(y < 0)) >= 0.99  # the planted UI is what exact linkage finds
+
+
+def test_capped_single_linkage_is_exact_when_nothing_is_cut() -> None:
+    x, _ = vmf_embeddings(n_identities=60, per_identity=10, ui_share=0.1, seed=4)
+    ids = np.arange(x.shape[0], dtype=np.int64) * 3 + 7
+    centres = spherical_kmeans(x, 3, seed=0)
+    capped = capped_single_linkage(ids, x, 0.3, centres, nprobe=3, max_cell_rows=10 * x.shape[0])
+    exact = exact_single_linkage(x, 0.3)
+    same = {frozenset(np.flatnonzero(exact == c).tolist()) for c in np.unique(exact)}
+    got = {frozenset(np.flatnonzero(capped == c).tolist()) for c in np.unique(capped)}
+    assert got == same

@@ -44,10 +44,11 @@ __all__ = [
     "jaccard",
     "CellPlan",
     "plan_cells",
+    "group_memberships",
+    "expected_cell_rows",
     "nearest_cells",
-    "tile_memberships",
     "spherical_kmeans",
-    "tiled_single_linkage",
+    "capped_single_linkage",
 ]
 
 IntArray = npt.NDArray[np.int64]
@@ -484,69 +485,75 @@ def choose_eps(
 
 @dataclass(frozen=True)
 class CellPlan:
-    """How each coarse cell is processed: ``tiles[c]`` groups, and the share of its rows that are leaders.
+    """How each coarse cell is cut: ``sub_centres[c]`` for the cells expected to exceed the cap.
 
     A cell expected to hold at most ``max_cell_rows`` rows is one group, clustered exactly. A
-    larger cell (a dense region: the UI lands in one or two cells of a coarse quantiser) is cut
-    into ``tiles[c]`` random tiles of about ``max_cell_rows - leaders`` rows; about ``leaders``
-    of its rows (``leader_share[c]``) join every tile, so tiles whose points reach a leader
-    within eps end up in one component. Each group costs at most about ``max_cell_rows^2``
-    comparisons, so the total grows linearly with the rows however dense a region is.
+    larger cell is a dense region (a coarse quantiser puts the whole UI in one or two cells):
+    a second-level quantiser trained on that cell's sample rows cuts it into sub-cells of about
+    half the cap, and each of its points joins its ``nprobe`` nearest sub-cells, so neighbours
+    stay together and sub-cells overlap. Every group then costs about ``max_cell_rows^2``
+    comparisons at most, and the total grows linearly with the rows however dense a region is.
+    Group ids: cell ``c`` is group ``c`` when uncut, else groups ``offsets[c] + j``.
     """
 
-    tiles: IntArray
-    leader_share: F64
+    n_cells: int
+    sub_centres: dict[int, npt.NDArray[np.float32]]
+    offsets: dict[int, int]
+
+    @property
+    def groups(self) -> int:
+        """Groups (tasks' units of work): uncut cells plus the sub-cells of the cut ones."""
+        return self.n_cells - len(self.sub_centres) + sum(c.shape[0] for c in self.sub_centres.values())
 
 
-def plan_cells(expected_rows: npt.ArrayLike, max_cell_rows: int, leaders: int) -> CellPlan:
-    """Tiles and leader share per cell from the expected row count of each cell.
+def plan_cells(sample: npt.ArrayLike, sample_cells: npt.ArrayLike, expected_rows: npt.ArrayLike, *,
+               max_cell_rows: int, nprobe: int, seed: int) -> CellPlan:
+    """Sub-centres for every cell whose ``expected_rows`` exceed ``max_cell_rows``.
 
-    >>> p = plan_cells([100.0, 1000.0], max_cell_rows=300, leaders=50)
-    >>> p.tiles.tolist(), p.leader_share.round(3).tolist()
-    ([1, 4], [0.0, 0.05])
+    ``sample`` are unit rows and ``sample_cells`` their ``(n, nprobe)`` nearest cells; a cut cell
+    gets ``ceil(2 * nprobe * expected / max_cell_rows)`` sub-centres (at most its sample rows).
     """
-    if max_cell_rows < 2 or not 0 <= leaders < max_cell_rows:
-        raise ValueError(f"plan_cells: need max_cell_rows >= 2 and 0 <= leaders < max_cell_rows, got {max_cell_rows}, {leaders}")
-    rows = np.asarray(expected_rows, dtype=np.float64)
-    over = rows > max_cell_rows
-    tiles = np.where(over, np.ceil(rows / (max_cell_rows - leaders)), 1).astype(np.int64)
-    share = np.where(over, np.minimum(1.0, leaders / np.maximum(rows, 1.0)), 0.0)
-    return CellPlan(tiles=tiles, leader_share=share)
+    if max_cell_rows < 2:
+        raise ValueError(f"plan_cells: max_cell_rows must be >= 2, got {max_cell_rows}")
+    x = np.asarray(sample, dtype=np.float32)
+    cells = np.asarray(sample_cells, dtype=np.int64).reshape(x.shape[0], -1)
+    expected = np.asarray(expected_rows, dtype=np.float64)
+    subs: dict[int, npt.NDArray[np.float32]] = {}
+    offsets: dict[int, int] = {}
+    next_group = expected.size
+    for c in np.flatnonzero(expected > max_cell_rows).tolist():
+        rows = np.flatnonzero((cells == c).any(axis=1))
+        k = int(np.ceil(2 * nprobe * expected[c] / max_cell_rows))
+        if rows.size < 2:
+            continue
+        subs[c] = spherical_kmeans(x[rows], k, seed + 1 + c)
+        offsets[c] = next_group
+        next_group += subs[c].shape[0]
+    return CellPlan(n_cells=int(expected.size), sub_centres=subs, offsets=offsets)
 
 
-def _unit_hash(ids: IntArray, salt: int) -> F64:
-    """A deterministic uniform [0, 1) value per id (splitmix64), the same in every process."""
-    with np.errstate(over="ignore"):
-        z = np.asarray(ids, dtype=np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(salt + 1)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+def group_memberships(x: npt.ArrayLike, cells: npt.ArrayLike, plan: CellPlan, nprobe: int) -> tuple[IntArray, IntArray]:
+    """``(row, group)`` for unit rows ``x`` with nearest ``cells`` ``(n, nprobe)``: one entry per group joined.
 
+    A row joins each uncut cell it is in, and its ``nprobe`` nearest sub-cells of each cut one.
 
-def tile_memberships(ids: npt.ArrayLike, cells: npt.ArrayLike, plan: CellPlan,
-                     seed: int) -> tuple[IntArray, IntArray, IntArray]:
-    """``(row, cell, tile)`` group memberships of points assigned to ``cells`` (one entry per point and cell).
-
-    A point of a one-tile cell is in tile 0; in a tiled cell it is in the tile its id hashes to,
-    and a leader (id hash below the cell's leader share) is in every tile of the cell.
-
-    >>> plan = CellPlan(tiles=np.array([1, 3]), leader_share=np.array([0.0, 0.0]))
-    >>> rows, cells, tiles = tile_memberships([5, 6], [0, 1], plan, seed=0)
-    >>> rows.tolist(), cells.tolist(), tiles.tolist()
-    ([0, 1], [0, 1], [0, 2])
+    >>> plan = CellPlan(n_cells=2, sub_centres={1: np.eye(2, dtype=np.float32)}, offsets={1: 2})
+    >>> rows, groups = group_memberships(np.eye(2), np.array([[0], [1]]), plan, nprobe=1)
+    >>> rows.tolist(), groups.tolist()
+    ([0, 1], [0, 3])
     """
-    pid = np.asarray(ids, dtype=np.int64)
-    cell = np.asarray(cells, dtype=np.int64)
-    t = plan.tiles[cell]
-    leader = _unit_hash(pid, 2 * seed + 1) < plan.leader_share[cell]
-    tile = np.minimum((_unit_hash(pid, 2 * seed) * t).astype(np.int64), t - 1)
-    reps = np.where(leader, t, 1)
-    rows = np.repeat(np.arange(pid.size, dtype=np.int64), reps)
-    starts = np.repeat(np.cumsum(reps) - reps, reps)
-    offset = np.arange(rows.size, dtype=np.int64) - starts  # 0..reps-1 within a point's entries
-    tiles = np.where(np.repeat(leader, reps), offset, np.repeat(tile, reps))
-    return rows, cell[rows], tiles
+    unit = np.asarray(x, dtype=np.float32)
+    near = np.asarray(cells, dtype=np.int64).reshape(unit.shape[0], -1)
+    rows = np.repeat(np.arange(unit.shape[0], dtype=np.int64), near.shape[1])
+    flat = near.ravel()
+    cut = np.isin(flat, np.fromiter(plan.sub_centres, dtype=np.int64, count=len(plan.sub_centres)))
+    out_rows, out_groups = [rows[~cut]], [flat[~cut]]
+    for c in np.unique(flat[cut]).tolist():
+        r = rows[flat == c]
+        sub = nearest_cells(unit[r], plan.sub_centres[c], nprobe)
+        out_rows.append(np.repeat(r, sub.shape[1]))
+        out_groups.append(plan.offsets[c] + sub.ravel())
+    return np.concatenate(out_rows), np.concatenate(out_groups)
 
 
 def faiss_module() -> Any:
@@ -577,31 +584,36 @@ def spherical_kmeans(x: npt.ArrayLike, k: int, seed: int, niter: int = 10) -> np
     return centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
 
 
-def tiled_single_linkage(ids: npt.ArrayLike, x: npt.ArrayLike, eps: float, centres: npt.ArrayLike, *,
-                         nprobe: int, max_cell_rows: int, leaders: int, seed: int = 0,
-                         block_size: int = 2048) -> IntArray:
+def expected_cell_rows(sample_cells: npt.ArrayLike, n_cells: int, n_rows: int) -> F64:
+    """Rows each cell will hold (``nprobe`` entries per row), scaled up from a sample's assignments."""
+    cells = np.asarray(sample_cells, dtype=np.int64)
+    n_sample = max(1, cells.shape[0])
+    return np.bincount(cells.ravel(), minlength=n_cells).astype(np.float64) * (n_rows / n_sample)
+
+
+def capped_single_linkage(ids: npt.ArrayLike, x: npt.ArrayLike, eps: float, centres: npt.ArrayLike, *,
+                          nprobe: int, max_cell_rows: int, seed: int = 0, block_size: int = 2048) -> IntArray:
     """Labels (smallest member id) of the capped-cell single linkage, in one process.
 
     The same steps as locate-ui's distributed graph method, for tests and benchmarks: every row
-    goes to its ``nprobe`` nearest cells, oversized cells are tiled with shared leaders
-    (:func:`plan_cells`, :func:`tile_memberships`, sizes counted exactly here), each group's
-    eps-graph is compressed by :func:`eps_spanning_links`, and the links' components are the
-    clusters. Exact single linkage when no cell is tiled and ``nprobe`` covers every cell.
+    goes to its ``nprobe`` nearest cells, oversized cells are cut by a second-level quantiser
+    (:func:`plan_cells`, trained here on all rows), each group's eps-graph is compressed by
+    :func:`eps_spanning_links`, and the links' components are the clusters. Exact single
+    linkage when no cell is cut and ``nprobe`` covers every cell.
     """
     pid = np.asarray(ids, dtype=np.int64)
     unit = np.asarray(x, dtype=np.float32)
     cells = nearest_cells(unit, centres, nprobe)
-    point = np.repeat(np.arange(pid.size), cells.shape[1])
-    plan = plan_cells(np.bincount(cells.ravel(), minlength=len(centres)), max_cell_rows, leaders)
-    rows, cell, tile = tile_memberships(pid[point], cells.ravel(), plan, seed)
-    key = cell * (int(plan.tiles.max()) + 1) + tile
-    src, dst = [], []
-    for group in np.unique(key):
-        members = point[rows[key == group]]
+    expected = expected_cell_rows(cells, len(centres), pid.size)
+    plan = plan_cells(unit, cells, expected, max_cell_rows=max_cell_rows, nprobe=nprobe, seed=seed)
+    rows, groups = group_memberships(unit, cells, plan, nprobe)
+    src, dst = [pid[:0]], [pid[:0]]
+    for g in np.unique(groups):
+        members = rows[groups == g]
         out = eps_spanning_links(pid[members], unit[members], eps, block_size)
         src.append(out.src)
         dst.append(out.dst)
-    return links_to_labels(pid, np.concatenate(src or [pid[:0]]), np.concatenate(dst or [pid[:0]]))
+    return links_to_labels(pid, np.concatenate(src), np.concatenate(dst))
 
 
 def jaccard(a_ids: npt.ArrayLike, b_ids: npt.ArrayLike) -> float:

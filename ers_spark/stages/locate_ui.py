@@ -8,12 +8,12 @@ memory on one machine, so the default ``graph`` method distributes it:
    driver-side sample) assigns every point to its ``nprobe`` nearest cells,
    so eps-pairs that straddle a cell border still meet in some cell;
 2. a cell expected to hold more than ``max_cell_rows`` rows is a dense
-   region (a coarse quantiser puts the whole UI in one or two cells): it is
-   cut into random tiles spread over several tasks, and about
-   ``cell_leaders`` of its rows join every tile, so the tiles of a dense core
-   are linked through the leaders (:class:`~ers_spark.core.neighbours.CellPlan`).
-   Every group then costs at most about ``max_cell_rows^2`` comparisons and
-   the whole pass grows linearly with the rows;
+   region (a coarse quantiser puts the whole UI in one or two cells): a
+   second-level quantiser trained on its sample rows cuts it into sub-cells
+   of about half the cap, each point joining its ``nprobe`` nearest
+   sub-cells (:class:`~ers_spark.core.neighbours.CellPlan`). Every group then
+   costs about ``max_cell_rows^2`` comparisons at most and the whole pass
+   grows linearly with the rows;
 3. inside each group :func:`~ers_spark.core.neighbours.eps_spanning_links`
    finds all eps-pairs exactly (blocked matrix products) and emits only
    ``point -> local root`` links (at most one per point and group);
@@ -26,9 +26,8 @@ memory on one machine, so the default ``graph`` method distributes it:
    driver into the UIC.
 
 Single linkage is exact inside every untiled cell; the approximations are
-eps-pairs whose points share no cell (``nprobe``) and, inside a tiled dense
-cell, pairs in different tiles that reach no leader.
-:func:`~ers_spark.core.neighbours.tiled_single_linkage` runs the same steps
+eps-pairs whose points share no cell or sub-cell (``nprobe`` at both levels).
+:func:`~ers_spark.core.neighbours.capped_single_linkage` runs the same steps
 in one process for tests and benchmarks.
 
 ``sample-hac`` runs the paper's exact scipy single linkage on a uniform sample
@@ -48,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 from pyspark import StorageLevel
+from pyspark.broadcast import Broadcast
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
@@ -97,10 +97,12 @@ from ers_spark.core.neighbours import (
     dominant_cluster,
     eps_spanning_links,
     exact_single_linkage,
+    expected_cell_rows,
+    faiss_module,
+    group_memberships,
     nearest_cells,
     plan_cells,
     spherical_kmeans,
-    tile_memberships,
 )
 
 __all__ = [
@@ -120,12 +122,11 @@ CC_MAX_ITER = 64  # large-star/small-star converges in O(log n) rounds; a guard,
 
 # internal column names (never written to a table)
 _ID = "_pid"  # dense int64 point id
-_CELL = "_cell"
 _SRC = "src"
 _DST = "dst"
 _RAW = "raw_edges"
 _PAIRS = "pair_comparisons"
-_TILE = "_tile"
+_GROUP = "_group"
 _NODE = "node"
 _ROOT = "root"
 
@@ -154,7 +155,6 @@ class LocateUiParams:
     kmeans_max_iter: int
     nprobe: int
     max_cell_rows: int
-    cell_leaders: int
     block_size: int
     connected_components: str
     seed: int
@@ -179,7 +179,6 @@ class LocateUiParams:
             kmeans_max_iter=KMEANS_MAX_ITER,
             nprobe=int(lu.nprobe),
             max_cell_rows=int(lu.max_cell_rows),
-            cell_leaders=int(lu.cell_leaders),
             block_size=int(lu.block_size),
             connected_components=lu.connected_components,
             seed=int(lu.seed),
@@ -413,39 +412,33 @@ def connected_components_graphframes(spark: SparkSession, links: DataFrame) -> D
 # --------------------------------------------------------------------------- graph method
 
 
-def _assign_cells(points: DataFrame, centres: F32, plan: CellPlan, nprobe: int, seed: int) -> DataFrame:
-    """(pid, embedding) -> (cell, tile, pid, embedding): one row per group a point joins.
+def _assign_cells(points: DataFrame, plan_bc: Broadcast, nprobe: int) -> DataFrame:
+    """(pid, embedding) -> (group, pid, embedding): one row per group a point joins.
 
-    A point goes to its ``nprobe`` nearest cells; in a tiled cell to the tile its id hashes to,
-    or to every tile when it is one of the cell's leaders (:func:`tile_memberships`).
+    A point goes to its ``nprobe`` nearest cells, and in a cut cell to its ``nprobe`` nearest
+    sub-cells (:func:`~ers_spark.core.neighbours.group_memberships`).
     """
-    spark = points.sparkSession
-    bc = spark.sparkContext.broadcast((np.ascontiguousarray(centres, dtype=np.float32), plan))
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         faiss_module().omp_set_num_threads(1)  # one task per core: faiss must not start a thread per core in each
-        c, cell_plan = bc.value
+        centres, plan = plan_bc.value
         for batch in batches:
             ids = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64)
             x = _arrow_matrix(batch.column(1))
             if x.shape[0] == 0:
                 continue
             x = normalize_rows(x)
-            cells = nearest_cells(x, c, nprobe)
-            point = np.repeat(np.arange(ids.size), cells.shape[1])
-            rows, cell, tile = tile_memberships(ids[point], cells.ravel(), cell_plan, seed)
+            rows, groups = group_memberships(x, nearest_cells(x, centres, nprobe), plan, nprobe)
             yield pa.RecordBatch.from_arrays(
-                [pa.array(cell.astype(np.int32)), pa.array(tile.astype(np.int32)), pa.array(ids[point[rows]]),
-                 _arrow_lists(x[point[rows]], pa.float32())],
-                names=[_CELL, _TILE, _ID, EMBEDDING],
+                [pa.array(groups.astype(np.int32)), pa.array(ids[rows]), _arrow_lists(x[rows], pa.float32())],
+                names=[_GROUP, _ID, EMBEDDING],
             )
 
-    schema = f"{_CELL} int, {_TILE} int, {_ID} long, {EMBEDDING} array<float>"
-    return points.select(_ID, EMBEDDING).mapInArrow(assign, schema)
+    return points.select(_ID, EMBEDDING).mapInArrow(assign, f"{_GROUP} int, {_ID} long, {EMBEDDING} array<float>")
 
 
 def _cell_links(assigned: DataFrame, eps: float, block_size: int) -> DataFrame:
-    """Per group (cell, tile): the eps-graph compressed to point -> local-root links.
+    """Per group (an uncut cell or a sub-cell): the eps-graph compressed to point -> local-root links.
 
     The group's first row also carries its raw eps-pair count and its pair comparisons; a group
     without links emits one self-link for them (dropped by connected components).
@@ -461,7 +454,7 @@ def _cell_links(assigned: DataFrame, eps: float, block_size: int) -> DataFrame:
         return pa.table({_SRC: src, _DST: dst, _RAW: raw, _PAIRS: pairs})
 
     schema = f"{_SRC} long, {_DST} long, {_RAW} long, {_PAIRS} long"
-    return assigned.groupBy(_CELL, _TILE).applyInArrow(links, schema)
+    return assigned.groupBy(_GROUP).applyInArrow(links, schema)
 
 
 def _driver_sample(points: DataFrame, n_rows: int, params: LocateUiParams) -> F32:
@@ -478,7 +471,7 @@ def cell_count(n_rows: int, params: LocateUiParams) -> int:
 
 
 def _plan_cells(points: DataFrame, n_rows: int, params: LocateUiParams) -> tuple[F32, CellPlan]:
-    """Coarse quantiser (faiss spherical k-means on a driver sample) and the tiling of each cell.
+    """Coarse quantiser (faiss spherical k-means on a driver sample) and the cut of each oversized cell.
 
     Cell sizes are estimated from the sample's own assignments (scaled to ``n_rows``), so no pass
     over the data is needed to find the oversized cells.
@@ -486,8 +479,14 @@ def _plan_cells(points: DataFrame, n_rows: int, params: LocateUiParams) -> tuple
     sample = _driver_sample(points, n_rows, params)
     centres = spherical_kmeans(sample, cell_count(n_rows, params), params.seed, params.kmeans_max_iter)
     nearest = nearest_cells(sample, centres, params.nprobe)
-    expected = np.bincount(nearest.ravel(), minlength=centres.shape[0]) * (n_rows / max(1, sample.shape[0]))
-    return centres, plan_cells(expected, params.max_cell_rows, params.cell_leaders)
+    expected = expected_cell_rows(nearest, centres.shape[0], n_rows)
+    plan = plan_cells(sample, nearest, expected, max_cell_rows=params.max_cell_rows, nprobe=params.nprobe,
+                      seed=params.seed)
+    if plan.sub_centres:
+        log.info("locate-ui: %d of %d cells expected above %d rows (largest %.0f) cut into %d sub-cells",
+                 len(plan.sub_centres), centres.shape[0], params.max_cell_rows, expected.max(),
+                 plan.groups - centres.shape[0] + len(plan.sub_centres))
+    return centres, plan
 
 
 def _graph(
@@ -495,7 +494,8 @@ def _graph(
 ) -> UiResult:
     """Distributed approximate single linkage; members = the largest connected component."""
     centres, plan = _plan_cells(points, n_rows, params)
-    assigned = _assign_cells(points, centres, plan, params.nprobe, params.seed)
+    plan_bc = spark.sparkContext.broadcast((centres, plan))
+    assigned = _assign_cells(points, plan_bc, params.nprobe)
     links = _cell_links(assigned, eps, params.block_size).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         stats = links.agg(
@@ -518,8 +518,8 @@ def _graph(
     top_sizes = sorted([int(r["size"]) for r in top] + [1] * min(5, singletons), reverse=True)[:5]
     counts = {
         "cells": int(centres.shape[0]),
-        "tiled_cells": int(np.count_nonzero(plan.tiles > 1)),
-        "groups": int(plan.tiles.sum()),
+        "cut_cells": len(plan.sub_centres),
+        "groups": plan.groups,
         "links": n_links,
         "raw_edges": raw_edges,
         "pair_comparisons": pair_comparisons,
@@ -649,7 +649,7 @@ def cluster_settings(params: LocateUiParams) -> dict[str, Any]:
     if params.eps is None:
         keys += ["eps_grid", "dominance_ratio", "min_share", "identity_min_size", "identity_tolerance", "grid_sample_rows"]
     if params.method == "graph":
-        keys += ["kmeans_cells", "kmeans_sample_rows", "kmeans_max_iter", "nprobe", "max_cell_rows", "cell_leaders"]
+        keys += ["kmeans_cells", "kmeans_sample_rows", "kmeans_max_iter", "nprobe", "max_cell_rows"]
     else:
         keys += ["sample_hac_rows"]
     return {k: getattr(params, k) for k in keys}
