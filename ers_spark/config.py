@@ -270,9 +270,15 @@ class CleanConfig:
     genuine_percentile: float
     calibration_sample_rows: int
     calibration_identities: int
+    max_identity_rows: int
     seed: int
 
     def validate(self, source: str) -> None:
+        if self.max_identity_rows < self.min_identity_size or self.max_identity_rows < 2:
+            raise ConfigError(
+                f"clean.max_identity_rows must be >= 2 and >= clean.min_identity_size, got {self.max_identity_rows} "
+                f"(in {source})"
+            )
         if self.subcenters < 1:
             raise ConfigError(f"clean.subcenters must be >= 1, got {self.subcenters} (in {source})")
         if self.min_images_per_subcenter < 1 or self.min_identity_size < 1:

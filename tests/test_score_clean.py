@@ -13,7 +13,7 @@ from chispa import assert_approx_df_equality, assert_df_equality
 
 from ers_spark.config import load_config
 from ers_spark.stages.clean import (
-    CleanParams, calibrate_threshold, label_noise_flags, nearest_other_centres, run_clean,
+    CleanParams, calibrate_threshold, capped_rows, label_noise_flags, nearest_other_centres, run_clean,
 )
 from ers_spark.lake.tables import seeded_sample
 from ers_spark.lake.contracts import CLEANED, EMBEDDINGS, QUARANTINE, SCORES, UI_CENTROIDS
@@ -261,6 +261,26 @@ def test_label_noise_needs_far_from_its_own_and_claimed_by_another(spark, datase
     assert [(r.image_id, r._other_identity) for r in flagged] == [(dataset["wrong"], "p1")]
     (far_only,) = check.flags.where("image_id = 'degraded_p2'").collect()
     assert far_only.subcenter_angle_deg > 30.0 and not far_only._label_noise
+    check.unpersist()
+
+
+def test_identities_above_the_cap_are_checked_against_a_centre_from_capped_rows(spark, dataset) -> None:
+    """clean.max_identity_rows=8 (identities hold 12): sub-centres from the seeded capped rows, every row measured."""
+    params = CleanParams.from_config(load_config(overrides=["clean.max_angle_deg=30", "clean.max_identity_rows=8"]))
+    labelled = _labelled(spark, dataset)
+    fit = capped_rows(labelled, params).toPandas()
+    sizes = fit.groupby("identity").size()
+    assert len(sizes) == 6 and sizes.sum() < len(labelled.collect())  # a seeded part of each identity
+    check = label_noise_flags(labelled, params)
+    got = check.flags.select("image_id", "subcenter_angle_deg").toPandas().set_index("image_id")["subcenter_angle_deg"]
+    for identity, rows in fit.groupby("identity"):
+        k = ers_math.subcentre_count(len(rows), params.subcenters, params.min_images_per_subcenter)
+        centre = ers_math.dominant_subcentre(np.stack(rows.embedding), k, seed=params.seed)[0]
+        mine = [i for i, p in zip(dataset["ids"], dataset["identities"]) if p == identity]
+        emb = dataset["emb"][[dataset["ids"].index(i) for i in mine]]
+        expected = ers_math.row_angles(emb, np.repeat(centre[None, :], len(mine), axis=0))
+        np.testing.assert_allclose(got.loc[mine].to_numpy(), expected, atol=1e-3)
+    assert [r.image_id for r in check.flags.where("_label_noise").collect()] == [dataset["wrong"]]
     check.unpersist()
 
 

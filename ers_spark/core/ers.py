@@ -773,6 +773,19 @@ def _angle_deg(cos: npt.ArrayLike) -> F64:
     return np.degrees(np.arccos(np.clip(np.asarray(cos, dtype=np.float64), -1.0, 1.0)))
 
 
+def row_angles(embeddings: npt.ArrayLike, centres: npt.ArrayLike) -> F64:
+    """Angle in degrees between each row (normalised here) and the unit centre on the same row.
+
+    >>> row_angles([[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]).round(1).tolist()
+    [0.0, 90.0]
+    """
+    x = normalize_rows(_as_2d_float(embeddings, "embeddings")).astype(np.float64)
+    c = _as_2d_float(centres, "centres").astype(np.float64)
+    if c.shape != x.shape:
+        raise ValueError(f"row_angles: centres shape {c.shape} does not match embeddings shape {x.shape}")
+    return _angle_deg(np.einsum("ij,ij->i", x, c))
+
+
 def subcenter_label_noise(
     embeddings: npt.ArrayLike,
     k: int = 3,

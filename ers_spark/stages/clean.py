@@ -211,11 +211,69 @@ class LabelNoiseCheck:
 
 
 def _far_threshold(labelled: DataFrame, params: CleanParams) -> float | None:
-    """``clean.max_angle_deg``, or the calibrated impostor-angle percentile (None: too few identities)."""
+    """``clean.max_angle_deg``, or the calibrated impostor-angle percentile (None: too few identities).
+
+    Centres are fitted only for the (seeded) identities the calibration samples, on at most
+    ``max_identity_rows`` rows each.
+    """
     if params.max_angle_deg is not None:
         return params.max_angle_deg
-    centres = labelled.groupBy(IDENTITY).applyInPandas(_dominant_centres(params), f"{IDENTITY} string, {CENTRE} array<float>")
+    checked = labelled.groupBy(IDENTITY).count().where(F.col("count") >= params.min_identity_size).select(IDENTITY)
+    names = seeded_sample(checked, IDENTITY, params.calibration_identities, params.seed)
+    fit = capped_rows(labelled.join(names, IDENTITY, "left_semi"), params)
+    centres = fit.groupBy(IDENTITY).applyInPandas(_dominant_centres(params), f"{IDENTITY} string, {CENTRE} array<float>")
     return calibrate_threshold(labelled, centres, params)
+
+
+def capped_rows(labelled: DataFrame, params: CleanParams) -> DataFrame:
+    """At most about ``max_identity_rows`` seeded rows of each identity (all rows of the smaller ones).
+
+    A row is kept when its id's seeded hash, modulo the identity's size, is below the cap: no
+    sort and no window over a large identity.
+    """
+    sizes = labelled.groupBy(IDENTITY).agg(F.count(F.lit(1)).alias("_n"))
+    slot = F.pmod(F.xxhash64(F.col(IMAGE_ID), F.lit(params.seed)), F.col("_n"))
+    return labelled.join(sizes, IDENTITY).where(slot < params.max_identity_rows).drop("_n")
+
+
+def _split_large_identities(labelled: DataFrame, params: CleanParams) -> tuple[DataFrame, DataFrame]:
+    """(rows of identities up to ``max_identity_rows``, rows of the larger ones)."""
+    large = labelled.groupBy(IDENTITY).count().where(F.col("count") > params.max_identity_rows).select(IDENTITY)
+    return labelled.join(large, IDENTITY, "left_anti"), labelled.join(large, IDENTITY, "left_semi")
+
+
+def _angles_to_own_centre(threshold: float) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas function: rows of a large identity against its fitted centre (the centre hardly depends on one row)."""
+
+    def batches(pdfs: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in pdfs:
+            if not len(pdf):
+                continue
+            angles = ers_math.row_angles(_embeddings_of(pdf), np.stack(pdf[CENTRE].to_numpy()))
+            yield pd.DataFrame({IMAGE_ID: pdf[IMAGE_ID].to_numpy(), IDENTITY: pdf[IDENTITY].to_numpy(),
+                                SUBCENTER_ANGLE: angles, CHECKED: True, FAR_FROM_OWN: angles > threshold, CENTRE: None})
+
+    return batches
+
+
+def _per_image_angles(labelled: DataFrame, params: CleanParams, threshold: float) -> tuple[DataFrame, DataFrame]:
+    """(per image: angle to its identity's clean group and whether it is beyond ``threshold``; centre per identity).
+
+    Identities up to ``max_identity_rows`` rows are checked whole in one call (leave-one-out angles);
+    a larger one gets its sub-centres from a capped seeded sample, and its rows are measured against
+    that centre in parallel, so no call ever holds more than the cap.
+    """
+    schema = (f"{IMAGE_ID} string, {IDENTITY} string, {SUBCENTER_ANGLE} double, {CHECKED} boolean, "
+              f"{FAR_FROM_OWN} boolean, {CENTRE} array<float>")
+    small, large = _split_large_identities(labelled, params)
+    per_small = small.groupBy(IDENTITY).applyInPandas(_flag_identity(params, threshold), schema)
+    large_centres = capped_rows(large, params).groupBy(IDENTITY).applyInPandas(
+        _dominant_centres(params), f"{IDENTITY} string, {CENTRE} array<float>")
+    per_large = large.join(large_centres, IDENTITY).select(IMAGE_ID, IDENTITY, EMBEDDING, CENTRE).mapInPandas(
+        _angles_to_own_centre(threshold), schema)
+    per_image = per_small.unionByName(per_large).cache()
+    centres = per_image.where(F.col(CENTRE).isNotNull()).select(IDENTITY, CENTRE).unionByName(large_centres)
+    return per_image, centres
 
 
 def _claim_threshold(per_image: DataFrame, params: CleanParams) -> float | None:
@@ -239,13 +297,8 @@ def label_noise_flags(labelled: DataFrame, params: CleanParams) -> LabelNoiseChe
     if threshold is None:
         log.warning("clean: fewer than two identities with >= %d images; label noise not checked", params.min_identity_size)
         return LabelNoiseCheck()
-    per_image = labelled.groupBy(IDENTITY).applyInPandas(
-        _flag_identity(params, threshold),
-        f"{IMAGE_ID} string, {IDENTITY} string, {SUBCENTER_ANGLE} double, {CHECKED} boolean, "
-        f"{FAR_FROM_OWN} boolean, {CENTRE} array<float>",
-    ).cache()
+    per_image, centres = _per_image_angles(labelled, params, threshold)
     claim = _claim_threshold(per_image, params)
-    centres = per_image.where(F.col(CENTRE).isNotNull()).select(IDENTITY, CENTRE)
     candidates = per_image.where(F.col(FAR_FROM_OWN)).select(IMAGE_ID, IDENTITY).join(labelled.select(IMAGE_ID, EMBEDDING), IMAGE_ID)
     nearest = nearest_other_centres(candidates, centres)
     claimed = F.coalesce(F.col(OTHER_ANGLE) <= F.lit(claim if claim is not None else -1.0), F.lit(False))

@@ -1,0 +1,328 @@
+"""Scale benchmark: bring-your-own embeddings at 1e5 .. 1e7 rows through import, locate-ui, score, clean.
+
+Usage::
+
+    python bench/scale.py                          # sizes 1e5, 1e6, 1e7
+    python bench/scale.py --sizes 100000,1000000   # a subset (the JSON keeps earlier sizes)
+
+Each size runs in its own child process (``--one N``), so the driver's peak RSS is measured per
+size: the Python driver's ``ru_maxrss`` and the peak RSS of its JVM (Spark ``local[2]``, so the
+JVM also holds the executors' memory). The input is the vMF generator of
+:mod:`ers_spark.core.synthetic` (10 images per identity, 10 % UI, seed 0) written as a Parquet
+table of (id, vector, identity); ``ers-spark import-embeddings`` reads it. eps is fixed at 0.4.
+
+In the same child, the single-process baseline a user would otherwise run: faiss ``IndexIVFFlat``
+kNN (k = 10, nprobe 8, nlist = 4 sqrt(n)) over all rows, links with cosine >= 1 - eps, scipy
+connected components. At 1e5 the exact single linkage at eps (all pairs, blocked, one process)
+is the reference for Jaccard and UIC cosine; at every size the planted UI is too.
+
+Writes ``bench/results/scale.json`` after every size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OUT = ROOT / "bench" / "results" / "scale.json"
+WORK = Path(os.environ.get("ERS_BENCH_DIR", "/tmp/ers-scale"))
+EPS = 0.4
+PER_IDENTITY = 10
+UI_SHARE = 0.1
+STAGES = ("import-embeddings", "locate-ui", "score", "clean")
+SIZES = (100_000, 1_000_000, 10_000_000)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class JvmPeakRss:
+    """Peak RSS of this process's child JVM (sampled from /proc every 0.5 s)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _jvm_rss(self) -> int:
+        total = 0
+        me = str(os.getpid())
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+                if stat[1] == me:
+                    total += int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.peak = max(self.peak, self._jvm_rss())
+
+    def __enter__(self) -> "JvmPeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def python_peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --------------------------------------------------------------------------- input
+
+
+def write_input(n: int, path: Path) -> tuple[np.ndarray, float]:
+    """The generator's rows as Parquet (id, vector, identity); returns the planted UI's unit sum direction."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ers_spark.core.synthetic import iter_vmf_chunks
+
+    n_identities = int(round(n * (1 - UI_SHARE) / PER_IDENTITY))
+    ui_sum = None
+    start = time.perf_counter()
+    path.mkdir(parents=True, exist_ok=True)
+    offset = 0
+    for part, (x, labels) in enumerate(iter_vmf_chunks(n_identities, PER_IDENTITY, ui_share=UI_SHARE, seed=0,
+                                                       chunk_rows=500_000)):
+        ids = np.arange(offset, offset + x.shape[0])
+        offset += x.shape[0]
+        s = x[labels < 0].astype(np.float64).sum(axis=0)
+        ui_sum = s if ui_sum is None else ui_sum + s
+        d = x.shape[1]
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), pa.float32()), d)
+        table = pa.table({
+            "id": pa.array([f"v{i:09d}" for i in ids]),
+            "vector": vectors.cast(pa.list_(pa.float32())),
+            "identity": pa.array(np.where(labels < 0, None, labels.astype(str)).tolist(), pa.string()),
+        })
+        pq.write_table(table, path / f"part-{part:05d}.parquet")
+    return ui_sum / np.linalg.norm(ui_sum), time.perf_counter() - start
+
+
+def planted_ui_ids(n: int) -> np.ndarray:
+    """Row numbers of the planted UI (label < 0), in generator order."""
+    from ers_spark.core.synthetic import vmf_layout
+
+    labels = vmf_layout(int(round(n * (1 - UI_SHARE) / PER_IDENTITY)), PER_IDENTITY, UI_SHARE, 0)
+    return np.flatnonzero(labels < 0)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def load_all(path: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["vector"])
+    col = table.column("vector").combine_chunks()
+    return col.flatten().to_numpy().reshape(len(col), -1).astype(np.float32)
+
+
+def faiss_baseline(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """faiss IVFFlat kNN (k=10, nprobe 8) + scipy connected components: the largest component's rows."""
+    import faiss
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    start = time.perf_counter()
+    n, d = x.shape
+    nlist = int(4 * np.sqrt(n))
+    quantiser = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantiser, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    index.train(x[rng.choice(n, min(n, 64 * nlist), replace=False)])
+    index.add(x)
+    index.nprobe = 8
+    sims, nbrs = index.search(x, 10)
+    keep = (sims >= 1 - EPS) & (nbrs >= 0)
+    rows = np.repeat(np.arange(n), 10)[keep.ravel()]
+    graph = coo_matrix((np.ones(rows.size, bool), (rows, nbrs.ravel()[keep.ravel()])), shape=(n, n))
+    _, labels = connected_components(graph, directed=True, connection="weak")
+    return np.flatnonzero(labels == np.bincount(labels).argmax()), time.perf_counter() - start
+
+
+def exact_ui(x: np.ndarray) -> np.ndarray:
+    """Exact single linkage at eps (every pair, blocked), one process: the largest component's rows."""
+    from ers_spark.core.neighbours import eps_spanning_links, links_to_labels
+
+    ids = np.arange(x.shape[0], dtype=np.int64)
+    out = eps_spanning_links(ids, x, EPS, block_size=4096)
+    labels = links_to_labels(ids, out.src, out.dst)
+    return np.flatnonzero(labels == np.bincount(labels).argmax())
+
+
+# --------------------------------------------------------------------------- one size
+
+
+def overrides(n: int, root: Path, data: Path) -> list[str]:
+    """What a user would set for this run: paths, the imported model, eps, and Spark sizes."""
+    return [
+        f"storage.root={root / 'lake'}", "storage.database=ers_scale", f"spark.checkpoint_dir={root / 'checkpoints'}",
+        "spark.driver_memory=14g", f"spark.shuffle_partitions={max(8, n // 50_000)}",
+        "spark.arrow_max_records_per_batch=4096",
+        f"import_embeddings.input_path={data}", "import_embeddings.input_format=parquet",
+        "import_embeddings.id_column=id", "import_embeddings.vector_column=vector",
+        "import_embeddings.identity_column=identity", "import_embeddings.model_name=vmf-synthetic",
+        "import_embeddings.model_version=1",
+        f"locate_ui.eps={EPS}", "locate_ui.kmeans_cells=null", "locate_ui.dominance_ratio=5",
+    ]
+
+
+def run_stages(cfg: Any) -> dict[str, Any]:
+    from ers_spark.lake.session import build_session
+    from ers_spark.pipeline import stage_runner
+
+    spark = build_session(cfg, "scale")
+    out: dict[str, Any] = {}
+    for stage in STAGES:
+        start = time.perf_counter()
+        rec = stage_runner(stage)(spark, cfg)
+        key = stage.replace("-", "_").replace("import_embeddings", "import")
+        out[f"{key}_s"] = round(time.perf_counter() - start, 1)
+        out[f"{key}_counts"] = rec.get("counts", {})
+        if stage == "locate-ui":
+            out["uic_id"] = rec["params"]["uic_id"]
+    return out
+
+
+def stored_ui(cfg: Any, uic_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(member row numbers, UIC) as stored by locate-ui."""
+    from pyspark.sql import functions as F
+
+    from ers_spark.lake.contracts import CENTROID, IMAGE_ID, UI_CENTROIDS, UI_MEMBERS, UIC_ID
+    from ers_spark.lake.session import build_session
+    from ers_spark.lake.tables import read_table
+
+    spark = build_session(cfg, "scale")
+    members = read_table(spark, cfg, UI_MEMBERS).where(F.col(UIC_ID) == uic_id).select(IMAGE_ID).toArrow()
+    rows = np.sort(np.asarray([int(s[1:]) for s in members.column(IMAGE_ID).to_pylist()]))
+    centroid = read_table(spark, cfg, UI_CENTROIDS).where(F.col(UIC_ID) == uic_id).first()[CENTROID]
+    return rows, np.asarray(centroid, np.float64)
+
+
+def unit_mean(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    s = x[rows].astype(np.float64).sum(axis=0)
+    return s / np.linalg.norm(s)
+
+
+def one_size(n: int) -> dict[str, Any]:
+    from ers_spark.config import load_config
+    from ers_spark.core.neighbours import jaccard
+
+    root = WORK / str(n)
+    shutil.rmtree(root, ignore_errors=True)
+    planted_uic, generate_s = write_input(n, root / "input")
+    result: dict[str, Any] = {"n": n, "generate_s": round(generate_s, 1)}
+    with JvmPeakRss() as jvm:
+        cfg = load_config(overrides=overrides(n, root, root / "input"))
+        result.update(run_stages(cfg))
+        members, uic = stored_ui(cfg, result.pop("uic_id"))
+    result["driver_python_peak_mib"] = round(python_peak_mib(), 1)
+    result["driver_jvm_peak_mib"] = round(jvm.peak / 2**20, 1)
+    planted = planted_ui_ids(n)
+    result["ui_members"] = int(members.size)
+    result["jaccard_vs_planted"] = round(jaccard(members, planted), 6)
+    result["uic_cos_vs_planted"] = round(float(uic @ planted_uic), 6)
+    result["pair_comparisons"] = int(result["locate_ui_counts"].get("pair_comparisons", 0))
+    result.update(baselines(n, root, members, uic))
+    return result
+
+
+def baselines(n: int, root: Path, members: np.ndarray, uic: np.ndarray) -> dict[str, Any]:
+    """faiss + scipy baseline at every size; exact single linkage where it is feasible (1e5)."""
+    from ers_spark.core.neighbours import jaccard
+
+    x = load_all(root / "input")
+    out: dict[str, Any] = {}
+    faiss_members, faiss_s = faiss_baseline(x)
+    out.update(faiss_s=round(faiss_s, 1), faiss_jaccard_vs_planted=round(jaccard(faiss_members, planted_ui_ids(n)), 6))
+    if n <= 100_000:
+        start = time.perf_counter()
+        ref = exact_ui(x)
+        out.update(exact_s=round(time.perf_counter() - start, 1), jaccard_vs_exact=round(jaccard(members, ref), 6),
+                   uic_cos_vs_exact=round(float(uic @ unit_mean(x, ref)), 6), exact_pair_comparisons=n * (n - 1) // 2)
+    return out
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def growth(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
+    return round(float(np.log(b[key] / a[key]) / np.log(b["n"] / a["n"])), 3)
+
+
+def summarise(sizes: list[dict[str, Any]]) -> dict[str, Any]:
+    by_n = {s["n"]: s for s in sizes}
+    out: dict[str, Any] = {
+        "min_jaccard": min(min(s["jaccard_vs_planted"], s.get("jaccard_vs_exact", 1.0)) for s in sizes),
+        "min_uic_cos": min(min(s["uic_cos_vs_planted"], s.get("uic_cos_vs_exact", 1.0)) for s in sizes),
+    }
+    if 1_000_000 in by_n:
+        out["ratio_vs_faiss_1e6"] = round(by_n[1_000_000]["locate_ui_s"] / by_n[1_000_000]["faiss_s"], 3)
+    if 10_000_000 in by_n:
+        big = by_n[10_000_000]
+        out["locate_ui_s_1e7"] = big["locate_ui_s"]
+        out["ratio_vs_faiss_1e7"] = round(big["locate_ui_s"] / big["faiss_s"], 3)
+        if 1_000_000 in by_n:
+            exps = {f"growth_exponent_1e6_1e7_{k}": growth(by_n[1_000_000], big, f"{k}_s")
+                    for k in ("import", "locate_ui", "score", "clean")}
+            out.update(exps)
+            out["max_growth_exponent_1e6_1e7"] = max(exps.values())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one is not None:
+        print("RESULT " + json.dumps(one_size(args.one)), flush=True)
+        return
+    previous = json.loads(OUT.read_text()) if OUT.exists() else {}
+    sizes = {s["n"]: s for s in previous.get("sizes", [])}
+    for n in (int(s) for s in args.sizes.split(",")):
+        proc = subprocess.run([sys.executable, __file__, "--one", str(n)], capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            sys.stderr.write(proc.stderr[-5000:])
+            raise SystemExit(f"size {n} failed (exit {proc.returncode})")
+        sizes[n] = json.loads(line[len("RESULT "):])
+        ordered = [sizes[k] for k in sorted(sizes)]
+        OUT.write_text(json.dumps({"machine": machine(), "eps": EPS, "ui_share": UI_SHARE,
+                                   **summarise(ordered), "sizes": ordered}, indent=2) + "\n")
+        print(json.dumps(sizes[n]), flush=True)
+
+
+def machine() -> dict[str, Any]:
+    import pyspark
+
+    return {"cores": os.cpu_count(), "python": platform.python_version(), "pyspark": pyspark.__version__,
+            "master": "local[*]", "platform": platform.platform()}
+
+
+if __name__ == "__main__":
+    main()
