@@ -240,6 +240,9 @@ def one_size(n: int) -> dict[str, Any]:
         cfg = load_config(overrides=overrides(n, root, root / "input"))
         result.update(run_stages(cfg))
         members, uic = stored_ui(cfg, result.pop("uic_id"))
+        from pyspark.sql import SparkSession
+
+        SparkSession.builder.getOrCreate().stop()  # free the JVM's memory for the single-process baselines
     result["driver_python_peak_mib"] = round(python_peak_mib(), 1)
     result["driver_jvm_peak_mib"] = round(jvm.peak / 2**20, 1)
     planted = planted_ui_ids(n)
