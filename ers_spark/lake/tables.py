@@ -234,7 +234,9 @@ def retry_on_conflict(write: Callable[[], T], what: str, retries: int = WRITE_CO
 def merge_insert_new(spark: SparkSession, cfg: ErsConfig, contract: TableContract, df: DataFrame) -> int:
     """Insert the rows whose key is not in the table yet; return how many were inserted.
 
-    Duplicate keys inside ``df`` are collapsed first (MERGE would insert both).
+    Duplicate keys inside ``df`` are collapsed first (MERGE would insert both). Delta reads an
+    insert-only MERGE's source once (one anti-join, no materialisation; tests/test_merge.py counts it),
+    so ``df`` is not copied: crops' image bytes pass through once. Only a conflict retry reads it again.
     """
     source = conform(df, contract).dropDuplicates(list(contract.key))
 
@@ -261,22 +263,35 @@ def merge_sync(
     nothing); with ``delete_scope`` (a SQL condition on the target ``t``), target
     rows in that scope whose key is absent from ``df`` are deleted.
     Returns inserted / updated / deleted counts. A concurrent writer's commit makes it run again.
+    ``df`` is evaluated once (see :func:`materialize_source`), whatever the checks and retries.
     """
+    source = materialize_source(conform(df, contract).dropDuplicates(list(contract.key)))
     return retry_on_conflict(
-        lambda: _merge_sync_once(spark, cfg, contract, df, compare, delete_scope), f"MERGE into {contract.name}"
+        lambda: _merge_sync_once(spark, cfg, contract, source, compare, delete_scope), f"MERGE into {contract.name}"
     )
+
+
+def materialize_source(df: DataFrame) -> DataFrame:
+    """``df`` computed once into a reliable checkpoint in ``spark.checkpoint_dir``, as a DataFrame over those files.
+
+    Why: Delta's MERGE plans its source again (a persisted DataFrame does not spare that), so a source
+    with a Python UDF or a shuffle behind it would run for the no-op check and again for the MERGE and
+    each conflict retry. A reliable checkpoint survives a lost executor (a local one does not); Spark's
+    cleaner deletes its files once the DataFrame is gone (``spark.cleaner.referenceTracking.cleanCheckpoints``).
+    """
+    return df.checkpoint(eager=True)
 
 
 def _merge_sync_once(
     spark: SparkSession,
     cfg: ErsConfig,
     contract: TableContract,
-    df: DataFrame,
+    source: DataFrame,
     compare: tuple[str, ...],
     delete_scope: str | None,
 ) -> dict[str, int]:
+    """One MERGE attempt of :func:`merge_sync` against the table's current snapshot (``source`` is conformed)."""
     target = ensure_table(spark, cfg, contract)
-    source = conform(df, contract).dropDuplicates(list(contract.key))
     current = target.toDF()
     # skip the MERGE entirely when nothing would change: Delta commits a version even for a no-op MERGE
     same = [source[c].eqNullSafe(current[c]) for c in (*contract.key, *compare)]
