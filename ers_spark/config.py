@@ -385,6 +385,19 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class MaintainConfig:
+    """Parameters of ``ers-spark maintain`` (OPTIMIZE + VACUUM of every table)."""
+
+    vacuum_retention_hours: float
+
+    def validate(self, source: str) -> None:
+        if self.vacuum_retention_hours < 0:
+            raise ConfigError(
+                f"maintain.vacuum_retention_hours must be >= 0, got {self.vacuum_retention_hours} (in {source})"
+            )
+
+
+@dataclass(frozen=True)
 class ErsConfig:
     """The whole validated configuration."""
 
@@ -397,6 +410,7 @@ class ErsConfig:
     clean: CleanConfig
     evaluate: EvaluateConfig
     report: ReportConfig
+    maintain: MaintainConfig
     source: str
 
     def validate(self) -> None:

@@ -46,6 +46,10 @@ def stage_runner(name: str) -> Callable[..., dict]:
         from ers_spark.stages.evaluate import run_evaluate
 
         return run_evaluate
+    if name == "maintain":  # not in STAGES: table upkeep (OPTIMIZE + VACUUM), run on its own schedule
+        from ers_spark.stages.maintain import run_maintain
+
+        return run_maintain
     raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
 
 

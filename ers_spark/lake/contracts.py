@@ -99,6 +99,11 @@ class TableContract:
     def columns(self) -> list[str]:
         return [f.name for f in self.schema.fields]
 
+    @property
+    def cluster_by(self) -> tuple[str, ...]:
+        """Delta liquid clustering columns: image_id wherever the table has it (every MERGE joins on it)."""
+        return (IMAGE_ID,) if IMAGE_ID in self.columns else ()
+
 
 def _fields(*fields: tuple[str, DataType, bool]) -> StructType:
     return StructType([StructField(name, dtype, nullable) for name, dtype, nullable in fields])
@@ -291,6 +296,9 @@ EVAL_TABLES: dict[str, TableContract] = {c.name: c for c in (EVAL_RUNS, EVAL_MET
 ALL_TABLES: dict[str, TableContract] = {
     c.name: c for c in (CROPS, EMBEDDINGS, UI_CENTROIDS, UI_MEMBERS, SCORES, CLEANED, QUARANTINE, RUNS)
 }
+
+# every table ers-spark writes (`ers-spark maintain` and `ers-spark sql` go through them all)
+LAKE_TABLES: dict[str, TableContract] = {**ALL_TABLES, **EVAL_TABLES}
 
 
 def same_type(actual: DataType, expected: DataType) -> bool:

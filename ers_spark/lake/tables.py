@@ -50,10 +50,16 @@ def register_table(spark: SparkSession, cfg: ErsConfig, contract: TableContract)
 def ensure_table(
     spark: SparkSession, cfg: ErsConfig, contract: TableContract, properties: dict[str, str] | None = None
 ) -> DeltaTable:
-    """Create the table with its contract schema when absent, register it, and return it."""
+    """Create the table with its contract schema when absent, register it, and return it.
+
+    A new table with an image_id column is created with Delta liquid clustering on it, so OPTIMIZE
+    (``ers-spark maintain``) lays files out by image_id and lookups by id skip files.
+    """
     path = table_path(cfg, contract)
     if not DeltaTable.isDeltaTable(spark, path):
         builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(contract.schema)
+        if contract.cluster_by:
+            builder = builder.clusterBy(*contract.cluster_by)
         builder = builder.property("ers.contract", contract.name)
         for key, value in (properties or {}).items():
             builder = builder.property(key, value)
@@ -158,6 +164,14 @@ def table_version(spark: SparkSession, cfg: ErsConfig, contract: TableContract) 
         return None
     row = DeltaTable.forPath(spark, path).history(1).select("version").first()
     return int(row[0]) if row is not None else None
+
+
+def file_count(spark: SparkSession, path: str) -> int:
+    """Data files in the table's latest snapshot (from the Delta log when reachable)."""
+    snapshot = _delta_snapshot(spark, path)
+    if snapshot is not None:
+        return int(snapshot.numOfFiles())
+    return int(DeltaTable.forPath(spark, path).detail().select("numFiles").first()[0])
 
 
 def table_properties(spark: SparkSession, path: str, keys: Iterable[str]) -> dict[str, str | None]:
