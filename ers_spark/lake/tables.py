@@ -17,7 +17,9 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ers_spark.config import ErsConfig
-from ers_spark.lake.contracts import RUNS, TableContract, check_contract
+from ers_spark.lake.contracts import (
+    CROPS, IDENTITY, IMAGE_ID, IMPORTED_SOURCES, RUNS, SOURCE_PATH, TableContract, check_contract,
+)
 from ers_spark.errors import ContractError
 
 log = logging.getLogger("ers_spark")
@@ -135,6 +137,23 @@ def read_table(spark: SparkSession, cfg: ErsConfig, contract: TableContract, hin
     df = spark.read.format("delta").load(path)
     check_contract(df, contract, f"input table '{contract.name}' at {path}")
     return df
+
+
+def image_labels(spark: SparkSession, cfg: ErsConfig) -> DataFrame:
+    """(image_id, source_path, identity) of every image the lake knows, one row per id (empty when none).
+
+    Why one helper: ingested images carry these in ``crops`` (only these three columns are scanned,
+    never the bytes), imported vectors in ``imported_sources``; score, clean, evaluate and report read
+    labels here, so they run on a lake without images. Where both tables hold an id, crops win.
+    """
+    columns = [IMAGE_ID, SOURCE_PATH, IDENTITY]
+    parts = [read_table(spark, cfg, c).select(*columns) for c in (CROPS, IMPORTED_SOURCES) if table_exists(spark, cfg, c)]
+    if not parts:
+        return spark.createDataFrame([], f"{IMAGE_ID} string, {SOURCE_PATH} string, {IDENTITY} string")
+    if len(parts) == 1:
+        return parts[0]
+    crops, imported = parts
+    return crops.unionByName(imported.join(crops.select(IMAGE_ID), IMAGE_ID, "left_anti"))
 
 
 def _delta_snapshot(spark: SparkSession, path: str) -> Any | None:
