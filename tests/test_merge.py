@@ -1,7 +1,7 @@
 """Each MERGE evaluates its source once: a Python UDF in the source counts its rows through an Accumulator.
 
-Delta's MERGE plans its source again for each pass (a persisted DataFrame does not help), and merge_sync's
-no-op check is one more pass; an embed or score source costs a model run or a shuffle per pass.
+merge_sync's no-op check reads its source, Delta's MERGE reads it again, and so does a conflict retry; an
+embed or score source costs a model run or a shuffle per read unless it is materialised once.
 """
 
 from __future__ import annotations

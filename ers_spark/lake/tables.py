@@ -307,10 +307,12 @@ def merge_sync(
 def materialize_source(df: DataFrame) -> DataFrame:
     """``df`` computed once into a reliable checkpoint in ``spark.checkpoint_dir``, as a DataFrame over those files.
 
-    Why: Delta's MERGE plans its source again (a persisted DataFrame does not spare that), so a source
-    with a Python UDF or a shuffle behind it would run for the no-op check and again for the MERGE and
-    each conflict retry. A reliable checkpoint survives a lost executor (a local one does not); Spark's
-    cleaner deletes its files once the DataFrame is gone (``spark.cleaner.referenceTracking.cleanCheckpoints``).
+    Why: the no-op check reads the source, Delta's MERGE reads it again and so does a conflict retry;
+    a source with a Python UDF or a shuffle behind it would run each time. A cache spares that only while
+    its blocks last (evicted, or lost with an executor, the plan runs again); a reliable checkpoint is
+    read back from files whatever happens (a local one is lost with its executor), and Spark's cleaner
+    deletes them once the DataFrame is gone (``spark.cleaner.referenceTracking.cleanCheckpoints``).
+    The price: the source is written once to the checkpoint dir (merge_sync's sources hold no image bytes).
     """
     return df.checkpoint(eager=True)
 
