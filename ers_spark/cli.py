@@ -1,4 +1,4 @@
-"""``ers-spark`` command line: one sub-command per stage, plus ``run``, ``demo``, ``sql`` and ``report``.
+"""``ers-spark`` command line: one sub-command per stage, plus ``run``, ``demo``, ``sql``, ``report`` and ``maintain``.
 
 Usage: ``ers-spark STAGE [--config conf.yaml] [section.key=value ...]``. The
 spark-submit scripts in ``jobs/`` call :func:`main` with their stage name.
@@ -19,7 +19,7 @@ from ers_spark.config import load_config
 from ers_spark.errors import ErsUserError, user_error_from_executor
 from ers_spark.pipeline import STAGES, run_pipeline, run_stage
 
-COMMANDS = STAGES + ("evaluate", "run", "demo", "sql", "report")
+COMMANDS = STAGES + ("import-embeddings", "evaluate", "maintain", "run", "demo", "sql", "report")
 
 
 def check_java() -> None:
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         "locate-ui": "embeddings -> ui_centroids, ui_members (unrecognizable-identity cluster)",
         "score": "embeddings + UIC -> scores (ERS per image, calibrated gamma)",
         "clean": "scores -> cleaned and quarantine tables",
+        "import-embeddings": "your own vectors (Parquet/Delta: id, vector[, identity, path]) -> embeddings, "
+                             "imported_sources (instead of ingest + embed)",
+        "maintain": "OPTIMIZE (clustering by image_id) + VACUUM every table, catalog kept in sync",
         "evaluate": "embeddings + scores + identities (or a pairs file) -> eval_runs, eval_metrics, eval_curves",
         "run": "the whole pipeline: ingest -> embed -> locate-ui -> score -> clean",
         "demo": "build a demo dataset from images an installed package ships and run the pipeline",

@@ -394,6 +394,50 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ImportEmbeddingsConfig:
+    """Parameters of ``ers-spark import-embeddings`` (a user's vector table -> embeddings, imported_sources)."""
+
+    input_path: str | None
+    input_format: str
+    id_column: str
+    vector_column: str
+    identity_column: str | None
+    path_column: str | None
+    model_name: str | None
+    model_version: str | int | float | None  # YAML reads 3 or 1.5 as numbers; the stage stores the text
+
+    def validate(self, source: str) -> None:
+        if self.input_format not in ("parquet", "delta"):
+            raise ConfigError(
+                f"import_embeddings.input_format must be 'parquet' or 'delta', got {self.input_format!r} (in {source})"
+            )
+
+    def require(self, source: str) -> None:
+        """The keys the import needs and other stages do not: the input and the model that made the vectors."""
+        for key in ("input_path", "model_name", "model_version"):
+            if not getattr(self, key):
+                raise ConfigError(
+                    f"import_embeddings.{key} is required for import-embeddings (in {source}); "
+                    f"pass import_embeddings.{key}=..."
+                )
+        if "://" not in str(self.input_path) and not Path(str(self.input_path)).exists():
+            raise ConfigError(f"import_embeddings.input_path: {self.input_path!r} does not exist (in {source})")
+
+
+@dataclass(frozen=True)
+class MaintainConfig:
+    """Parameters of ``ers-spark maintain`` (OPTIMIZE + VACUUM of every table)."""
+
+    vacuum_retention_hours: float
+
+    def validate(self, source: str) -> None:
+        if self.vacuum_retention_hours < 0:
+            raise ConfigError(
+                f"maintain.vacuum_retention_hours must be >= 0, got {self.vacuum_retention_hours} (in {source})"
+            )
+
+
+@dataclass(frozen=True)
 class ErsConfig:
     """The whole validated configuration."""
 
@@ -406,6 +450,8 @@ class ErsConfig:
     clean: CleanConfig
     evaluate: EvaluateConfig
     report: ReportConfig
+    import_embeddings: ImportEmbeddingsConfig
+    maintain: MaintainConfig
     source: str
 
     def validate(self) -> None:

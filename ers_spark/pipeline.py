@@ -46,7 +46,21 @@ def stage_runner(name: str) -> Callable[..., dict]:
         from ers_spark.stages.evaluate import run_evaluate
 
         return run_evaluate
+    if name == "import-embeddings":  # not in STAGES: `run` starts from images; this replaces ingest + embed
+        from ers_spark.stages.import_embeddings import run_import_embeddings
+
+        return run_import_embeddings
+    if name == "maintain":  # not in STAGES: table upkeep (OPTIMIZE + VACUUM), run on its own schedule
+        from ers_spark.stages.maintain import run_maintain
+
+        return run_maintain
     raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
+
+
+def check_stage_config(cfg: ErsConfig, stage: str) -> None:
+    """Keys only this stage needs, checked before its JVM starts: a missing one is a one-line error at once."""
+    if stage == "import-embeddings":
+        cfg.import_embeddings.require(cfg.source)
 
 
 def run_stage(cfg: ErsConfig, stage: str) -> dict:
@@ -54,6 +68,7 @@ def run_stage(cfg: ErsConfig, stage: str) -> dict:
     from ers_spark.lake.progress import stage_progress
     from ers_spark.lake.session import build_session
 
+    check_stage_config(cfg, stage)
     spark = build_session(cfg, stage)
     with stage_progress(spark, stage):
         return stage_runner(stage)(spark, cfg)

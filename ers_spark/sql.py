@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ers_spark.config import ErsConfig
-from ers_spark.lake.contracts import ALL_TABLES, EVAL_TABLES
+from ers_spark.lake.contracts import LAKE_TABLES
 from ers_spark.lake.tables import register_table, table_exists
 from ers_spark.lake.session import build_session
 
@@ -12,7 +12,7 @@ def register_existing_tables(cfg: ErsConfig) -> list[str]:
     """(Re-)register every table that exists under storage.root, e.g. after the metastore was moved."""
     spark = build_session(cfg, "sql")
     names = []
-    for contract in (*ALL_TABLES.values(), *EVAL_TABLES.values()):
+    for contract in LAKE_TABLES.values():
         if table_exists(spark, cfg, contract):
             register_table(spark, cfg, contract)
             names.append(contract.name)

@@ -98,7 +98,7 @@ def test_one_run_row_with_gamma_and_inputs(evaluated) -> None:
     assert len(runs) == 1 and runs.run_id[0] == record["run_id"]
     assert runs.pairs_source[0] == "identities" and runs.model[0] == "synthetic 1"
     assert 0 <= runs.gamma[0] <= 1 and runs.gamma[0] == record["params"]["gamma"]
-    assert set(json.loads(runs.input_versions[0])) == {"embeddings", "scores", "crops", "ui_centroids"}
+    assert set(json.loads(runs.input_versions[0])) == {"embeddings", "scores", "crops", "imported_sources", "ui_centroids"}
     assert json.loads(runs.params[0])["template_size"] == 4
     assert set(tables["eval_metrics"].run_id) == set(tables["eval_curves"].run_id) == {record["run_id"]}
 

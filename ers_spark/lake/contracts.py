@@ -76,6 +76,7 @@ INPUT_VERSIONS = "input_versions"
 OUTPUT_VERSIONS = "output_versions"
 SECONDS = "seconds"
 STARTED_AT = "started_at"
+IMPORTED_AT = "imported_at"
 
 # quarantine reasons
 REASON_UNDECODABLE = "undecodable"
@@ -85,6 +86,14 @@ REASON_UNRECOGNIZABLE = "unrecognizable"
 REASON_LABEL_NOISE = "label_noise"
 REASON_NO_FACE = "no_face"
 REASON_IDENTITY_CONFLICT = "identity_conflict"  # same bytes as a crop labelled with another identity
+# import-embeddings: rows of a user's vector table that cannot become embeddings
+REASON_NULL_ID = "null_id"
+REASON_EMPTY_VECTOR = "empty_vector"  # null or zero-length vector
+REASON_WRONG_DIMENSION = "wrong_dimension"  # not the dimension of the model's stored rows (or the input's majority)
+REASON_NON_FINITE = "non_finite"  # a NaN or infinite component
+REASON_ZERO_VECTOR = "zero_vector"  # norm 0: no direction to compare
+REASON_DUPLICATE_ID = "duplicate_id"  # one id, several different rows (vector, identity or path)
+REASON_CHANGED_VECTOR = "changed_vector"  # differs from the vector stored for this id and model version
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,11 @@ class TableContract:
     @property
     def columns(self) -> list[str]:
         return [f.name for f in self.schema.fields]
+
+    @property
+    def cluster_by(self) -> tuple[str, ...]:
+        """Delta liquid clustering columns: image_id wherever the table has it (every MERGE joins on it)."""
+        return (IMAGE_ID,) if IMAGE_ID in self.columns else ()
 
 
 def _fields(*fields: tuple[str, DataType, bool]) -> StructType:
@@ -285,12 +299,32 @@ EVAL_CURVES = TableContract(
     key=(RUN_ID, CURVE, METHOD, POINT_INDEX),
 )
 
+# written by `ers-spark import-embeddings` (bring your own vectors): what the crops table holds for ingested
+# images, without bytes; score, clean, evaluate and report read both through lake.tables.image_labels
+IMPORTED_SOURCES = TableContract(
+    "imported_sources",
+    _fields(
+        (IMAGE_ID, StringType(), False),
+        (SOURCE_PATH, StringType(), True),
+        (IDENTITY, StringType(), True),
+        (MODEL_NAME, StringType(), False),
+        (MODEL_VERSION, StringType(), False),
+        (IMPORTED_AT, TimestampType(), False),
+    ),
+)
+
+# the tables an image's identity and source path come from: crops (ingested images), imported_sources (vectors)
+LABEL_TABLES = (CROPS, IMPORTED_SOURCES)
+
 # kept apart from ALL_TABLES: `ers-spark run` never writes them
 EVAL_TABLES: dict[str, TableContract] = {c.name: c for c in (EVAL_RUNS, EVAL_METRICS, EVAL_CURVES)}
 
 ALL_TABLES: dict[str, TableContract] = {
     c.name: c for c in (CROPS, EMBEDDINGS, UI_CENTROIDS, UI_MEMBERS, SCORES, CLEANED, QUARANTINE, RUNS)
 }
+
+# every table ers-spark writes (`ers-spark maintain` and `ers-spark sql` go through them all)
+LAKE_TABLES: dict[str, TableContract] = {**ALL_TABLES, IMPORTED_SOURCES.name: IMPORTED_SOURCES, **EVAL_TABLES}
 
 
 def same_type(actual: DataType, expected: DataType) -> bool:

@@ -17,7 +17,9 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ers_spark.config import ErsConfig
-from ers_spark.lake.contracts import RUNS, TableContract, check_contract
+from ers_spark.lake.contracts import (
+    CROPS, IDENTITY, IMAGE_ID, IMPORTED_SOURCES, RUNS, SOURCE_PATH, TableContract, check_contract,
+)
 from ers_spark.errors import ContractError
 
 log = logging.getLogger("ers_spark")
@@ -50,10 +52,16 @@ def register_table(spark: SparkSession, cfg: ErsConfig, contract: TableContract)
 def ensure_table(
     spark: SparkSession, cfg: ErsConfig, contract: TableContract, properties: dict[str, str] | None = None
 ) -> DeltaTable:
-    """Create the table with its contract schema when absent, register it, and return it."""
+    """Create the table with its contract schema when absent, register it, and return it.
+
+    A new table with an image_id column is created with Delta liquid clustering on it, so OPTIMIZE
+    (``ers-spark maintain``) lays files out by image_id and lookups by id skip files.
+    """
     path = table_path(cfg, contract)
     if not DeltaTable.isDeltaTable(spark, path):
         builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(contract.schema)
+        if contract.cluster_by:
+            builder = builder.clusterBy(*contract.cluster_by)
         builder = builder.property("ers.contract", contract.name)
         for key, value in (properties or {}).items():
             builder = builder.property(key, value)
@@ -131,6 +139,23 @@ def read_table(spark: SparkSession, cfg: ErsConfig, contract: TableContract, hin
     return df
 
 
+def image_labels(spark: SparkSession, cfg: ErsConfig) -> DataFrame:
+    """(image_id, source_path, identity) of every image the lake knows, one row per id (empty when none).
+
+    Why one helper: ingested images carry these in ``crops`` (only these three columns are scanned,
+    never the bytes), imported vectors in ``imported_sources``; score, clean, evaluate and report read
+    labels here, so they run on a lake without images. Where both tables hold an id, crops win.
+    """
+    columns = [IMAGE_ID, SOURCE_PATH, IDENTITY]
+    parts = [read_table(spark, cfg, c).select(*columns) for c in (CROPS, IMPORTED_SOURCES) if table_exists(spark, cfg, c)]
+    if not parts:
+        return spark.createDataFrame([], f"{IMAGE_ID} string, {SOURCE_PATH} string, {IDENTITY} string")
+    if len(parts) == 1:
+        return parts[0]
+    crops, imported = parts
+    return crops.unionByName(imported.join(crops.select(IMAGE_ID), IMAGE_ID, "left_anti"))
+
+
 def _delta_snapshot(spark: SparkSession, path: str) -> Any | None:
     """The table's latest snapshot from Delta's JVM ``DeltaLog``, or None when that API is not reachable.
 
@@ -158,6 +183,14 @@ def table_version(spark: SparkSession, cfg: ErsConfig, contract: TableContract) 
         return None
     row = DeltaTable.forPath(spark, path).history(1).select("version").first()
     return int(row[0]) if row is not None else None
+
+
+def file_count(spark: SparkSession, path: str) -> int:
+    """Data files in the table's latest snapshot (from the Delta log when reachable)."""
+    snapshot = _delta_snapshot(spark, path)
+    if snapshot is not None:
+        return int(snapshot.numOfFiles())
+    return int(DeltaTable.forPath(spark, path).detail().select("numFiles").first()[0])
 
 
 def table_properties(spark: SparkSession, path: str, keys: Iterable[str]) -> dict[str, str | None]:
@@ -234,7 +267,9 @@ def retry_on_conflict(write: Callable[[], T], what: str, retries: int = WRITE_CO
 def merge_insert_new(spark: SparkSession, cfg: ErsConfig, contract: TableContract, df: DataFrame) -> int:
     """Insert the rows whose key is not in the table yet; return how many were inserted.
 
-    Duplicate keys inside ``df`` are collapsed first (MERGE would insert both).
+    Duplicate keys inside ``df`` are collapsed first (MERGE would insert both). Delta reads an
+    insert-only MERGE's source once (one anti-join, no materialisation; tests/test_merge.py counts it),
+    so ``df`` is not copied: crops' image bytes pass through once. Only a conflict retry reads it again.
     """
     source = conform(df, contract).dropDuplicates(list(contract.key))
 
@@ -261,22 +296,37 @@ def merge_sync(
     nothing); with ``delete_scope`` (a SQL condition on the target ``t``), target
     rows in that scope whose key is absent from ``df`` are deleted.
     Returns inserted / updated / deleted counts. A concurrent writer's commit makes it run again.
+    ``df`` is evaluated once (see :func:`materialize_source`), whatever the checks and retries.
     """
+    source = materialize_source(conform(df, contract).dropDuplicates(list(contract.key)))
     return retry_on_conflict(
-        lambda: _merge_sync_once(spark, cfg, contract, df, compare, delete_scope), f"MERGE into {contract.name}"
+        lambda: _merge_sync_once(spark, cfg, contract, source, compare, delete_scope), f"MERGE into {contract.name}"
     )
+
+
+def materialize_source(df: DataFrame) -> DataFrame:
+    """``df`` computed once into a reliable checkpoint in ``spark.checkpoint_dir``, as a DataFrame over those files.
+
+    Why: the no-op check reads the source, Delta's MERGE reads it again and so does a conflict retry;
+    a source with a Python UDF or a shuffle behind it would run each time. A cache spares that only while
+    its blocks last (evicted, or lost with an executor, the plan runs again); a reliable checkpoint is
+    read back from files whatever happens (a local one is lost with its executor), and Spark's cleaner
+    deletes them once the DataFrame is gone (``spark.cleaner.referenceTracking.cleanCheckpoints``).
+    The price: the source is written once to the checkpoint dir (merge_sync's sources hold no image bytes).
+    """
+    return df.checkpoint(eager=True)
 
 
 def _merge_sync_once(
     spark: SparkSession,
     cfg: ErsConfig,
     contract: TableContract,
-    df: DataFrame,
+    source: DataFrame,
     compare: tuple[str, ...],
     delete_scope: str | None,
 ) -> dict[str, int]:
+    """One MERGE attempt of :func:`merge_sync` against the table's current snapshot (``source`` is conformed)."""
     target = ensure_table(spark, cfg, contract)
-    source = conform(df, contract).dropDuplicates(list(contract.key))
     current = target.toDF()
     # skip the MERGE entirely when nothing would change: Delta commits a version even for a no-op MERGE
     same = [source[c].eqNullSafe(current[c]) for c in (*contract.key, *compare)]

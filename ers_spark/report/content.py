@@ -71,7 +71,7 @@ class Crop:
     recognizable: bool
     identity: str | None
     source_path: str | None
-    image_bytes: bytes
+    image_bytes: bytes | None  # None: an imported vector, no image in the lake
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class BandView:
 def _thumb_cells(crops: list[Crop], thumbnail_px: int) -> list[ThumbCell]:
     cells = []
     for crop in crops:
-        jpeg = thumbnail_jpeg(crop.image_bytes, thumbnail_px)
+        jpeg = thumbnail_jpeg(crop.image_bytes, thumbnail_px) if crop.image_bytes is not None else None
         tooltip = f"{crop.source_path or crop.image_id} · ERS {crop.ers:.4f}"
         cells.append(ThumbCell(crop, data_uri(jpeg, "image/jpeg") if jpeg is not None else None, tooltip))
     return cells

@@ -93,7 +93,7 @@ gamma <strong>{{ "%.4f"|format(s.gamma) }}</strong>{% if s.gamma_method %} ({{ s
 <h3>{{ band.title }}</h3>
 {% if band.cells %}<div class="thumbs">
 {% for cell in band.cells %}<figure class="{{ 'rec' if cell.crop.recognizable else 'unrec' }}" title="{{ cell.tooltip }}">
-{% if cell.uri %}<img alt="crop {{ cell.crop.image_id }}" src="{{ cell.uri }}">{% else %}<div class="undecodable">cannot decode</div>{% endif %}
+{% if cell.uri %}<img alt="crop {{ cell.crop.image_id }}" src="{{ cell.uri }}">{% elif cell.crop.image_bytes is none %}<div class="undecodable">no image (imported vector)</div>{% else %}<div class="undecodable">cannot decode</div>{% endif %}
 <figcaption>{{ "%.4f"|format(cell.crop.ers) }}{% if cell.crop.identity %} · {{ cell.crop.identity }}{% endif %}</figcaption>
 </figure>
 {% endfor %}</div>{% else %}<p class="note">No crop in this band.</p>{% endif %}

@@ -41,12 +41,12 @@ from ers_spark.config import CleanConfig, ErsConfig
 from ers_spark.lake.contracts import (
     CLEANED,
     CLEANED_AT,
-    CROPS,
     EMBEDDING,
     EMBEDDINGS,
     ERS,
     IDENTITY,
     IMAGE_ID,
+    LABEL_TABLES,
     MODEL_NAME,
     MODEL_VERSION,
     QUARANTINE,
@@ -64,6 +64,7 @@ from ers_spark.lake.contracts import (
 from ers_spark.lake.tables import (
     StageRun,
     ensure_table,
+    image_labels,
     latest_model,
     merge_sync,
     of_model,
@@ -365,11 +366,11 @@ def run_clean(spark: SparkSession, cfg: ErsConfig) -> dict:
     scores_all = read_table(spark, cfg, SCORES, hint="run `ers-spark score` first")
     model = latest_model(scores_all, time_column=SCORED_AT)[:2]
     scores = scores_all.where(of_model(model))
-    crops = read_table(spark, cfg, CROPS).select(IMAGE_ID, SOURCE_PATH, IDENTITY)
+    labels = image_labels(spark, cfg)
     run = StageRun(STAGE_NAME, params={**asdict(params), "model": list(model)})
-    run.input_versions = {SCORES.name: table_version(spark, cfg, SCORES), CROPS.name: table_version(spark, cfg, CROPS)}
+    run.input_versions = {c.name: table_version(spark, cfg, c) for c in (SCORES, *LABEL_TABLES)}
 
-    rows = scores.select(IMAGE_ID, ERS, RECOGNIZABLE, UIC_ID, MODEL_NAME, MODEL_VERSION).join(crops, IMAGE_ID, "left")
+    rows = scores.select(IMAGE_ID, ERS, RECOGNIZABLE, UIC_ID, MODEL_NAME, MODEL_VERSION).join(labels, IMAGE_ID, "left")
     embeddings = read_table(spark, cfg, EMBEDDINGS).where(of_model(model)) if params.label_noise else None
     decided, check = decide(rows, embeddings, params)
     decided = decided.cache()

@@ -1,7 +1,8 @@
 """Evaluate stage: what ERS does for recognition, measured on Spark and written to ``eval_*`` tables.
 
 Reads ``embeddings`` (one model), ``scores`` (one UIC: ``score.uic_id`` or the
-newest) and ``crops`` (identities). Comparisons are built and scored on Spark:
+newest) and identities (``crops`` or ``imported_sources``, through
+:func:`ers_spark.lake.tables.image_labels`). Comparisons are built and scored on Spark:
 genuine pairs within identities (capped per identity, seeded), impostor pairs
 by seeded random blocking (a hash bucket per image, pairs within a bucket; never
 a full cross join), or the pairs of a user file. Only the comparison scores (a
@@ -38,7 +39,6 @@ from ers_spark.core import metrics
 from ers_spark.core.ers import threshold_at_far
 from ers_spark.errors import ContractError, ErsUserError
 from ers_spark.lake.contracts import (
-    CROPS,
     EMBEDDING,
     EMBEDDINGS,
     ERS,
@@ -47,13 +47,14 @@ from ers_spark.lake.contracts import (
     EVAL_RUNS,
     IDENTITY,
     IMAGE_ID,
+    LABEL_TABLES,
     RAW_NORM,
     SCORES,
     SOURCE_PATH,
     UI_CENTROIDS,
     UIC_ID,
 )
-from ers_spark.lake.tables import StageRun, append, latest_model, of_model, read_table, table_version
+from ers_spark.lake.tables import StageRun, append, image_labels, latest_model, of_model, read_table, table_version
 from ers_spark.stages.score import select_centroid
 
 STAGE_NAME = "evaluate"
@@ -135,16 +136,17 @@ def load_images(spark: SparkSession, cfg: ErsConfig, params: EvaluateParams) -> 
         raise ContractError(
             f"no scores for UIC {centroid.uic_id} of model {model[0]} {model[1]}: run `ers-spark score` first"
         )
-    crops = read_table(spark, cfg, CROPS, hint="run `ers-spark ingest` first").select(IMAGE_ID, IDENTITY, SOURCE_PATH)
+    labels = image_labels(spark, cfg).select(IMAGE_ID, IDENTITY, SOURCE_PATH)
     images = (
         embeddings_all.where(in_model).select(IMAGE_ID, EMBEDDING, RAW_NORM)
         .join(scores.select(IMAGE_ID, ERS), IMAGE_ID)
-        .join(crops, IMAGE_ID, "left")
+        .join(labels, IMAGE_ID, "left")
     )
+    read = (EMBEDDINGS, SCORES, *LABEL_TABLES, UI_CENTROIDS)
     context = {
         "model": f"{model[0]} {model[1]}",
         "uic_id": centroid.uic_id,
-        "input_versions": {c.name: table_version(spark, cfg, c) for c in (EMBEDDINGS, SCORES, CROPS, UI_CENTROIDS)},
+        "input_versions": {c.name: table_version(spark, cfg, c) for c in read},
     }
     return images, context
 
@@ -288,7 +290,8 @@ def build_pairs(spark: SparkSession, images: DataFrame, params: EvaluateConfig, 
     if counts["genuine_pairs"] == 0 or counts["impostor_pairs"] == 0:
         raise ErsUserError(
             f"evaluate needs genuine and impostor pairs, got {counts['genuine_pairs']} and {counts['impostor_pairs']}: "
-            "label the crops with identities (2+ images for 2+ identities) or pass evaluate.pairs_path"
+            "label the crops (or the imported vectors) with identities (2+ images for 2+ identities) or pass "
+            "evaluate.pairs_path"
         )
     return scored
 

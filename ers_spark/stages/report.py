@@ -2,7 +2,7 @@
 
 Only aggregates and capped samples reach the driver: histogram counts per bin,
 ``report.thumbnails_per_band`` crops per ERS band (their bytes joined from
-``crops`` after the limit), ``report.map_sample_rows`` embeddings for the map,
+``crops`` after the limit; imported vectors have none and show no picture), ``report.map_sample_rows`` embeddings for the map,
 quarantine counts per reason, the newest run per stage, and for ``evaluate``
 its newest run's metrics and curves (thinned to ``report.curve_points`` each).
 The page itself is drawn by :mod:`ers_spark.report` (no Spark there). The
@@ -28,10 +28,10 @@ from ers_spark.config import ErsConfig
 from ers_spark.errors import ContractError
 from ers_spark.lake.contracts import (
     ALL_TABLES, BYTES, CENTROID, CLEANED, CROPS, EMBEDDING, EMBEDDINGS, EPS, ERS, GAMMA, GAMMA_METHOD, IDENTITY,
-    IMAGE_ID, METHOD, MODEL_NAME, MODEL_VERSION, QUARANTINE, REASON, RECOGNIZABLE, RUNS, SCORED_AT, SCORES,
+    IMAGE_ID, IMPORTED_SOURCES, METHOD, MODEL_NAME, MODEL_VERSION, QUARANTINE, REASON, RECOGNIZABLE, RUNS, SCORED_AT, SCORES,
     SOURCE_PATH, STAGE, STARTED_AT, UI_CENTROIDS, UI_MEMBERS, UIC_ID, TableContract,
 )
-from ers_spark.lake.tables import of_model, read_table, table_exists, table_version
+from ers_spark.lake.tables import image_labels, of_model, read_table, table_exists, table_version
 from ers_spark.report.content import (
     BAND_ABOVE_GAMMA, BAND_BELOW_GAMMA, BAND_HIGHEST, BAND_LOWEST, BANDS, Band, Counts, Crop, Curve, EvalRun,
     Evaluation, Histogram, MapSample, Metric, QuarantineCount, ReportContent, RunSummary, Scoring,
@@ -128,15 +128,24 @@ def band_picks(scores: DataFrame, gamma: float, per_band: int) -> DataFrame:
     return reduce(DataFrame.unionByName, parts)
 
 
-def read_bands(crops: DataFrame, scores: DataFrame, gamma: float, per_band: int) -> list[Band]:
-    """The crops of every band with their bytes (joined after the limit: at most 4 x per_band rows)."""
-    picked = band_picks(scores, gamma, per_band)
-    rows = crops.select(IMAGE_ID, IDENTITY, SOURCE_PATH, BYTES).join(F.broadcast(picked), IMAGE_ID).collect()
+def read_bands(labels: DataFrame, crops: DataFrame | None, scores: DataFrame, gamma: float, per_band: int) -> list[Band]:
+    """The images of every band with their labels and, where crops holds them, their bytes.
+
+    Labels and bytes are joined after the limit (at most 4 x per_band ids); an imported vector has no bytes.
+    """
+    picked = band_picks(scores, gamma, per_band).collect()
+    ids = scores.sparkSession.createDataFrame([(i,) for i in {r[IMAGE_ID] for r in picked}], f"{IMAGE_ID} string")
+    named = {r[IMAGE_ID]: r for r in labels.join(F.broadcast(ids), IMAGE_ID).collect()}
+    images = {} if crops is None else {
+        r[IMAGE_ID]: bytes(r[BYTES]) for r in crops.select(IMAGE_ID, BYTES).join(F.broadcast(ids), IMAGE_ID).collect()
+    }
     by_band: dict[str, list[Crop]] = {name: [] for name in BANDS}
-    for row in rows:
+    for row in picked:
+        label = named.get(row[IMAGE_ID])
         by_band[row["band"]].append(
             Crop(image_id=row[IMAGE_ID], ers=float(row[ERS]), recognizable=bool(row[RECOGNIZABLE]),
-                 identity=row[IDENTITY], source_path=row[SOURCE_PATH], image_bytes=bytes(row[BYTES]))
+                 identity=label[IDENTITY] if label else None, source_path=label[SOURCE_PATH] if label else None,
+                 image_bytes=images.get(row[IMAGE_ID]))
         )
     return [Band(name, sorted(by_band[name], key=lambda c: (c.ers, c.image_id))) for name in BANDS]
 
@@ -182,7 +191,7 @@ def read_counts(
         grouped = read_table(spark, cfg, QUARANTINE).groupBy(STAGE, REASON).count().orderBy(STAGE, REASON).collect()
         quarantine = [QuarantineCount(r[STAGE], r[REASON], int(r["count"])) for r in grouped]
     return Counts(
-        crops=scoped["crops"].count(), embeddings=scoped["embeddings"].count(), scored=scored,
+        crops=scoped["crops"].count() if scoped["crops"] is not None else 0, embeddings=scoped["embeddings"].count(), scored=scored,
         recognizable=recognizable, unrecognizable=scored - recognizable, ui_members=scoped["members"].count(),
         cleaned=cleaned, quarantine=quarantine,
     )
@@ -271,7 +280,7 @@ def _group_curves(rows: list) -> list[Curve]:
 
 
 def table_versions(spark: SparkSession, cfg: ErsConfig) -> dict[str, int | None]:
-    contracts = [*ALL_TABLES.values(), *EVAL_TABLES]
+    contracts = [*ALL_TABLES.values(), IMPORTED_SOURCES, *EVAL_TABLES]
     return {c.name: table_version(spark, cfg, c) for c in contracts}
 
 
@@ -284,7 +293,8 @@ def gather_report(spark: SparkSession, cfg: ErsConfig) -> ReportContent:
         "scores": scores_all.where(in_model & (F.col(UIC_ID) == scoring.uic_id)),
         "embeddings": read_table(spark, cfg, EMBEDDINGS).where(in_model),
         "members": read_table(spark, cfg, UI_MEMBERS).where(F.col(UIC_ID) == scoring.uic_id),
-        "crops": read_table(spark, cfg, CROPS),
+        "crops": read_table(spark, cfg, CROPS) if table_exists(spark, cfg, CROPS) else None,
+        "labels": image_labels(spark, cfg),
     }
     totals = score_totals(scoped["scores"])
     counts = read_counts(spark, cfg, scoped, scoring, totals)
@@ -299,7 +309,7 @@ def gather_report(spark: SparkSession, cfg: ErsConfig) -> ReportContent:
         table_versions=table_versions(spark, cfg),
         histogram=read_histogram(scoped["scores"], scoring.gamma, params.histogram_bins,
                                  lowest=totals["lowest"], highest=totals["highest"]),
-        bands=read_bands(scoped["crops"], scoped["scores"], scoring.gamma, params.thumbnails_per_band),
+        bands=read_bands(scoped["labels"], scoped["crops"], scoped["scores"], scoring.gamma, params.thumbnails_per_band),
         map_sample=read_map_sample(
             scoped["embeddings"], scoped["scores"], scoped["members"], centroid,
             rows=params.map_sample_rows, seed=params.seed, scored=counts.scored,

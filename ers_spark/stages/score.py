@@ -30,7 +30,6 @@ from ers_spark.config import ErsConfig, ScoreConfig
 from ers_spark.lake.contracts import (
     CENTROID,
     CREATED_AT,
-    CROPS,
     EMBEDDING,
     EMBEDDINGS,
     ENHANCED_EMBEDDING,
@@ -41,6 +40,7 @@ from ers_spark.lake.contracts import (
     GAMMA_PARAMS,
     IDENTITY,
     IMAGE_ID,
+    LABEL_TABLES,
     MODEL_NAME,
     MODEL_VERSION,
     RECOGNIZABLE,
@@ -55,6 +55,7 @@ from ers_spark.lake.tables import (
     StageRun,
     changed_settings,
     ensure_table,
+    image_labels,
     latest_model,
     merge_sync,
     of_model,
@@ -187,10 +188,10 @@ def identity_sample(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, 
     Why by identity: a uniform row sample of a set with many identities holds almost no genuine pairs.
     Only the sampled rows reach the driver; nothing counts the whole table first.
     """
-    if not table_exists(spark, cfg, CROPS):
+    if not any(table_exists(spark, cfg, c) for c in LABEL_TABLES):
         return pd.DataFrame(columns=[IMAGE_ID, EMBEDDING, IDENTITY])
-    crops = read_table(spark, cfg, CROPS).where(F.col(IDENTITY).isNotNull()).select(IMAGE_ID, IDENTITY)
-    labelled = embeddings.select(IMAGE_ID, EMBEDDING).join(crops, IMAGE_ID)
+    labels = image_labels(spark, cfg).where(F.col(IDENTITY).isNotNull()).select(IMAGE_ID, IDENTITY)
+    labelled = embeddings.select(IMAGE_ID, EMBEDDING).join(labels, IMAGE_ID)
     n_identities = max(2, params.calibration_sample_rows // IMAGES_PER_IDENTITY)
     chosen = seeded_sample(labelled.groupBy(IDENTITY).count().where(F.col("count") >= 2), IDENTITY, n_identities, params.seed)
     order = Window.partitionBy(IDENTITY).orderBy(F.xxhash64(IMAGE_ID, F.lit(params.seed)), IMAGE_ID)
@@ -249,7 +250,7 @@ def calibrate_gamma(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, 
             return _calibrate_with_identities(sample, centroid, params)
         if params.calibration == "identities":
             raise ContractError(
-                "score.calibration=identities needs crops with at least 2 identities of 2+ images each; "
+                "score.calibration=identities needs crops or imported sources with at least 2 identities of 2+ images each; "
                 "use score.calibration=unlabelled or set score.gamma"
             )
     return _calibrate_unlabelled(spark, cfg, embeddings, centroid, params)

@@ -1,0 +1,6 @@
+"""spark-submit entry point: `spark-submit jobs/import_embeddings.py [--config conf.yaml] [section.key=value ...]`."""
+
+from ers_spark.cli import job_main
+
+if __name__ == "__main__":
+    job_main("import-embeddings")
