@@ -11,7 +11,7 @@ from delta.tables import DeltaTable
 
 from ers_spark.errors import ConfigError, ContractError
 from ers_spark.lake.contracts import IMAGE_ID, QUARANTINE, RUNS, UI_MEMBERS, UIC_ID
-from ers_spark.lake.maintenance import RETENTION_CHECK
+from ers_spark.lake.maintenance import LISTING_PARALLELISM, RETENTION_CHECK
 from ers_spark.lake.tables import ensure_table, merge_insert_new, table_path, table_version
 from ers_spark.stages.maintain import run_maintain
 
@@ -61,6 +61,7 @@ def test_maintain_compacts_keeps_rows_vacuums_and_keeps_the_catalog(spark, make_
     before = spark.createDataFrame(spark.read.format("delta").load(path).collect(), UI_MEMBERS.schema)
     files_before, version_before = _files_on_disk(cfg, UI_MEMBERS), table_version(spark, cfg, UI_MEMBERS)
     assert files_before >= 4
+    session_settings = {key: spark.conf.get(key, None) for key in (RETENTION_CHECK, LISTING_PARALLELISM)}
 
     record = run_maintain(spark, cfg)
 
@@ -81,7 +82,7 @@ def test_maintain_compacts_keeps_rows_vacuums_and_keeps_the_catalog(spark, make_
     assert spark.sql(f"SELECT count(*) FROM {cfg.storage.database}.quarantine").first()[0] == 2
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.strip()]  # VACUUM's own line went to stderr
     assert json.loads(line)["stage"] == "maintain"
-    assert spark.conf.get(RETENTION_CHECK, "true") == "true"  # the session's setting is restored
+    assert {key: spark.conf.get(key, None) for key in session_settings} == session_settings  # restored
 
 
 def test_maintain_refuses_a_retention_delta_refuses_before_touching_a_table(spark, make_cfg) -> None:

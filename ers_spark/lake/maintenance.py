@@ -23,6 +23,7 @@ from ers_spark.errors import ConfigError
 log = logging.getLogger(__name__)
 
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
+LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
 DELTA_MIN_RETENTION_HOURS = 168.0  # Delta's default delta.deletedFileRetentionDuration (one week)
 _TOO_SHORT = "DELTA_VACUUM_RETENTION_PERIOD_TOO_SHORT"
 
@@ -51,17 +52,26 @@ def check_retention(hours: float, check_enabled: bool, source: str) -> None:
 
 
 @contextlib.contextmanager
-def retention_check(spark: SparkSession, enabled: bool) -> Iterator[None]:
-    """Run VACUUMs with the retention check set as decided, and restore the session's value afterwards."""
-    previous = spark.conf.get(RETENTION_CHECK, None)
-    spark.conf.set(RETENTION_CHECK, "true" if enabled else "false")
+def vacuum_settings(spark: SparkSession, check_enabled: bool, listing_parallelism: int) -> Iterator[None]:
+    """Run VACUUMs with the retention check as decided and a listing job of ``listing_parallelism`` tasks;
+    restore the session's values afterwards.
+
+    Why the parallelism: VACUUM lists the table's folder with one task per
+    ``spark.sql.sources.parallelPartitionDiscovery.parallelism`` (10,000 by default), about 30 s of empty
+    tasks on two cores for a one-folder table; ers-spark's tables are unpartitioned (one folder each).
+    """
+    wanted = {RETENTION_CHECK: "true" if check_enabled else "false", LISTING_PARALLELISM: str(listing_parallelism)}
+    previous = {key: spark.conf.get(key, None) for key in wanted}
+    for key, value in wanted.items():
+        spark.conf.set(key, value)
     try:
         yield
     finally:
-        if previous is None:
-            spark.conf.unset(RETENTION_CHECK)
-        else:
-            spark.conf.set(RETENTION_CHECK, previous)
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
 
 
 @contextlib.contextmanager

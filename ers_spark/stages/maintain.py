@@ -20,7 +20,7 @@ from ers_spark.config import ErsConfig
 from ers_spark.errors import ContractError
 from ers_spark.lake.contracts import LAKE_TABLES, RUNS, TableContract
 from ers_spark.lake.maintenance import (
-    check_retention, console_to_stderr, ensure_clustering, optimize, retention_check, retention_check_enabled, vacuum,
+    check_retention, console_to_stderr, ensure_clustering, optimize, retention_check_enabled, vacuum, vacuum_settings,
 )
 from ers_spark.lake.tables import (
     StageRun, file_count, register_table, retry_on_conflict, table_exists, table_path, table_version,
@@ -64,7 +64,7 @@ def run_maintain(spark: SparkSession, cfg: ErsConfig) -> dict:
     check_retention(hours, check_enabled, cfg.source)
     tables = tables_to_maintain(spark, cfg)
     run = StageRun(STAGE_NAME, params={"vacuum_retention_hours": hours, "retention_check": check_enabled})
-    with retention_check(spark, check_enabled), console_to_stderr(spark):
+    with vacuum_settings(spark, check_enabled, cfg.spark.shuffle_partitions), console_to_stderr(spark):
         details = {c.name: maintain_table(spark, cfg, c) for c in tables}
     run.input_versions = {name: d["version_before"] for name, d in details.items()}
     run.runtime = {"tables": details}
