@@ -203,6 +203,7 @@ def run_stages(cfg: Any) -> dict[str, Any]:
         key = stage.replace("-", "_").replace("import_embeddings", "import")
         out[f"{key}_s"] = round(time.perf_counter() - start, 1)
         out[f"{key}_counts"] = rec.get("counts", {})
+        (WORK / "progress.json").write_text(json.dumps(out))  # partial figures survive an interrupted size
         if stage == "locate-ui":
             out["uic_id"] = rec["params"]["uic_id"]
     return out
