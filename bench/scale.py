@@ -181,7 +181,7 @@ def overrides(n: int, root: Path, data: Path) -> list[str]:
     """What a user would set for this run: paths, the imported model, eps, and Spark sizes."""
     return [
         f"storage.root={root / 'lake'}", "storage.database=ers_scale", f"spark.checkpoint_dir={root / 'checkpoints'}",
-        "spark.driver_memory=14g", f"spark.shuffle_partitions={max(8, n // 50_000)}",
+        "spark.driver_memory=10g", f"spark.shuffle_partitions={max(8, n // 50_000)}",
         "spark.arrow_max_records_per_batch=4096",
         f"import_embeddings.input_path={data}", "import_embeddings.input_format=parquet",
         "import_embeddings.id_column=id", "import_embeddings.vector_column=vector",
