@@ -1,8 +1,11 @@
-"""Ingest: folders and Parquet -> crops; corrupt files -> quarantine; re-runs add nothing."""
+"""Ingest: folders and Parquet -> crops; corrupt files -> quarantine; re-runs add nothing; bytes stay put."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +14,10 @@ import pytest
 from chispa import assert_df_equality
 from PIL import Image
 
-from ers_spark.lake.contracts import CROPS, QUARANTINE
+import ers_spark.stages.ingest as ingest
+from ers_spark.lake.contracts import BYTES, CROPS, QUARANTINE
 from ers_spark.errors import ContractError
-from ers_spark.stages.ingest import probe_image, run_ingest
+from ers_spark.stages.ingest import insert_crops, plan_ingest, probe_image, run_ingest
 from ers_spark.lake.tables import table_path
 
 pytestmark = pytest.mark.spark
@@ -183,3 +187,138 @@ def test_parquet_schema_mismatch_names_columns(spark, make_cfg, tmp_path: Path) 
     assert "missing column 'uri' (string)" in message
     assert "column 'person' is bigint, expected string" in message
     assert "\n" not in message
+
+
+def test_pillow_decodes_each_file_once(spark, make_cfg, folder_50, monkeypatch) -> None:
+    """One decode per file with bytes (the empty one is never scanned), though the probe rows feed conflicts,
+    counts, quarantine and the keep-list; the crops get exactly the bytes of their files."""
+    calls = spark.sparkContext.accumulator(0)
+    real = ingest.probe_batch
+
+    def counted(images: pd.Series) -> pd.DataFrame:  # hints: PySpark reads them as a pandas UDF's
+        calls.add(len(images))
+        return real(images)
+
+    monkeypatch.setattr(ingest, "probe_batch", counted)
+    root, _ = folder_50
+    cfg = make_cfg(f"ingest.input_path={root}")
+    record = run_ingest(spark, cfg)
+    assert record["counts"] == {"read": 50, "written": 45, "already_present": 0, "quarantined": 5, "identity_conflicts": 0}
+    assert calls.value == 49
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select("image_id", "source_path", BYTES).collect()
+    assert len(crops) == 45
+    for crop in crops:
+        data = Path(crop.source_path.removeprefix("file:")).read_bytes()
+        assert (bytes(crop[BYTES]), crop.image_id) == (data, hashlib.sha256(data).hexdigest())
+
+
+def _byte_exchanges(plan) -> list[str]:
+    """Every exchange (shuffle or broadcast) of a JVM physical plan whose output has a binary column."""
+    found, stack = [], [plan]
+    while stack:
+        node = stack.pop()
+        if node.nodeName().endswith("Exchange"):
+            types = [node.output().apply(i).dataType().typeName() for i in range(node.output().size())]
+            if "binary" in types:
+                found.append(node.toString())
+        children = node.children()
+        stack.extend(children.apply(i) for i in range(children.size()))
+    return found
+
+
+def _executed_byte_exchanges(spark, since: int) -> list[str]:
+    """The exchanges that carried the bytes column in every SQL execution after ``since`` (Delta's MERGE
+    jobs included), read from the plans Spark's SQL status store keeps (formatted, AQE off)."""
+    spark.sparkContext._jsc.sc().listenerBus().waitUntilEmpty()
+    executions = spark._jsparkSession.sharedState().statusStore().executionsList()
+    found = []
+    for e in (executions.apply(i) for i in range(executions.size())):
+        if e.executionId() <= since:
+            continue
+        for section in re.split(r"\n\n(?=\(\d+\) )", e.physicalPlanDescription()):
+            node = re.match(r"\((\d+)\) (\w*Exchange)\b.*\nInput \[\d+\]: \[(.*)\]", section)
+            if node and re.search(rf"\b{BYTES}#", node.group(3)):
+                found.append(f"execution {e.executionId()} ({e.description()[:80]}): {node.group(3)}")
+    return found
+
+
+def _last_execution(spark) -> int:
+    executions = spark._jsparkSession.sharedState().statusStore().executionsList()
+    return max((executions.apply(i).executionId() for i in range(executions.size())), default=-1)
+
+
+@pytest.mark.parametrize("broadcast_keep", [True, False], ids=["small-batch", "big-batch"])
+def test_image_bytes_cross_one_exchange(spark, make_cfg, folder_50, monkeypatch, broadcast_keep) -> None:
+    """Probe, identity conflicts, counts and new-vs-stored run on byte-free rows; the bytes of the new rows
+    cross one exchange in the whole stage. Shuffle joins as on a big crops table (no automatic broadcast);
+    the keep-list is broadcast (small batch: the MERGE's anti-join is the exchange) or not (big batch: the
+    join that brings the bytes back is, and the MERGE reuses its partitioning by image_id)."""
+    root, _ = folder_50
+    cfg = make_cfg(f"ingest.input_path={root / 'person_0'}")
+    run_ingest(spark, cfg)  # crops already holds person_0: the stored side of the joins is not empty
+    cfg = make_cfg(f"ingest.input_path={root}", f"storage.root={cfg.storage.root}", f"storage.database={cfg.storage.database}")
+    plans = []
+    real_insert = ingest.insert_crops
+    monkeypatch.setattr(ingest, "broadcastable", lambda spark_, size: broadcast_keep)
+    monkeypatch.setattr(ingest, "insert_crops", lambda spark_, cfg_, plan: plans.append(plan) or real_insert(spark_, cfg_, plan))
+    keys = ("spark.sql.adaptive.enabled", "spark.sql.autoBroadcastJoinThreshold", "spark.sql.ui.explainMode")
+    previous = {k: spark.conf.get(k) for k in keys}
+    for key, value in zip(keys, ("false", "-1", "formatted")):
+        spark.conf.set(key, value)
+    try:
+        since = _last_execution(spark)
+        record = run_ingest(spark, cfg)
+        executed = _executed_byte_exchanges(spark, since)
+        (plan,) = plans
+        in_crops = _byte_exchanges(plan.crops._jdf.queryExecution().executedPlan())
+        in_others = [x for df in (plan.keep, plan.quarantine) for x in _byte_exchanges(df._jdf.queryExecution().executedPlan())]
+    finally:
+        for key, value in previous.items():
+            spark.conf.set(key, value)
+    assert record["counts"] == {"read": 50, "written": 36, "already_present": 9, "quarantined": 5, "identity_conflicts": 0}
+    assert len(in_crops) == (0 if broadcast_keep else 1), in_crops
+    assert in_others == []
+    assert len(executed) == 1, executed
+
+
+def test_crops_written_meanwhile_are_matched_not_duplicated(spark, make_cfg, folder_50, caplog) -> None:
+    """Rows found new, then inserted by another ingest before this one writes: the MERGE matches them."""
+    root, _ = folder_50
+    cfg = make_cfg(f"ingest.input_path={root / 'person_1'}")
+    plan = plan_ingest(spark, cfg)
+    assert (plan.read, plan.new, plan.quarantined) == (10, 9, 1)
+    other = make_cfg(f"ingest.input_path={root}", f"storage.root={cfg.storage.root}", f"storage.database={cfg.storage.database}")
+    assert run_ingest(spark, other)["counts"]["written"] == 45
+    with caplog.at_level(logging.WARNING, logger="ers_spark"):
+        assert insert_crops(spark, cfg, plan) == 0
+    assert "changed or vanished" not in caplog.text
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS))
+    assert crops.count() == crops.select("image_id").distinct().count() == 45
+
+
+def test_a_file_changed_after_its_probe_is_not_written_under_its_old_id(spark, make_cfg, folder_50, caplog) -> None:
+    root, _ = folder_50
+    cfg = make_cfg(f"ingest.input_path={root / 'person_2'}")
+    plan = plan_ingest(spark, cfg)
+    (changed,) = (root / "person_2").glob("0.*")
+    changed.write_bytes(_image_bytes(np.random.default_rng(99), "PNG", (8, 8)))
+    with caplog.at_level(logging.WARNING, logger="ers_spark"):
+        assert insert_crops(spark, cfg, plan) == 8
+    assert "1 of 9 new files changed or vanished after they were probed" in caplog.text
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS)).collect()
+    assert all(hashlib.sha256(bytes(c[BYTES])).hexdigest() == c.image_id for c in crops)
+    assert not any(c.source_path.endswith(f"/person_2/{changed.name}") for c in crops)
+
+
+def test_parquet_repeated_rows_give_one_crop(spark, make_cfg, tmp_path: Path) -> None:
+    """A Parquet table may repeat a row or have no paths at all: rows are told apart by file and row index."""
+    rng = np.random.default_rng(5)
+    one, two = _image_bytes(rng, "PNG", (6, 6)), _image_bytes(rng, "PNG", (7, 7))
+    pd.DataFrame({"img": [one, one, two, two, two]}).to_parquet(tmp_path / "in.parquet")
+    cfg = make_cfg(f"ingest.input_path={tmp_path / 'in.parquet'}", "ingest.input_format=parquet",
+                   "ingest.bytes_column=img", "ingest.path_column=null")
+    record = run_ingest(spark, cfg)
+    assert record["counts"] == {"read": 5, "written": 2, "already_present": 3, "quarantined": 0, "identity_conflicts": 0}
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select("image_id", "width", "source_path").collect()
+    assert sorted((c.image_id, c.width, c.source_path) for c in crops) == sorted(
+        [(hashlib.sha256(one).hexdigest(), 6, None), (hashlib.sha256(two).hexdigest(), 7, None)])
