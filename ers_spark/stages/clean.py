@@ -211,7 +211,12 @@ class LabelNoiseCheck:
             df.unpersist()
 
 
-def _far_threshold(labelled: DataFrame, params: CleanParams) -> float | None:
+def identity_sizes(labelled: DataFrame) -> DataFrame:
+    """(identity, _n): rows per identity, the one count the calibration, the cap and the split share."""
+    return labelled.groupBy(IDENTITY).agg(F.count(F.lit(1)).alias("_n"))
+
+
+def _far_threshold(labelled: DataFrame, params: CleanParams, sizes: DataFrame) -> float | None:
     """``clean.max_angle_deg``, or the calibrated impostor-angle percentile (None: too few identities).
 
     Centres are fitted only for the (seeded) identities the calibration samples, on at most
@@ -219,27 +224,28 @@ def _far_threshold(labelled: DataFrame, params: CleanParams) -> float | None:
     """
     if params.max_angle_deg is not None:
         return params.max_angle_deg
-    checked = labelled.groupBy(IDENTITY).count().where(F.col("count") >= params.min_identity_size).select(IDENTITY)
+    checked = sizes.where(F.col("_n") >= params.min_identity_size).select(IDENTITY)
     names = seeded_sample(checked, IDENTITY, params.calibration_identities, params.seed)
-    fit = capped_rows(labelled.join(names, IDENTITY, "left_semi"), params)
+    fit = capped_rows(labelled.join(names, IDENTITY, "left_semi"), params, sizes)
     centres = fit.groupBy(IDENTITY).applyInPandas(_dominant_centres(params), f"{IDENTITY} string, {CENTRE} array<float>")
     return calibrate_threshold(labelled, centres, params)
 
 
-def capped_rows(labelled: DataFrame, params: CleanParams) -> DataFrame:
+def capped_rows(labelled: DataFrame, params: CleanParams, sizes: DataFrame | None = None) -> DataFrame:
     """At most about ``max_identity_rows`` seeded rows of each identity (all rows of the smaller ones).
 
     A row is kept when its id's seeded hash, modulo the identity's size, is below the cap: no
     sort and no window over a large identity.
     """
-    sizes = labelled.groupBy(IDENTITY).agg(F.count(F.lit(1)).alias("_n"))
+    sizes = identity_sizes(labelled) if sizes is None else sizes
     slot = F.pmod(F.xxhash64(F.col(IMAGE_ID), F.lit(params.seed)), F.col("_n"))
     return labelled.join(sizes, IDENTITY).where(slot < params.max_identity_rows).drop("_n")
 
 
-def _split_large_identities(labelled: DataFrame, params: CleanParams) -> tuple[DataFrame, DataFrame]:
+def _split_large_identities(labelled: DataFrame, params: CleanParams,
+                            sizes: DataFrame) -> tuple[DataFrame, DataFrame]:
     """(rows of identities up to ``max_identity_rows``, rows of the larger ones)."""
-    large = labelled.groupBy(IDENTITY).count().where(F.col("count") > params.max_identity_rows).select(IDENTITY)
+    large = sizes.where(F.col("_n") > params.max_identity_rows).select(IDENTITY)
     return labelled.join(large, IDENTITY, "left_anti"), labelled.join(large, IDENTITY, "left_semi")
 
 
@@ -257,7 +263,8 @@ def _angles_to_own_centre(threshold: float) -> Callable[[Iterator[pd.DataFrame]]
     return batches
 
 
-def _per_image_angles(labelled: DataFrame, params: CleanParams, threshold: float) -> tuple[DataFrame, DataFrame]:
+def _per_image_angles(labelled: DataFrame, params: CleanParams, threshold: float,
+                      sizes: DataFrame) -> tuple[DataFrame, DataFrame]:
     """(per image: angle to its identity's clean group and whether it is beyond ``threshold``; centre per identity).
 
     Identities up to ``max_identity_rows`` rows are checked whole in one call (leave-one-out angles);
@@ -266,9 +273,9 @@ def _per_image_angles(labelled: DataFrame, params: CleanParams, threshold: float
     """
     schema = (f"{IMAGE_ID} string, {IDENTITY} string, {SUBCENTER_ANGLE} double, {CHECKED} boolean, "
               f"{FAR_FROM_OWN} boolean, {CENTRE} array<float>")
-    small, large = _split_large_identities(labelled, params)
+    small, large = _split_large_identities(labelled, params, sizes)
     per_small = small.groupBy(IDENTITY).applyInPandas(_flag_identity(params, threshold), schema)
-    large_centres = capped_rows(large, params).groupBy(IDENTITY).applyInPandas(
+    large_centres = capped_rows(large, params, sizes).groupBy(IDENTITY).applyInPandas(
         _dominant_centres(params), f"{IDENTITY} string, {CENTRE} array<float>")
     per_large = large.join(large_centres, IDENTITY).select(IMAGE_ID, IDENTITY, EMBEDDING, CENTRE).mapInPandas(
         _angles_to_own_centre(threshold), schema)
@@ -294,11 +301,13 @@ def label_noise_flags(labelled: DataFrame, params: CleanParams) -> LabelNoiseChe
     An empty check (``flags`` None) when the threshold is to be calibrated and there are fewer
     than two checked identities.
     """
-    threshold = _far_threshold(labelled, params)
+    sizes = identity_sizes(labelled).cache()
+    threshold = _far_threshold(labelled, params, sizes)
     if threshold is None:
+        sizes.unpersist()
         log.warning("clean: fewer than two identities with >= %d images; label noise not checked", params.min_identity_size)
         return LabelNoiseCheck()
-    per_image, centres = _per_image_angles(labelled, params, threshold)
+    per_image, centres = _per_image_angles(labelled, params, threshold, sizes)
     claim = _claim_threshold(per_image, params)
     candidates = per_image.where(F.col(FAR_FROM_OWN)).select(IMAGE_ID, IDENTITY).join(labelled.select(IMAGE_ID, EMBEDDING), IMAGE_ID)
     nearest = nearest_other_centres(candidates, centres)
@@ -307,7 +316,7 @@ def label_noise_flags(labelled: DataFrame, params: CleanParams) -> LabelNoiseChe
         per_image.select(IMAGE_ID, SUBCENTER_ANGLE, FAR_FROM_OWN).join(nearest, IMAGE_ID, "left")
         .withColumn(LABEL_NOISE, F.col(FAR_FROM_OWN) & claimed).drop(FAR_FROM_OWN)
     )
-    return LabelNoiseCheck(flags, threshold, claim, [per_image])
+    return LabelNoiseCheck(flags, threshold, claim, [per_image, sizes])
 
 
 def decide(rows: DataFrame, embeddings: DataFrame, params: CleanParams) -> tuple[DataFrame, LabelNoiseCheck]:

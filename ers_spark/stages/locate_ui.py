@@ -25,7 +25,7 @@ memory on one machine, so the default ``graph`` method distributes it:
    embeddings are summed by one Spark aggregate and normalised on the
    driver into the UIC.
 
-Single linkage is exact inside every untiled cell; the approximations are
+Single linkage is exact inside every uncut cell; the approximations are
 eps-pairs whose points share no cell or sub-cell (``nprobe`` at both levels).
 :func:`~ers_spark.core.neighbours.capped_single_linkage` runs the same steps
 in one process for tests and benchmarks.
@@ -91,7 +91,6 @@ from ers_spark.lake.tables import (
 )
 from ers_spark.core.neighbours import (
     CellPlan,
-    faiss_module,
     choose_eps,
     cluster_sizes,
     dominant_cluster,
