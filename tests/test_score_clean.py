@@ -14,6 +14,7 @@ from chispa import assert_approx_df_equality, assert_df_equality
 from ers_spark.config import load_config
 from ers_spark.stages.clean import (
     CleanParams, calibrate_threshold, capped_rows, label_noise_flags, nearest_other_centres, run_clean,
+    whole_identity_frames,
 )
 from ers_spark.lake.tables import seeded_sample
 from ers_spark.lake.contracts import CLEANED, EMBEDDINGS, QUARANTINE, SCORES, UI_CENTROIDS
@@ -282,6 +283,43 @@ def test_identities_above_the_cap_are_checked_against_a_centre_from_capped_rows(
         np.testing.assert_allclose(got.loc[mine].to_numpy(), expected, atol=1e-3)
     assert [r.image_id for r in check.flags.where("_label_noise").collect()] == [dataset["wrong"]]
     check.unpersist()
+
+
+@pytest.mark.parametrize("cuts, expected", [
+    ([["a", "a", "b"], ["b", "c"]], [["a", "a"], ["b", "b"], ["c"]]),
+    ([["a"], ["a"], ["a"]], [["a", "a", "a"]]),
+    ([["a", "b", "c"]], [["a", "b"], ["c"]]),
+    ([[], ["a", "b"], []], [["a"], ["b"]]),
+    ([], []),
+])
+def test_whole_identity_frames_never_split_an_identity(cuts, expected) -> None:
+    """Row-count batches of a sorted partition come back as frames of whole identities, rows in order."""
+    import pandas as pd
+
+    frames = list(whole_identity_frames(pd.DataFrame({"identity": c, "row": range(len(c))}) for c in cuts))
+    assert [list(f["identity"]) for f in frames] == expected
+    assert sum(len(f) for f in frames) == sum(len(c) for c in cuts)
+
+
+def test_label_noise_is_the_same_when_arrow_batches_split_identities(spark, dataset) -> None:
+    """Arrow batches of 5 rows cut every 12-image identity; many identities per call give the same angles."""
+    params = CleanParams.from_config(load_config(overrides=["clean.max_angle_deg=30"]))
+    labelled = _labelled(spark, dataset)
+    whole = label_noise_flags(labelled, params)
+    expected = whole.flags.select("image_id", "subcenter_angle_deg", "_label_noise").toPandas()
+    whole.unpersist()
+    before = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "5")
+    try:
+        cut = label_noise_flags(labelled, params)
+        got = cut.flags.select("image_id", "subcenter_angle_deg", "_label_noise").toPandas()
+        cut.unpersist()
+    finally:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", before)
+    merged = expected.merge(got, on="image_id", suffixes=("", "_cut"))
+    assert len(merged) == len(expected) == len(got)
+    np.testing.assert_allclose(merged["subcenter_angle_deg_cut"], merged["subcenter_angle_deg"], atol=1e-6)
+    assert (merged["_label_noise_cut"] == merged["_label_noise"]).all()
 
 
 @pytest.mark.parametrize("block_rows", [1, 3, 1000])

@@ -99,33 +99,81 @@ def _embeddings_of(pdf: pd.DataFrame) -> np.ndarray:
     return np.stack(pdf[EMBEDDING].to_numpy()).astype(np.float32)
 
 
+def whole_identity_frames(pdfs: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Arrow batches of a partition sorted by identity, re-cut so no identity spans two frames.
+
+    Arrow cuts batches by row count, so the last identity of a batch is carried into the next; it
+    holds at most ``max_identity_rows`` rows.
+    """
+    carry = None
+    for pdf in pdfs:
+        pdf = pdf if carry is None else pd.concat([carry, pdf], ignore_index=True)
+        if not len(pdf):
+            continue
+        tail = (pdf[IDENTITY] == pdf[IDENTITY].iloc[-1]).to_numpy()
+        carry = pdf[tail].reset_index(drop=True)
+        if not tail.all():
+            yield pdf[~tail].reset_index(drop=True)
+    if carry is not None and len(carry):
+        yield carry
+
+
+def _per_identity(labelled: DataFrame, per_frame: Callable[[pd.DataFrame], pd.DataFrame], schema: str) -> DataFrame:
+    """``per_frame`` over frames of whole identities, many identities per Python call.
+
+    One call per identity (``applyInPandas``) costs far more than the math on an identity of ten
+    images; a sorted partition cut into whole identities keeps the calls per Arrow batch.
+    """
+    by_identity = labelled.repartition(IDENTITY).sortWithinPartitions(IDENTITY)
+    return by_identity.mapInPandas(lambda pdfs: (per_frame(pdf) for pdf in whole_identity_frames(pdfs)), schema)
+
+
+def _identity_slices(pdf: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(embeddings of the frame, row positions of each identity in it)."""
+    return _embeddings_of(pdf), list(pdf.groupby(IDENTITY, sort=False).indices.values())
+
+
 def _dominant_centres(params: CleanParams) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    """applyInPandas function: one row per checked identity with its dominant sub-centre."""
+    """Frame function: one row per checked identity with its dominant sub-centre."""
 
-    def per_identity(pdf: pd.DataFrame) -> pd.DataFrame:
-        if len(pdf) < params.min_identity_size:
-            return pd.DataFrame({IDENTITY: pd.Series([], dtype=object), CENTRE: pd.Series([], dtype=object)})
-        k = ers_math.subcentre_count(len(pdf), params.subcenters, params.min_images_per_subcenter)
-        centre, _, _ = ers_math.dominant_subcentre(_embeddings_of(pdf), k, seed=params.seed)
-        return pd.DataFrame({IDENTITY: [pdf[IDENTITY].iloc[0]], CENTRE: [centre.tolist()]})
+    def per_frame(pdf: pd.DataFrame) -> pd.DataFrame:
+        x, slices = _identity_slices(pdf)
+        names, centres = [], []
+        for rows in (r for r in slices if len(r) >= params.min_identity_size):
+            k = ers_math.subcentre_count(len(rows), params.subcenters, params.min_images_per_subcenter)
+            centre, _, _ = ers_math.dominant_subcentre(x[rows], k, seed=params.seed)
+            names.append(pdf[IDENTITY].iloc[rows[0]])
+            centres.append(centre.tolist())
+        return pd.DataFrame({IDENTITY: pd.Series(names, dtype=object), CENTRE: pd.Series(centres, dtype=object)})
 
-    return per_identity
+    return per_frame
 
 
 def _flag_identity(params: CleanParams, threshold: float) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    """applyInPandas function: each image's leave-one-out angle to its identity's clean group, whether it is
+    """Frame function: each image's leave-one-out angle to its identity's clean group, whether it is
     beyond the threshold, and (on the identity's first row only) the clean group's centre."""
 
-    def per_identity(pdf: pd.DataFrame) -> pd.DataFrame:
-        n = len(pdf)
-        k = ers_math.subcentre_count(n, params.subcenters, params.min_images_per_subcenter)
-        keep, angles, centre = ers_math.subcenter_label_noise(_embeddings_of(pdf), k=k, max_angle_deg=threshold, seed=params.seed)
-        checked = n >= params.min_identity_size
-        centres = [centre.tolist() if checked else None] + [None] * (n - 1)
-        return pd.DataFrame({IMAGE_ID: pdf[IMAGE_ID].to_numpy(), IDENTITY: pdf[IDENTITY].to_numpy(), SUBCENTER_ANGLE: angles,
-                             CHECKED: checked, FAR_FROM_OWN: ~keep & checked, CENTRE: centres})
+    def per_frame(pdf: pd.DataFrame) -> pd.DataFrame:
+        x, slices = _identity_slices(pdf)
+        order, angles, far, checked, centres = [], [], [], [], []
+        for rows in slices:
+            n = len(rows)
+            k = ers_math.subcentre_count(n, params.subcenters, params.min_images_per_subcenter)
+            keep, angle, centre = ers_math.subcenter_label_noise(x[rows], k=k, max_angle_deg=threshold, seed=params.seed)
+            is_checked = n >= params.min_identity_size
+            order.append(rows)
+            angles.append(angle)
+            far.append(~keep & is_checked)
+            checked.append(np.full(n, is_checked))
+            centres.extend([centre.tolist() if is_checked else None] + [None] * (n - 1))
+        at = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+        return pd.DataFrame({IMAGE_ID: pdf[IMAGE_ID].to_numpy()[at], IDENTITY: pdf[IDENTITY].to_numpy()[at],
+                             SUBCENTER_ANGLE: np.concatenate(angles) if angles else np.zeros(0),
+                             CHECKED: np.concatenate(checked) if checked else np.zeros(0, bool),
+                             FAR_FROM_OWN: np.concatenate(far) if far else np.zeros(0, bool),
+                             CENTRE: pd.Series(centres, dtype=object)})
 
-    return per_identity
+    return per_frame
 
 
 def _block_rows(df: DataFrame, key: str, columns: list[str], block_rows: int) -> DataFrame:
@@ -227,7 +275,7 @@ def _far_threshold(labelled: DataFrame, params: CleanParams, sizes: DataFrame) -
     checked = sizes.where(F.col("_n") >= params.min_identity_size).select(IDENTITY)
     names = seeded_sample(checked, IDENTITY, params.calibration_identities, params.seed)
     fit = capped_rows(labelled.join(names, IDENTITY, "left_semi"), params, sizes)
-    centres = fit.groupBy(IDENTITY).applyInPandas(_dominant_centres(params), f"{IDENTITY} string, {CENTRE} array<float>")
+    centres = _per_identity(fit, _dominant_centres(params), f"{IDENTITY} string, {CENTRE} array<float>")
     return calibrate_threshold(labelled, centres, params)
 
 
@@ -274,9 +322,9 @@ def _per_image_angles(labelled: DataFrame, params: CleanParams, threshold: float
     schema = (f"{IMAGE_ID} string, {IDENTITY} string, {SUBCENTER_ANGLE} double, {CHECKED} boolean, "
               f"{FAR_FROM_OWN} boolean, {CENTRE} array<float>")
     small, large = _split_large_identities(labelled, params, sizes)
-    per_small = small.groupBy(IDENTITY).applyInPandas(_flag_identity(params, threshold), schema)
-    large_centres = capped_rows(large, params, sizes).groupBy(IDENTITY).applyInPandas(
-        _dominant_centres(params), f"{IDENTITY} string, {CENTRE} array<float>")
+    per_small = _per_identity(small, _flag_identity(params, threshold), schema)
+    large_centres = _per_identity(capped_rows(large, params, sizes), _dominant_centres(params),
+                                  f"{IDENTITY} string, {CENTRE} array<float>")
     per_large = large.join(large_centres, IDENTITY).select(IMAGE_ID, IDENTITY, EMBEDDING, CENTRE).mapInPandas(
         _angles_to_own_centre(threshold), schema)
     per_image = per_small.unionByName(per_large).cache()
