@@ -16,6 +16,10 @@ kNN (k = 10, nprobe 8, nlist = 4 sqrt(n)) over all rows, links with cosine >= 1 
 connected components. At 1e5 the exact single linkage at eps (all pairs, blocked, one process)
 is the reference for Jaccard and UIC cosine; at every size the planted UI is too.
 
+The image path (``bench/image_path.py``): ingest + embed of ``--image-crops`` JPEG crops (ORL
+variants) from one Parquet file, with today's code and with the code before issue 13 (a detached
+worktree of ``image_path.OLD_COMMIT``), each in its own child, images per second per core.
+
 Writes ``bench/results/scale.json`` after every size.
 """
 
@@ -282,7 +286,10 @@ def baselines(n: int, root: Path, members: np.ndarray, uic: np.ndarray) -> dict[
 # --------------------------------------------------------------------------- summary
 
 
-def growth(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
+def growth(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    """log(time ratio) / log(size ratio); None where either size did not measure ``key``."""
+    if not a.get(key) or not b.get(key):
+        return None
     return round(float(np.log(b[key] / a[key]) / np.log(b["n"] / a["n"])), 3)
 
 
@@ -297,18 +304,56 @@ def summarise(sizes: list[dict[str, Any]]) -> dict[str, Any]:
     if 10_000_000 in by_n:
         big = by_n[10_000_000]
         out["locate_ui_s_1e7"] = big["locate_ui_s"]
-        out["ratio_vs_faiss_1e7"] = round(big["locate_ui_s"] / big["faiss_s"], 3)
+        out["ratio_vs_faiss_1e7"] = round(big["locate_ui_s"] / big["faiss_s"], 3) if big.get("faiss_s") else None
         if 1_000_000 in by_n:
             exps = {f"growth_exponent_1e6_1e7_{k}": growth(by_n[1_000_000], big, f"{k}_s")
                     for k in ("import", "locate_ui", "score", "clean")}
             out.update(exps)
-            out["max_growth_exponent_1e6_1e7"] = max(exps.values())
+            out["max_growth_exponent_1e6_1e7"] = max((e for e in exps.values() if e is not None), default=None)
+    return out
+
+
+def _child_result(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        sys.stderr.write(proc.stderr[-5000:])
+        raise SystemExit(f"{' '.join(cmd[1:3])} failed (exit {proc.returncode})")
+    return json.loads(line[len("RESULT "):])
+
+
+def old_code() -> Path:
+    """A detached worktree of the code before issue 13 (made once)."""
+    from image_path import OLD_COMMIT
+
+    tree = WORK / f"code-{OLD_COMMIT}"
+    if not (tree / "ers_spark").is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--force", "--detach", str(tree), OLD_COMMIT], check=True)
+    return tree
+
+
+def image_path(n: int) -> dict[str, Any]:
+    """Ingest + embed of n JPEG crops, today's code and the old code, side by side."""
+    from image_path import OLD_COMMIT
+
+    script = str(Path(__file__).with_name("image_path.py"))
+    data = WORK / "images" / f"crops{n}.parquet"
+    subprocess.run([sys.executable, script, "--make", str(n), str(data)], check=True)
+    out: dict[str, Any] = {"crops": n, "old_commit": OLD_COMMIT, "cores": 2}
+    for label, code in (("new", ROOT), ("old", old_code())):
+        env = {**os.environ, "PYTHONPATH": str(code)}
+        out[label] = _child_result([sys.executable, script, "--run", str(n), str(data), str(WORK / "images" / label)], env)
+        print(json.dumps({label: out[label]}), flush=True)
+    for stage in ("ingest", "embed"):
+        key = f"{stage}_images_per_s_per_core"
+        out[f"{stage}_ratio_new_vs_old"] = round(out["new"][key] / out["old"][key], 3)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--image-crops", type=int, default=100_000, help="crops for the image path (0: skip it)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--generate", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -318,20 +363,22 @@ def main() -> None:
     if args.one is not None:
         print("RESULT " + json.dumps(one_size(args.one)), flush=True)
         return
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     previous = json.loads(OUT.read_text()) if OUT.exists() else {}
     sizes = {s["n"]: s for s in previous.get("sizes", [])}
-    for n in (int(s) for s in args.sizes.split(",")):
+    images = {**image_path(args.image_crops), "run_started": started} if args.image_crops else previous.get("image_path")
+    write_result(sizes, images, started)
+    for n in (int(s) for s in args.sizes.split(",") if s):
         subprocess.run([sys.executable, __file__, "--generate", str(n)], check=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", str(n)], capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            sys.stderr.write(proc.stderr[-5000:])
-            raise SystemExit(f"size {n} failed (exit {proc.returncode})")
-        sizes[n] = json.loads(line[len("RESULT "):])
-        ordered = [sizes[k] for k in sorted(sizes)]
-        OUT.write_text(json.dumps({"machine": machine(), "eps": EPS, "ui_share": UI_SHARE,
-                                   **summarise(ordered), "sizes": ordered}, indent=2) + "\n")
+        sizes[n] = {**_child_result([sys.executable, __file__, "--one", str(n)]), "run_started": started}
+        write_result(sizes, images, started)
         print(json.dumps(sizes[n]), flush=True)
+
+
+def write_result(sizes: dict[int, dict[str, Any]], images: dict[str, Any] | None, started: str) -> None:
+    ordered = [sizes[k] for k in sorted(sizes)]
+    OUT.write_text(json.dumps({"machine": machine(), "run_started": started, "eps": EPS, "ui_share": UI_SHARE,
+                               **summarise(ordered), "image_path": images, "sizes": ordered}, indent=2) + "\n")
 
 
 def machine() -> dict[str, Any]:
