@@ -299,6 +299,9 @@ def summarise(sizes: list[dict[str, Any]]) -> dict[str, Any]:
         "min_jaccard": min(min(s["jaccard_vs_planted"], s.get("jaccard_vs_exact", 1.0)) for s in sizes),
         "min_uic_cos": min(min(s["uic_cos_vs_planted"], s.get("uic_cos_vs_exact", 1.0)) for s in sizes),
     }
+    peaks = [s["driver_python_peak_mib"] for s in sizes if s.get("driver_python_peak_mib")]
+    if len(peaks) > 1:
+        out["driver_python_peak_mib_max_over_min"] = round(max(peaks) / min(peaks), 3)
     if 1_000_000 in by_n:
         out["ratio_vs_faiss_1e6"] = round(by_n[1_000_000]["locate_ui_s"] / by_n[1_000_000]["faiss_s"], 3)
     if 10_000_000 in by_n:
