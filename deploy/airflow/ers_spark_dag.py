@@ -1,6 +1,9 @@
 """Airflow DAG ``ers_spark``: the pipeline as one spark-submit task per stage.
 
-    ingest -> embed -> locate_ui -> score -> clean
+    ingest -> embed -> locate_ui -> score -> clean -> maintain
+
+``maintain`` (OPTIMIZE + VACUUM of every table, ``maintain.vacuum_retention_hours`` from the
+config) runs last in the same DAG, so it never races a stage's MERGE on the same table.
 
 Each task runs ``spark-submit jobs/<stage>.py --config CONFIG storage.root=ROOT`` (ingest adds
 ``ingest.input_path=INPUT``) with Delta Lake's jar on the command line (``--packages``: under
@@ -39,7 +42,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk import DAG, Param
 
 DAG_ID = "ers_spark"
-STAGES = ("ingest", "embed", "locate_ui", "score", "clean")  # task ids = jobs/<stage>.py
+STAGES = ("ingest", "embed", "locate_ui", "score", "clean", "maintain")  # task ids = jobs/<stage>.py
 DELTA_PACKAGES = os.environ.get("ERS_SPARK_PACKAGES", "io.delta:delta-spark_4.2_2.13:4.4.0")
 DEFAULT_PROJECT_DIR = os.environ.get("ERS_SPARK_PROJECT_DIR") or str(Path(__file__).resolve().parents[2])
 
@@ -93,7 +96,7 @@ def stage_task(stage: str) -> ErsSparkSubmitOperator:
 
 with DAG(
     dag_id=DAG_ID,
-    description="ers-spark: ingest -> embed -> locate-ui -> score -> clean on Spark + Delta Lake",
+    description="ers-spark: ingest -> embed -> locate-ui -> score -> clean -> maintain on Spark + Delta Lake",
     schedule=os.environ.get("ERS_SPARK_SCHEDULE", "@daily"),
     start_date=datetime(2026, 1, 1),
     catchup=False,

@@ -130,7 +130,7 @@ def _per_identity(labelled: DataFrame, per_frame: Callable[[pd.DataFrame], pd.Da
 
 def _identity_slices(pdf: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray]]:
     """(embeddings of the frame, row positions of each identity in it)."""
-    return _embeddings_of(pdf), list(pdf.groupby(IDENTITY, sort=False).indices.values())
+    return _embeddings_of(pdf), list(pdf.groupby(IDENTITY, sort=False, dropna=False).indices.values())
 
 
 def _dominant_centres(params: CleanParams) -> Callable[[pd.DataFrame], pd.DataFrame]:
