@@ -138,11 +138,23 @@ def planted_ui_ids(n: int) -> np.ndarray:
 
 
 def load_all(path: Path) -> np.ndarray:
+    """Every vector of the input as one float32 matrix, filled batch by batch (one copy in memory)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["vector"])
-    col = table.column("vector").combine_chunks()
-    return col.flatten().to_numpy().reshape(len(col), -1).astype(np.float32)
+    dataset = pq.ParquetDataset(path)
+    n = sum(f.metadata.num_rows for f in dataset.fragments)
+    out: np.ndarray | None = None
+    at = 0
+    for fragment in dataset.fragments:
+        for batch in fragment.to_batches(columns=["vector"]):
+            col = batch.column(0)
+            values = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            if out is None:
+                out = np.empty((n, values.shape[1]), np.float32)
+            out[at:at + len(col)] = values
+            at += len(col)
+    assert out is not None and at == n
+    return out
 
 
 def faiss_baseline(x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -233,12 +245,24 @@ def unit_mean(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return s / np.linalg.norm(s)
 
 
-def one_size(n: int) -> dict[str, Any]:
-    from ers_spark.config import load_config
+def _quality(n: int, root: Path, result: dict[str, Any], members: np.ndarray, uic: np.ndarray) -> dict[str, Any]:
+    """UI figures against the planted UI; members and UIC saved for the baselines' own process."""
     from ers_spark.core.neighbours import jaccard
 
+    np.save(root / "members.npy", members)
+    np.save(root / "uic.npy", uic)
+    result["ui_members"] = int(members.size)
+    result["jaccard_vs_planted"] = round(jaccard(members, planted_ui_ids(n)), 6)
+    result["uic_cos_vs_planted"] = round(float(uic @ np.load(root / "planted_uic.npy")), 6)
+    result["pair_comparisons"] = int(result["locate_ui_counts"].get("pair_comparisons", 0))
+    return result
+
+
+def one_size(n: int) -> dict[str, Any]:
+    """The Spark stages at size n (one JVM), then the UI they stored; the baselines run in another process."""
+    from ers_spark.config import load_config
+
     root = WORK / str(n)
-    planted_uic = np.load(root / "planted_uic.npy")
     result: dict[str, Any] = {"n": n, "generate_s": json.loads((root / "generate.json").read_text())["generate_s"]}
     with JvmPeakRss() as jvm:
         cfg = load_config(overrides=overrides(n, root, root / "input"))
@@ -246,16 +270,32 @@ def one_size(n: int) -> dict[str, Any]:
         result["driver_python_peak_mib"] = round(python_peak_mib(), 1)  # before the benchmark's own collects below
         result["driver_jvm_peak_mib"] = round(jvm.peak / 2**20, 1)
         members, uic = stored_ui(cfg, result.pop("uic_id"))
-        from pyspark.sql import SparkSession
+    return _quality(n, root, result, members, uic)
 
-        SparkSession.builder.getOrCreate().stop()  # free the JVM's memory for the single-process baselines
-    planted = planted_ui_ids(n)
-    result["ui_members"] = int(members.size)
-    result["jaccard_vs_planted"] = round(jaccard(members, planted), 6)
-    result["uic_cos_vs_planted"] = round(float(uic @ planted_uic), 6)
-    result["pair_comparisons"] = int(result["locate_ui_counts"].get("pair_comparisons", 0))
-    result.update(baselines(n, root, members, uic))
-    return result
+
+def recover_size(n: int) -> dict[str, Any]:
+    """The Spark part of size n from its progress file and the lake, when its child died after the stages.
+
+    Driver peak RSS is not known then (it is printed only by a child that finishes), so it is None.
+    """
+    from ers_spark.config import load_config
+
+    root = WORK / str(n)
+    result: dict[str, Any] = {"n": n, "generate_s": json.loads((root / "generate.json").read_text())["generate_s"]}
+    result.update(json.loads((WORK / "progress.json").read_text()))
+    missing = [f"{k}_s" for k in ("import", "locate_ui", "score", "clean") if f"{k}_s" not in result]
+    if missing:
+        raise SystemExit(f"size {n}: the progress file lacks {missing}; run the size again")
+    result.update(driver_python_peak_mib=None, driver_jvm_peak_mib=None,
+                  recovered="stage figures from the progress file: the child was killed after its Spark stages")
+    members, uic = stored_ui(load_config(overrides=overrides(n, root, root / "input")), result.pop("uic_id"))
+    return _quality(n, root, result, members, uic)
+
+
+def baselines_of_size(n: int) -> dict[str, Any]:
+    """The single-process baselines at size n, in a process without a JVM (they need most of the memory)."""
+    root = WORK / str(n)
+    return baselines(n, root, np.load(root / "members.npy"), np.load(root / "uic.npy"))
 
 
 def generate(n: int) -> None:
@@ -358,22 +398,35 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--image-crops", type=int, default=100_000, help="crops for the image path (0: skip it)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--baselines", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--recover-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--recover", type=int, default=None, help="finish size N whose child was killed after its "
+                        "Spark stages: figures from the progress file and the lake, then the baselines")
     parser.add_argument("--generate", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate is not None:
         generate(args.generate)
         return
-    if args.one is not None:
-        print("RESULT " + json.dumps(one_size(args.one)), flush=True)
-        return
+    for flag, fn in ((args.one, one_size), (args.baselines, baselines_of_size), (args.recover_child, recover_size)):
+        if flag is not None:
+            print("RESULT " + json.dumps(fn(flag)), flush=True)
+            return
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     previous = json.loads(OUT.read_text()) if OUT.exists() else {}
     sizes = {s["n"]: s for s in previous.get("sizes", [])}
+    if args.recover is not None:  # the run that measured the stages started earlier; keep its start time
+        n = args.recover
+        sizes[n] = {**_child_result([sys.executable, __file__, "--recover-child", str(n)]),
+                    "run_started": previous.get("run_started"), "baselines_started": started}
+        sizes[n].update(_child_result([sys.executable, __file__, "--baselines", str(n)]))
+        write_result(sizes, previous.get("image_path"), previous.get("run_started", started))
+        return
     images = {**image_path(args.image_crops), "run_started": started} if args.image_crops else previous.get("image_path")
     write_result(sizes, images, started)
     for n in (int(s) for s in args.sizes.split(",") if s):
         subprocess.run([sys.executable, __file__, "--generate", str(n)], check=True)
         sizes[n] = {**_child_result([sys.executable, __file__, "--one", str(n)]), "run_started": started}
+        sizes[n].update(_child_result([sys.executable, __file__, "--baselines", str(n)]))
         write_result(sizes, images, started)
         print(json.dumps(sizes[n]), flush=True)
 
