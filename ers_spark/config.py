@@ -187,6 +187,7 @@ class LocateUiConfig:
     max_cell_rows: int
     block_size: int
     connected_components: str
+    cc_one_task_max_links: int
     seed: int
     from_members: str | None
     recompute: bool
@@ -213,6 +214,10 @@ class LocateUiConfig:
         for name in ("grid_sample_rows", "sample_hac_rows", "kmeans_cells", "kmeans_sample_rows", "nprobe", "block_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"locate_ui.{name} must be >= 1, got {getattr(self, name)} (in {source})")
+        if self.cc_one_task_max_links < 0:
+            raise ConfigError(
+                f"locate_ui.cc_one_task_max_links must be >= 0, got {self.cc_one_task_max_links} (in {source})"
+            )
         if self.max_cell_rows < 2:
             raise ConfigError(f"locate_ui.max_cell_rows must be >= 2, got {self.max_cell_rows} (in {source})")
         if self.kmeans_cells is not None and self.nprobe > self.kmeans_cells:

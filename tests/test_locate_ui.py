@@ -138,13 +138,16 @@ def _tiny_union() -> tuple[list[tuple[int, int]], dict[int, int]]:
     return edges, expected
 
 
-@pytest.mark.parametrize("impl", ["builtin", "graphframes"])
+@pytest.mark.parametrize("impl", ["builtin-star-rounds", "builtin-one-task", "graphframes"])
 def test_connected_components_tiny_graphs(spark, impl):
     edges, expected = _tiny_union()
     links = spark.createDataFrame(edges, "src long, dst long")
-    if impl == "builtin":
-        comps, rounds = connected_components_builtin(links)
+    if impl == "builtin-star-rounds":
+        comps, rounds = connected_components_builtin(links, one_task_max_links=0)
         assert rounds >= 1
+    elif impl == "builtin-one-task":
+        comps, rounds = connected_components_builtin(links, one_task_max_links=1000)
+        assert rounds == 0
     else:
         try:
             comps = connected_components_graphframes(spark, links)
@@ -168,7 +171,7 @@ def test_connected_components_checkpoint_into_the_checkpoint_dir(spark):
     links = spark.createDataFrame([(int(order[i]), int(order[i + 1])) for i in range(n - 1)], "src long, dst long")
     folder = Path(spark.sparkContext.getCheckpointDir().removeprefix("file:"))
     before = set(folder.rglob("rdd-*"))
-    comps, rounds = connected_components_builtin(links, checkpoint_every=1)
+    comps, rounds = connected_components_builtin(links, checkpoint_every=1, one_task_max_links=0)
     assert rounds >= 2
     assert {r["root"] for r in comps.collect()} == {0} and comps.count() == n
     assert set(folder.rglob("rdd-*")) - before  # written by this run

@@ -99,6 +99,7 @@ from ers_spark.core.neighbours import (
     expected_cell_rows,
     faiss_module,
     group_memberships,
+    links_to_labels,
     nearest_cells,
     plan_cells,
     spherical_kmeans,
@@ -156,6 +157,7 @@ class LocateUiParams:
     max_cell_rows: int
     block_size: int
     connected_components: str
+    cc_one_task_max_links: int
     seed: int
     from_members: str | None
 
@@ -180,6 +182,7 @@ class LocateUiParams:
             max_cell_rows=int(lu.max_cell_rows),
             block_size=int(lu.block_size),
             connected_components=lu.connected_components,
+            cc_one_task_max_links=int(lu.cc_one_task_max_links),
             seed=int(lu.seed),
             from_members=lu.from_members,
         )
@@ -326,17 +329,13 @@ def _small_star(edges: DataFrame) -> DataFrame:
     )
 
 
-def connected_components_builtin(links: DataFrame, checkpoint_every: int = 2) -> tuple[DataFrame, int]:
-    """Connected components of an undirected int64 graph given as ``(src, dst)`` links.
+def _star_rounds(links: DataFrame, checkpoint_every: int) -> tuple[DataFrame, int]:
+    """Large-star / small-star (Kiveris et al., 2014) until the edges form stars: ``(x, y)`` with y the root.
 
-    Alternates large-star and small-star (Kiveris et al., 2014) until the
-    edges form stars, checkpointing every ``checkpoint_every`` rounds so the
-    plan does not grow (reliable checkpoints in ``spark.checkpoint_dir``: a local checkpoint
-    lives in executor memory and fails the job when an executor dies; the files are removed
-    when their DataFrame is garbage-collected, ``spark.cleaner.referenceTracking.cleanCheckpoints``). Returns ``(node, root)`` for every node in a link
-    (root = smallest id of its component, roots included with ``node ==
-    root``) and the number of rounds. The local links are already stars, so
-    this takes few rounds.
+    Checkpoints every ``checkpoint_every`` rounds so the plan does not grow (reliable checkpoints in
+    ``spark.checkpoint_dir``: a local checkpoint lives in executor memory and fails the job when an
+    executor dies; the files go when their DataFrame is garbage-collected,
+    ``spark.cleaner.referenceTracking.cleanCheckpoints``).
     """
     edges = (
         links.select(F.greatest(_SRC, _DST).alias("x"), F.least(_SRC, _DST).alias("y"))
@@ -358,9 +357,85 @@ def connected_components_builtin(links: DataFrame, checkpoint_every: int = 2) ->
         previous.append(edges)
         if len(previous) > 2:
             previous.pop(0).unpersist()
-    out = edges.select(F.col("x").alias(_NODE), F.col("y").alias(_ROOT)).unionByName(
-        edges.select(F.col("y").alias(_NODE), F.col("y").alias(_ROOT)).distinct()
+    return edges, rounds
+
+
+def _contract(links: DataFrame) -> DataFrame:
+    """Each node's label (the smallest local root it links to, or itself) and the links between labels.
+
+    The cell links are stars (point -> its group's local root), so a point in one group, or in
+    several groups with the same root, adds nothing: only points whose groups gave them different
+    roots, and roots that are also members elsewhere, leave a link between labels. Every node is
+    linked to its label in the input, so the labels' components are the nodes' components; a label
+    is never larger than its node, so the smallest label of a component is its smallest node. Returns ``(node, label, is_root, roots)``.
+    """
+    real = links.select(_SRC, _DST).where(F.col(_SRC) != F.col(_DST))
+    roles = real.select(F.col(_SRC).alias(_NODE), F.col(_DST).alias("r"), F.lit(False).alias("is_root")).unionByName(
+        real.select(F.col(_DST).alias(_NODE), F.col(_DST).alias("r"), F.lit(True).alias("is_root"))
     )
+    grouped = roles.groupBy(_NODE).agg(
+        F.min("r").alias("r"), F.max("is_root").alias("is_root"), F.collect_set("r").alias("roots")
+    )
+    return grouped.select(_NODE, F.least(_NODE, "r").alias("label"), "is_root", "roots")
+
+
+def _label_links(labelled: DataFrame) -> DataFrame:
+    """``(src, dst)`` links between labels: label -> each other root of a node, a root -> its own label."""
+    across = labelled.select(F.col("label").alias(_SRC), F.explode("roots").alias(_DST)).where(
+        (F.col(_DST) != F.col(_SRC))
+    )
+    return across.unionByName(
+        labelled.where(F.col("is_root") & (F.col(_NODE) != F.col("label"))).select(
+            F.col(_NODE).alias(_SRC), F.col("label").alias(_DST)
+        )
+    )
+
+
+def _one_task_components(links: DataFrame) -> DataFrame:
+    """``(node, root)`` of a graph small enough for one task: scipy connected components in one Python worker."""
+
+    def components(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        parts = [(b.column(0).to_numpy(), b.column(1).to_numpy()) for b in batches if b.num_rows]
+        if not parts:
+            return
+        src, dst = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        nodes = np.unique(np.concatenate([src, dst]))
+        yield pa.RecordBatch.from_arrays([pa.array(nodes), pa.array(links_to_labels(nodes, src, dst))],
+                                         names=[_NODE, _ROOT])
+
+    return links.repartition(1).mapInArrow(components, f"{_NODE} long, {_ROOT} long")
+
+
+def connected_components_builtin(
+    links: DataFrame, checkpoint_every: int = 2, one_task_max_links: int = 0
+) -> tuple[DataFrame, int]:
+    """Connected components of an undirected int64 graph given as ``(src, dst)`` links.
+
+    The links are first contracted to links between labels (:func:`_contract`: one aggregate). When
+    at most ``one_task_max_links`` of those remain, one task finishes them with scipy (memory bounded
+    by that cap); otherwise large-star / small-star rounds run over them, checkpointed every
+    ``checkpoint_every`` rounds. Returns ``(node, root)`` for every node in a link (root = smallest id
+    of its component, roots included with ``node == root``), persisted, and the number of star rounds
+    (0 when one task finished).
+    """
+    labelled = _contract(links).persist(StorageLevel.MEMORY_AND_DISK)
+    label_links = _label_links(labelled).persist(StorageLevel.MEMORY_AND_DISK)
+    n_label_links = label_links.count()
+    if n_label_links <= one_task_max_links:
+        label_roots, rounds, stars = _one_task_components(label_links), 0, None
+    else:
+        stars, rounds = _star_rounds(label_links, checkpoint_every)
+        label_roots = stars.select(F.col("x").alias(_NODE), F.col("y").alias(_ROOT))
+    out = (
+        labelled.join(label_roots.withColumnRenamed(_NODE, "label"), "label", "left")
+        .select(_NODE, F.coalesce(F.col(_ROOT), F.col("label")).alias(_ROOT))
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    out.count()  # materialise before the intermediates go
+    for df in (labelled, label_links, stars):
+        if df is not None:
+            df.unpersist()
+    log.info("locate-ui: connected components: %d links between labels, %d star rounds", n_label_links, rounds)
     return out, rounds
 
 
@@ -506,7 +581,7 @@ def _graph(
         if params.connected_components == "graphframes":
             comps, rounds = connected_components_graphframes(spark, links), -1
         else:
-            comps, rounds = connected_components_builtin(links)
+            comps, rounds = connected_components_builtin(links, one_task_max_links=params.cc_one_task_max_links)
         comps = comps.persist(StorageLevel.MEMORY_AND_DISK)
         sizes_df = comps.groupBy(_ROOT).agg(F.count(F.lit(1)).alias("size"))
         top = sizes_df.orderBy(F.desc("size"), _ROOT).limit(5).collect()
