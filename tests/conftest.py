@@ -66,8 +66,13 @@ def spark_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def spark(spark_root: Path):
-    """The one SparkSession of the test run, built by the project's own session factory."""
+def spark(spark_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The one SparkSession of the test run, built by the project's own session factory.
+
+    The xdist workers start their JVMs one at a time (a file lock in the run's common temp folder):
+    on a fresh machine the first resolves ``spark.jars.packages`` into the empty Ivy cache, and two
+    JVMs resolving into it at once fail to start (``JAVA_GATEWAY_EXITED``).
+    """
     from ers_spark.lake.session import build_session
 
     cfg = load_config(
@@ -80,7 +85,9 @@ def spark(spark_root: Path):
             *_extra_jars_override(),
         ]
     )
-    session = build_session(cfg, "tests")
+    with open(tmp_path_factory.getbasetemp().parent / "spark-start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        session = build_session(cfg, "tests")
     yield session
     session.stop()
 
