@@ -29,11 +29,12 @@ from ers_spark.lake.contracts import (
     UI_MEMBERS,
     UIC_ID,
 )
-from ers_spark.errors import ClusteringError, ErsUserError
+from ers_spark.errors import ClusteringError, ConfigError, ErsUserError
 from ers_spark.core.ers import ui_centroid
 from ers_spark.lake.tables import merge_insert_new, read_table, table_version
 from ers_spark.stages.locate_ui import (
     LocateUiParams,
+    cell_count,
     check_dominance,
     connected_components_builtin,
     connected_components_graphframes,
@@ -98,6 +99,45 @@ def test_params_from_config(make_cfg):
         make_cfg("locate_ui.eps_grid_start=0.1", "locate_ui.eps_grid_stop=0.3", "locate_ui.eps_grid_step=0.05")
     )
     assert p.eps_grid == (0.1, 0.15, 0.2, 0.25, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "overrides", "cells"),
+    [
+        (10_000_000, ("locate_ui.kmeans_sample_rows=100000",), 4883),  # the 1e7 benchmark: 20 sample rows a cell
+        (1_000, ("locate_ui.kmeans_sample_rows=100", "locate_ui.max_cell_rows=4"), 1000),  # sample = all rows
+        (1_000, ("locate_ui.kmeans_sample_rows=10", "locate_ui.kmeans_cells=10"), 10),  # one sampled row a cell
+    ],
+)
+def test_cell_count_when_the_sample_can_train_the_cells(make_cfg, n_rows, overrides, cells):
+    params = LocateUiParams.from_config(make_cfg("locate_ui.nprobe=2", "locate_ui.max_cell_rows=8192", *overrides))
+    assert cell_count(n_rows, params) == cells
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "overrides", "message"),
+    [
+        (
+            1_000_000_000,
+            (),
+            "locate_ui: 1000000000 rows need 488282 quantiser cells but locate_ui.kmeans_sample_rows is 100000, "
+            "fewer than one sampled row per cell; raise locate_ui.kmeans_sample_rows to at least 488282 (the driver "
+            "holds the sample) or raise locate_ui.max_cell_rows to at least 40000",
+        ),
+        (
+            1_000,
+            ("locate_ui.kmeans_sample_rows=10", "locate_ui.kmeans_cells=11"),
+            "locate_ui: 1000 rows need 11 quantiser cells but locate_ui.kmeans_sample_rows is 10, fewer than one "
+            "sampled row per cell; raise locate_ui.kmeans_sample_rows to at least 11 (the driver holds the sample) "
+            "or lower locate_ui.kmeans_cells to at most 10",
+        ),
+    ],
+)
+def test_cell_count_refuses_more_cells_than_sampled_rows(make_cfg, n_rows, overrides, message):
+    params = LocateUiParams.from_config(make_cfg("locate_ui.nprobe=2", "locate_ui.max_cell_rows=8192", *overrides))
+    with pytest.raises(ConfigError) as err:
+        cell_count(n_rows, params)
+    assert str(err.value) == message
     assert p.method == "graph" and p.connected_components == "builtin"
 
 
@@ -307,6 +347,16 @@ def test_no_dominant_cluster_writes_nothing(spark, make_cfg, capsys):
     with pytest.raises(ClusteringError, match="no dominant cluster: top sizes"):
         run_locate_ui(spark, cfg2)
     assert table_version(spark, cfg2, UI_CENTROIDS) is None and table_version(spark, cfg2, UI_MEMBERS) is None
+
+
+def test_an_undersampled_quantiser_fails_before_anything_is_written(spark, make_cfg, vmf):
+    x, _, ids, _ = vmf
+    cfg = make_cfg("locate_ui.eps=0.4", "locate_ui.kmeans_sample_rows=100", "locate_ui.max_cell_rows=8",
+                   "locate_ui.nprobe=1", "locate_ui.dominance_ratio=5")
+    write_embeddings(spark, cfg, x, ids)
+    with pytest.raises(ConfigError, match=r"^locate_ui: 1667 rows need 417 quantiser cells but .* at least 34$"):
+        run_locate_ui(spark, cfg)
+    assert table_version(spark, cfg, UI_CENTROIDS) is None and table_version(spark, cfg, UI_MEMBERS) is None
 
 
 def test_from_members_with_rotated_model(spark, vmf, graph_run):

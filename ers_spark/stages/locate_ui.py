@@ -75,7 +75,7 @@ from ers_spark.lake.contracts import (
     UI_MEMBERS,
     UIC_ID,
 )
-from ers_spark.errors import ClusteringError, ErsUserError
+from ers_spark.errors import ClusteringError, ConfigError, ErsUserError
 from ers_spark.core.ers import normalize_rows, ui_centroid_from_sum
 from ers_spark.lake.tables import (
     StageRun,
@@ -538,10 +538,35 @@ def _driver_sample(points: DataFrame, n_rows: int, params: LocateUiParams) -> F3
 
 
 def cell_count(n_rows: int, params: LocateUiParams) -> int:
-    """Coarse cells: the configured count, or enough that an average cell fills half of ``max_cell_rows``."""
+    """Coarse cells: the configured count, or enough that an average cell fills half of ``max_cell_rows``.
+
+    Raises :class:`ConfigError` when the quantiser's driver sample holds fewer rows than cells
+    (e.g. 1e9 rows with the defaults): k-means would silently train fewer cells than planned and
+    the oversized cells could not be cut, so a run would go quadratic instead of failing.
+
+    >>> from ers_spark.config import load_config
+    >>> params = LocateUiParams.from_config(load_config(overrides=["locate_ui.nprobe=2", "locate_ui.max_cell_rows=8192"]))
+    >>> cell_count(10_000_000, params)
+    4883
+    >>> cell_count(1_000_000_000, params)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ers_spark.errors.ConfigError: locate_ui: 1000000000 rows need 488282 quantiser cells ...
+    """
     if params.kmeans_cells is not None:
-        return params.kmeans_cells
-    return max(1, int(np.ceil(2 * n_rows * params.nprobe / params.max_cell_rows)))
+        cells = params.kmeans_cells
+        fix = f"lower locate_ui.kmeans_cells to at most {params.kmeans_sample_rows}"
+    else:
+        cells = max(1, int(np.ceil(2 * n_rows * params.nprobe / params.max_cell_rows)))
+        need = int(np.ceil(2 * n_rows * params.nprobe / params.kmeans_sample_rows))
+        fix = f"raise locate_ui.max_cell_rows to at least {need}"
+    if n_rows > params.kmeans_sample_rows and cells > params.kmeans_sample_rows:
+        raise ConfigError(
+            f"locate_ui: {n_rows} rows need {cells} quantiser cells but locate_ui.kmeans_sample_rows is "
+            f"{params.kmeans_sample_rows}, fewer than one sampled row per cell; raise locate_ui.kmeans_sample_rows "
+            f"to at least {cells} (the driver holds the sample) or {fix}"
+        )
+    return cells
 
 
 def _plan_cells(points: DataFrame, n_rows: int, params: LocateUiParams) -> tuple[F32, CellPlan]:
