@@ -99,13 +99,14 @@ def test_params_from_config(make_cfg):
         make_cfg("locate_ui.eps_grid_start=0.1", "locate_ui.eps_grid_stop=0.3", "locate_ui.eps_grid_step=0.05")
     )
     assert p.eps_grid == (0.1, 0.15, 0.2, 0.25, 0.3)
+    assert p.method == "graph" and p.connected_components == "builtin"
 
 
 @pytest.mark.parametrize(
     ("n_rows", "overrides", "cells"),
     [
         (10_000_000, ("locate_ui.kmeans_sample_rows=100000",), 4883),  # the 1e7 benchmark: 20 sample rows a cell
-        (1_000, ("locate_ui.kmeans_sample_rows=100", "locate_ui.max_cell_rows=4"), 1000),  # sample = all rows
+        (1_000, ("locate_ui.kmeans_sample_rows=1000", "locate_ui.max_cell_rows=4"), 1000),  # sample = all rows
         (1_000, ("locate_ui.kmeans_sample_rows=10", "locate_ui.kmeans_cells=10"), 10),  # one sampled row a cell
     ],
 )
@@ -138,7 +139,6 @@ def test_cell_count_refuses_more_cells_than_sampled_rows(make_cfg, n_rows, overr
     with pytest.raises(ConfigError) as err:
         cell_count(n_rows, params)
     assert str(err.value) == message
-    assert p.method == "graph" and p.connected_components == "builtin"
 
 
 def test_check_dominance():
