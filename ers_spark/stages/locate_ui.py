@@ -575,8 +575,9 @@ def _plan_cells(points: DataFrame, n_rows: int, params: LocateUiParams) -> tuple
     Cell sizes are estimated from the sample's own assignments (scaled to ``n_rows``), so no pass
     over the data is needed to find the oversized cells.
     """
+    cells = cell_count(n_rows, params)  # first: an undersampled plan fails before the sample is drawn
     sample = _driver_sample(points, n_rows, params)
-    centres = spherical_kmeans(sample, cell_count(n_rows, params), params.seed, params.kmeans_max_iter)
+    centres = spherical_kmeans(sample, cells, params.seed, params.kmeans_max_iter)
     nearest = nearest_cells(sample, centres, params.nprobe)
     expected = expected_cell_rows(nearest, centres.shape[0], n_rows)
     plan = plan_cells(sample, nearest, expected, max_cell_rows=params.max_cell_rows, nprobe=params.nprobe,
