@@ -35,7 +35,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(what: str, check, timeout: float = 90.0) -> None:
+# How long one spark-submit may run before the test calls it hung. A guard against hangs, not a speed
+# check: CI's 2-core machine, with the other xdist worker busy, once needed more than 9 minutes for the
+# job batch of tests/test_cluster.py (12 job runs in one JVM) that takes under 3 minutes on a quiet machine.
+SUBMIT_HANG_GUARD_S = 1800.0
+
+
+def _wait(what: str, check, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -193,7 +199,7 @@ class StandaloneCluster:
         return [*args, script, *overrides]
 
     def submit(self, job: str, *overrides: str, conf: dict[str, str] | None = None, master: str | None = None,
-               env: dict[str, str] | None = None, timeout: float = 540) -> SubmitResult:
+               env: dict[str, str] | None = None, timeout: float = SUBMIT_HANG_GUARD_S) -> SubmitResult:
         """spark-submit ``jobs/<job>.py`` (client mode: Python apps cannot use cluster mode on standalone)."""
         proc = subprocess.run(
             self.submit_args(job, *overrides, conf=conf, master=master), cwd=self.root, env={**self._env(), **(env or {})},

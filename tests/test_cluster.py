@@ -25,7 +25,7 @@ from chispa import assert_df_equality
 from PIL import Image
 
 from ers_spark.lake.contracts import CLEANED, CROPS, EMBEDDINGS, QUARANTINE, SCORES, UI_MEMBERS
-from standalone_cluster import REPO, StandaloneCluster, SubmitResult, failure_text
+from standalone_cluster import REPO, SUBMIT_HANG_GUARD_S, StandaloneCluster, SubmitResult, failure_text
 
 pytestmark = [pytest.mark.spark, pytest.mark.cluster]
 
@@ -283,7 +283,7 @@ def concurrent_ingests(cluster, tmp_path_factory) -> dict:
                          cwd=cluster.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster._env())
         for folder in (first, second)
     ]
-    outputs = [p.communicate(timeout=400) for p in procs]
+    outputs = [p.communicate(timeout=SUBMIT_HANG_GUARD_S) for p in procs]
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, failure_text(out, err)
     records = [json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith('{"')]
@@ -319,11 +319,11 @@ def test_worker_killed_during_embed(spark, cluster, concurrent_ingests) -> None:
     the other with exactly one embedding per crop and nothing quarantined."""
     root = concurrent_ingests["root"]
     killed: dict[str, int] = {}
+    embed_ended = threading.Event()
 
     def kill_when_worker0_embeds() -> None:
         """Kill worker 0 once one of its executor's Python workers has the model runtime loaded."""
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
+        while not embed_ended.is_set() and not killed:
             if cluster.python_workers_with_model_runtime(0):
                 killed["pid"] = cluster.kill_worker(0)
                 return
@@ -334,6 +334,7 @@ def test_worker_killed_during_embed(spark, cluster, concurrent_ingests) -> None:
     try:
         result = cluster.submit("embed", f"storage.root={root}", "spark.hive_metastore=false", "spark.shuffle_partitions=4",
                                 "spark.arrow_max_records_per_batch=32", conf={"spark.sql.files.maxPartitionBytes": "128k"})
+        embed_ended.set()
         watcher.join(timeout=5)
         _ok(result)
         assert killed, "worker 0 never received the model: the kill did not happen during embed"
@@ -346,4 +347,5 @@ def test_worker_killed_during_embed(spark, cluster, concurrent_ingests) -> None:
         print(f"worker kill: {UNION} crops embedded once each after killing pid {killed['pid']}; "
               f"tasks by device {record['runtime']['tasks_by_device']}")
     finally:
+        embed_ended.set()
         cluster.ensure_workers()
