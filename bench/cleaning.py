@@ -43,7 +43,7 @@ from ers_spark.config import load_config  # noqa: E402
 from ers_spark.errors import ClusteringError  # noqa: E402
 from ers_spark.core.synthetic import DEGRADATIONS, degrade  # noqa: E402
 from ers_spark.lake.contracts import CROPS, EMBEDDINGS, QUARANTINE, SCORES  # noqa: E402
-from ers_spark.lake.session import build_session  # noqa: E402
+from ers_spark.runtime.session import build_session  # noqa: E402
 from ers_spark.lake.tables import read_table  # noqa: E402
 from ers_spark.pipeline import stage_runner  # noqa: E402
 

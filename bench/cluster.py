@@ -35,7 +35,7 @@ from ers_spark.config import load_config  # noqa: E402
 from ers_spark.lake.contracts import EMBEDDING, EMBEDDINGS, IMAGE_ID, UI_CENTROIDS, UI_MEMBERS, UIC_ID  # noqa: E402
 from ers_spark.core.ers import ui_centroid  # noqa: E402
 from ers_spark.lake.tables import append, read_table  # noqa: E402
-from ers_spark.core.neighbours import exact_single_linkage, jaccard  # noqa: E402
+from ers_spark.core.linkage import exact_single_linkage, jaccard  # noqa: E402
 from ers_spark.core.synthetic import RECOMMENDED_EPS, iter_vmf_chunks  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "cluster.json"
@@ -224,7 +224,7 @@ def main() -> None:
 
     import pyspark
 
-    from ers_spark.lake.session import build_session
+    from ers_spark.runtime.session import build_session
 
     base = [f"storage.root={BENCH_ROOT}", "spark.master=local[2]", "spark.driver_memory=10g",
             "spark.shuffle_partitions=8", f"spark.checkpoint_dir={BENCH_ROOT / 'checkpoints'}",

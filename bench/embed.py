@@ -32,12 +32,13 @@ sys.path.insert(0, str(ROOT))
 
 from ers_spark.config import load_config  # noqa: E402
 from ers_spark.lake.contracts import CROPS, EMBEDDINGS  # noqa: E402
-from ers_spark.stages.embed import EmbedParams, run_embed  # noqa: E402
+from ers_spark.distributed.inference import ModelFile, embed_dataframe, resolve_model  # noqa: E402
+from ers_spark.stages.embed import run_embed  # noqa: E402
 from ers_spark.stages.ingest import run_ingest  # noqa: E402
 from ers_spark.lake.tables import table_path  # noqa: E402
 from ers_spark.models.onnx_runner import OnnxEmbedder  # noqa: E402
 from ers_spark.models.preprocess import decode_batch  # noqa: E402
-from ers_spark.lake.session import build_session  # noqa: E402
+from ers_spark.runtime.session import build_session  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "orl_faces"
 BATCH = 64
@@ -85,7 +86,7 @@ def settle(seconds: float = 10.0) -> None:
     time.sleep(seconds)
 
 
-def bench_raw(images: list[bytes], params: EmbedParams, threads: int) -> float:
+def bench_raw(images: list[bytes], params: ModelFile, threads: int) -> float:
     """Images per second of the model alone over pre-decoded batches (decoding is not timed)."""
     embedder = OnnxEmbedder(params.model_path, params.spec, intra_op_threads=threads)
     elapsed, count = 0.0, 0
@@ -104,7 +105,7 @@ def bench_raw(images: list[bytes], params: EmbedParams, threads: int) -> float:
     return count / elapsed
 
 
-def bench_pbu(spark, cfg, params: EmbedParams, out_path: str) -> float:
+def bench_pbu(spark, cfg, params: ModelFile, out_path: str) -> float:
     """The same job with Spark's predict_batch_udf (decode + embed inside its predict function)."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql.types import ArrayType, FloatType
@@ -138,7 +139,7 @@ def bench_size(spark, base_overrides: list[str], work: Path, n: int) -> dict:
     overrides = [*base_overrides, f"storage.root={work / f'lake{n}'}", f"ingest.input_path={work / f'in{n}.parquet'}"]
     cfg = load_config(overrides=overrides)
     run_ingest(spark, cfg)
-    params = EmbedParams.from_config(cfg)
+    params = resolve_model(cfg.embed)
 
     # warm the Python workers of both Spark paths (each loads its model once per worker) on a
     # throw-away lake of a few hundred crops
@@ -161,12 +162,10 @@ def bench_size(spark, base_overrides: list[str], work: Path, n: int) -> dict:
     settle()
     pbu_ips = bench_pbu(spark, cfg, params, str(work / f"pbu{n}"))
     # the stage's inference pass alone (mapInArrow to a no-op sink), to split stage cost from Delta I/O
-    from ers_spark.stages.embed import embed_dataframe
-
     crops = spark.read.format("delta").load(table_path(cfg, CROPS))
     settle()
     t0 = time.perf_counter()
-    embed_dataframe(crops, params).write.format("noop").mode("overwrite").save()
+    embed_dataframe(crops, params, cfg.embed).write.format("noop").mode("overwrite").save()
     infer_only_ips = len(images) / (time.perf_counter() - t0)
     assert spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).count() == len(images)
     return {

@@ -33,10 +33,10 @@ from quality import ORL, orl_with_degraded_copies  # noqa: E402
 
 from ers_spark.config import load_config  # noqa: E402
 from ers_spark.core import ers as ers_math  # noqa: E402
-from ers_spark.core import metrics  # noqa: E402
+from ers_spark.core.calibration import calibrate_gamma_held_out  # noqa: E402
+from ers_spark.core.metrics import roc_auc  # noqa: E402
 from ers_spark.lake.contracts import CROPS, EMBEDDINGS, EVAL_METRICS, SCORES  # noqa: E402
-from ers_spark.stages.locate_ui import LocateUiParams  # noqa: E402
-from ers_spark.lake.session import build_session  # noqa: E402
+from ers_spark.runtime.session import build_session  # noqa: E402
 from ers_spark.lake.tables import table_path  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def eps_sweep(x: np.ndarray, identity: np.ndarray, degraded: np.ndarray, grid: t
               calibration_share: float, seed: int) -> list[dict]:
     """Per grid eps, until the largest cluster holds 95 % of the rows: the UI exact single linkage gives there,
     its ERS AUC (clean vs degraded) and what gamma calibrated on it does to the held-out FRR at ``target_far``
-    (metrics.calibrate_gamma_held_out: the split score uses; pairs drawn in numpy, not evaluate's)."""
+    (calibrate_gamma_held_out: the split score uses; pairs drawn in numpy, not evaluate's)."""
     z = linkage(x.astype(np.float64), method="single", metric="cosine")
     rows = []
     for eps in grid:
@@ -84,12 +84,12 @@ def eps_sweep(x: np.ndarray, identity: np.ndarray, degraded: np.ndarray, grid: t
         if members.sum() >= 0.95 * len(x):
             break
         ers = ers_math.ers_scores(x, ers_math.ui_centroid(x[members]))
-        calibration, check = metrics.calibrate_gamma_held_out(
+        calibration, check = calibrate_gamma_held_out(
             x, identity, ers, target_far=target_far, calibration_share=calibration_share, seed=seed, max_pairs=50_000)
         rows.append({
             "eps": round(float(eps), 6), "ui_members": int(members.sum()),
             "ui_degraded_share": round(float(degraded[members].mean()), 4),
-            "auc_ers_clean_vs_degraded": round(ers_math.roc_auc(ers, ~degraded), 4),
+            "auc_ers_clean_vs_degraded": round(roc_auc(ers, ~degraded), 4),
             "gamma": round(calibration.gamma, 4),
             "frr_baseline": None if check is None else round(check.frr_baseline, 4),
             "frr_unsure_as_reject": None if check is None else round(check.frr_unsure_as_reject, 4),
@@ -160,14 +160,13 @@ def main() -> None:
         data[["path", "degraded"]].rename(columns={"path": "source_path"}), on="source_path")
     result = figures(table)
     result["auc_ers_clean_vs_degraded"] = round(
-        ers_math.roc_auc(scored["ers"].to_numpy(), ~scored["degraded"].to_numpy(bool)), 4)
+        roc_auc(scored["ers"].to_numpy(), ~scored["degraded"].to_numpy(bool)), 4)
     result["targets_met"] = targets(result)
     labelled = scored.merge(spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).select("image_id", "embedding")
                             .toPandas(), on="image_id").merge(data[["path", "identity"]].rename(columns={"path": "source_path"}),
                                                               on="source_path")
-    params = LocateUiParams.from_config(cfg)
     sweep = eps_sweep(np.stack(labelled.embedding.to_numpy()).astype(np.float32), labelled.identity.to_numpy(),
-                      labelled.degraded.to_numpy(bool), params.eps_grid, cfg.score.target_far,
+                      labelled.degraded.to_numpy(bool), cfg.locate_ui.eps_grid, cfg.score.target_far,
                       cfg.score.calibration_share, cfg.score.seed)
     result["eps_sweep"] = sweep
     result["eps_rule"] = {**sweep_summary(sweep, ui["params"]["eps_used"]), "rule": ui["params"]["eps_source"]}

@@ -80,7 +80,7 @@ def run(n: int, data: Path, root: Path) -> dict:
     """Ingest then embed ``data`` into a fresh lake under ``root``; seconds and images/s/core for each."""
     import shutil
 
-    from ers_spark.lake.session import build_session
+    from ers_spark.runtime.session import build_session
     from ers_spark.stages.embed import run_embed
     from ers_spark.stages.ingest import run_ingest
 

@@ -31,13 +31,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ers_spark.core import ers as ers_math  # noqa: E402
+from ers_spark.core.calibration import calibrate_gamma_unlabelled  # noqa: E402
+from ers_spark.core.metrics import roc_auc  # noqa: E402
 from ers_spark.config import load_config  # noqa: E402
 from ers_spark.lake.contracts import CROPS, EMBEDDINGS, SCORES, UI_CENTROIDS, UI_MEMBERS  # noqa: E402
 from ers_spark.stages.embed import run_embed  # noqa: E402
 from ers_spark.stages.ingest import run_ingest  # noqa: E402
 from ers_spark.lake.tables import table_path  # noqa: E402
-from ers_spark.lake.session import build_session  # noqa: E402
+from ers_spark.runtime.session import build_session  # noqa: E402
 from ers_spark.core.synthetic import DEGRADATIONS, degrade  # noqa: E402
 
 ORL = ROOT.parent / "shared" / "data" / "orl_faces"
@@ -128,15 +129,15 @@ def main() -> None:
     degraded = table["degraded"].to_numpy(bool)
     gamma_labelled = float(score_record["params"]["gamma"])
     is_member = table["image_id"].isin(members).to_numpy()
-    unlabelled = ers_math.calibrate_gamma_unlabelled(table["ers"].to_numpy()[is_member], table["ers"].to_numpy()[~is_member])
+    unlabelled = calibrate_gamma_unlabelled(table["ers"].to_numpy()[is_member], table["ers"].to_numpy()[~is_member])
 
     result = {
         "images": int(len(table)),
         "clean": int((~degraded).sum()),
         "degraded": int(degraded.sum()),
         "model": f"{emb.shape[0]} embeddings, dlib_resnet_v1",
-        "auc_ers_clean_vs_degraded": round(ers_math.roc_auc(table["ers"].to_numpy(), ~degraded), 4),
-        "auc_norm_clean_vs_degraded": round(ers_math.roc_auc(table["raw_norm"].to_numpy(), ~degraded), 4),
+        "auc_ers_clean_vs_degraded": round(roc_auc(table["ers"].to_numpy(), ~degraded), 4),
+        "auc_norm_clean_vs_degraded": round(roc_auc(table["raw_norm"].to_numpy(), ~degraded), 4),
         **evaluate(table, gamma_labelled),
         "gamma_method": score_record["params"]["gamma_method"],
         "unlabelled_calibration": evaluate(table, unlabelled.gamma),
@@ -146,7 +147,7 @@ def main() -> None:
         "ers_median_clean": round(float(np.median(table["ers"][~degraded])), 4),
         "ers_median_degraded": round(float(np.median(table["ers"][degraded])), 4),
         "auc_ers_by_degradation": {
-            kind: round(ers_math.roc_auc(
+            kind: round(roc_auc(
                 np.concatenate([table["ers"][~degraded], table["ers"][table["kind"] == kind]]),
                 np.concatenate([np.ones((~degraded).sum(), bool), np.zeros((table["kind"] == kind).sum(), bool)]),
             ), 4)

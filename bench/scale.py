@@ -182,7 +182,7 @@ def faiss_baseline(x: np.ndarray) -> tuple[np.ndarray, float]:
 
 def exact_ui(x: np.ndarray) -> np.ndarray:
     """Exact single linkage at eps (every pair, blocked), one process: the largest component's rows."""
-    from ers_spark.core.neighbours import eps_spanning_links, links_to_labels
+    from ers_spark.core.linkage import eps_spanning_links, links_to_labels
 
     ids = np.arange(x.shape[0], dtype=np.int64)
     out = eps_spanning_links(ids, x, EPS, block_size=4096)
@@ -208,7 +208,7 @@ def overrides(n: int, root: Path, data: Path) -> list[str]:
 
 
 def run_stages(cfg: Any) -> dict[str, Any]:
-    from ers_spark.lake.session import build_session
+    from ers_spark.runtime.session import build_session
     from ers_spark.pipeline import stage_runner
 
     spark = build_session(cfg, "scale")
@@ -230,7 +230,7 @@ def stored_ui(cfg: Any, uic_id: str) -> tuple[np.ndarray, np.ndarray]:
     from pyspark.sql import functions as F
 
     from ers_spark.lake.contracts import CENTROID, IMAGE_ID, UI_CENTROIDS, UI_MEMBERS, UIC_ID
-    from ers_spark.lake.session import build_session
+    from ers_spark.runtime.session import build_session
     from ers_spark.lake.tables import read_table
 
     spark = build_session(cfg, "scale")
@@ -247,7 +247,7 @@ def unit_mean(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def _quality(n: int, root: Path, result: dict[str, Any], members: np.ndarray, uic: np.ndarray) -> dict[str, Any]:
     """UI figures against the planted UI; members and UIC saved for the baselines' own process."""
-    from ers_spark.core.neighbours import jaccard
+    from ers_spark.core.linkage import jaccard
 
     np.save(root / "members.npy", members)
     np.save(root / "uic.npy", uic)
@@ -309,7 +309,7 @@ def generate(n: int) -> None:
 
 def baselines(n: int, root: Path, members: np.ndarray, uic: np.ndarray) -> dict[str, Any]:
     """faiss + scipy baseline at every size; exact single linkage where it is feasible (1e5)."""
-    from ers_spark.core.neighbours import jaccard
+    from ers_spark.core.linkage import jaccard
 
     x = load_all(root / "input")
     out: dict[str, Any] = {}

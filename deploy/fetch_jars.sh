@@ -11,7 +11,7 @@ python - "$dest" "$config" <<'PY'
 import shutil, sys, tempfile
 from pathlib import Path
 from ers_spark.config import load_config
-from ers_spark.lake.session import build_session
+from ers_spark.runtime.session import build_session
 dest, config = Path(sys.argv[1]), sys.argv[2] or None
 ivy = Path(tempfile.mkdtemp(prefix="ers-ivy-"))
 # Spark resolves spark.jars.packages with Ivy when the session starts: point Ivy at a fresh folder, copy what it fetched.

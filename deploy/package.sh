@@ -9,7 +9,7 @@ with_env=0
 if [ "${1:-}" = "--env" ]; then with_env=1; shift; fi
 dest=${1:-$here/dist}
 mkdir -p "$dest"
-PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" python -m ers_spark.lake.shipping "$dest"
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" python -m ers_spark.runtime.shipping "$dest"
 if [ "$with_env" = 1 ]; then
   if ! command -v venv-pack >/dev/null 2>&1; then
     echo "package.sh: venv-pack not found: pip install venv-pack inside the virtualenv to pack" >&2

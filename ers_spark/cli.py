@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ers_spark.lake.logs import configure_logging
+    from ers_spark.runtime.logs import configure_logging
 
     configure_logging(verbose=args.verbose)
     try:

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import yaml
 
 from ers_spark.errors import ConfigError
+from ers_spark.versions import PACKAGES
 
 EMBEDDED_CONFIG_NAME = "local.yaml"
 
@@ -41,7 +42,11 @@ def embedded_config_path() -> Path:
 
 @dataclass(frozen=True)
 class SparkConfig:
-    """How the one SparkSession is built (see :mod:`ers_spark.lake.session`)."""
+    """How the one SparkSession is built (see :mod:`ers_spark.runtime.session`).
+
+    ``packages`` holds Maven coordinates: the loader turns the names the YAML may use instead
+    (``delta``, ``graphframes``) into the versions pinned in :mod:`ers_spark.versions`.
+    """
 
     master: str | None
     app_name_prefix: str
@@ -118,6 +123,16 @@ class IngestConfig:
         if not self.extensions:
             raise ConfigError(f"ingest.extensions must list at least one extension (in {source})")
 
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        """The extensions lower-cased and without their dot (``.JPG`` -> ``jpg``)."""
+        return tuple(e.lower().lstrip(".") for e in self.extensions)
+
+    def path_glob(self) -> str:
+        """One Hadoop glob matching every extension in either case, e.g. ``*.{jpg,JPG,png,PNG}``."""
+        variants = sorted({v for e in self.suffixes for v in (e.lower(), e.upper())})
+        return "*.{" + ",".join(variants) + "}"
+
     def require_input(self, source: str) -> str:
         """The input path, which the ingest stage needs (other stages do not)."""
         if not self.input_path:
@@ -191,6 +206,19 @@ class LocateUiConfig:
     seed: int
     from_members: str | None
     recompute: bool
+
+    @property
+    def eps_grid(self) -> tuple[float, ...]:
+        """The eps values the grid rule tries: ``eps_grid_start`` to ``eps_grid_stop`` by ``eps_grid_step``.
+
+        >>> load_config(overrides=["locate_ui.eps_grid_start=0.1", "locate_ui.eps_grid_stop=0.3",
+        ...                        "locate_ui.eps_grid_step=0.05"]).locate_ui.eps_grid
+        (0.1, 0.15, 0.2, 0.25, 0.3)
+        """
+        import numpy as np
+
+        grid = np.arange(self.eps_grid_start, self.eps_grid_stop + self.eps_grid_step / 2, self.eps_grid_step)
+        return tuple(float(round(g, 10)) for g in grid)
 
     def validate(self, source: str) -> None:
         if self.method not in ("graph", "sample-hac"):
@@ -417,6 +445,11 @@ class ImportEmbeddingsConfig:
                 f"import_embeddings.input_format must be 'parquet' or 'delta', got {self.input_format!r} (in {source})"
             )
 
+    @property
+    def model(self) -> tuple[str, str]:
+        """(model name, model version as text): the version is stored as text whatever YAML read it as."""
+        return str(self.model_name), str(self.model_version)
+
     def require(self, source: str) -> None:
         """The keys the import needs and other stages do not: the input and the model that made the vectors."""
         for key in ("input_path", "model_name", "model_version"):
@@ -536,6 +569,8 @@ def _build(raw: Mapping[str, Any], source: str) -> ErsConfig:
         missing = [k for k in hints if k not in kwargs]
         if missing:  # only a config laid over something other than the embedded defaults gets here
             raise ConfigError(f"config section '{name}' lacks {', '.join(missing)} (in {source})")
+        if section_type is SparkConfig:  # pinned names -> their Maven coordinates
+            kwargs["packages"] = pinned_packages(kwargs["packages"], source)
         built[name] = section_type(**kwargs)
     absent = [name for name in sections if name not in built]
     if absent:
@@ -543,6 +578,23 @@ def _build(raw: Mapping[str, Any], source: str) -> ErsConfig:
     cfg = ErsConfig(**built, source=source)
     cfg.validate()
     return cfg
+
+
+def pinned_packages(entries: list[str], source: str) -> list[str]:
+    """``spark.packages`` as Maven coordinates: a name from :data:`ers_spark.versions.PACKAGES` becomes
+    its pinned coordinate; an entry with a ``:`` is a coordinate and stays as written.
+
+    >>> from ers_spark.versions import DELTA_PACKAGE
+    >>> pinned_packages(["delta", "org.example:extra_2.13:1.0"], "x.yaml") == [DELTA_PACKAGE, "org.example:extra_2.13:1.0"]
+    True
+    """
+    unknown = [e for e in entries if ":" not in e and e not in PACKAGES]
+    if unknown:
+        raise ConfigError(
+            f"spark.packages: unknown package {unknown[0]!r} (in {source}); name one of {', '.join(PACKAGES)} "
+            "(pinned in ers_spark/versions.py) or give a Maven coordinate group:artifact:version"
+        )
+    return [e if ":" in e else PACKAGES[e] for e in entries]
 
 
 def _unknown_key_message(key: str, known: list[str], source: str) -> str:

@@ -65,8 +65,8 @@ def check_stage_config(cfg: ErsConfig, stage: str) -> None:
 
 def run_stage(cfg: ErsConfig, stage: str) -> dict:
     """Build the session for ``stage`` and run it, logging progress while its Spark jobs run."""
-    from ers_spark.lake.progress import stage_progress
-    from ers_spark.lake.session import build_session
+    from ers_spark.runtime.progress import stage_progress
+    from ers_spark.runtime.session import build_session
 
     check_stage_config(cfg, stage)
     spark = build_session(cfg, stage)

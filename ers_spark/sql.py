@@ -5,7 +5,7 @@ from __future__ import annotations
 from ers_spark.config import ErsConfig
 from ers_spark.lake.contracts import LAKE_TABLES
 from ers_spark.lake.tables import register_table, table_exists
-from ers_spark.lake.session import build_session
+from ers_spark.runtime.session import build_session
 
 
 def register_existing_tables(cfg: ErsConfig) -> list[str]:

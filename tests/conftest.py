@@ -73,7 +73,7 @@ def spark(spark_root: Path, tmp_path_factory: pytest.TempPathFactory):
     on a fresh machine the first resolves ``spark.jars.packages`` into the empty Ivy cache, and two
     JVMs resolving into it at once fail to start (``JAVA_GATEWAY_EXITED``).
     """
-    from ers_spark.lake.session import build_session
+    from ers_spark.runtime.session import build_session
 
     cfg = load_config(
         overrides=[

@@ -3,9 +3,13 @@
 Each script runs as ``__main__`` with its own argv, exactly as spark-submit would start it; its
 exit status, its ``error:`` lines and the stage records (JSON lines) it printed are reported as one
 ``BATCH {json}`` line on stdout. The cluster tests use it to run many short jobs without paying a
-JVM start for each.
+JVM start (driver and executors) for each.
 
-    spark-submit ... tests/job_batch.py '[["jobs/embed.py", ["storage.root=/lake"]], ...]'
+A step is a dict: ``{"script": path, "args": [...]}`` runs a job script; optional ``"conf"`` sets
+runtime SQL settings for that step only; ``{"wait_for": path}`` waits (bounded) until another
+process creates that file; ``{"probe": root, "tables": [...]}`` counts the rows of Delta tables.
+
+    spark-submit ... tests/job_batch.py '[{"script": "jobs/embed.py", "args": ["storage.root=/lake"]}, ...]'
 """
 
 from __future__ import annotations
@@ -15,17 +19,20 @@ import io
 import json
 import runpy
 import sys
+import time
+from pathlib import Path
 
-from ers_spark.lake.logs import configure_logging
+from ers_spark.runtime.logs import configure_logging
 
 BATCH_PREFIX = "BATCH "
+WAIT_LIMIT_S = 1800.0  # a guard against a partner process that never finishes, not a speed check
 
 
-def run_one(script: str, args: list[str]) -> dict:
+def run_one(script: str, args: list[str], conf: dict[str, str] | None = None) -> dict:
     stdout, stderr = io.StringIO(), io.StringIO()
     sys.argv = [script, *args]
     code: int | str | None = 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with _runtime_conf(conf or {}), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             runpy.run_path(script, run_name="__main__")
         except SystemExit as exc:
@@ -37,10 +44,54 @@ def run_one(script: str, args: list[str]) -> dict:
     return {"script": script, "args": args, "exit": 0 if code is None else code, "errors": errors, "records": records}
 
 
+@contextlib.contextmanager
+def _runtime_conf(conf: dict[str, str]):
+    """Set runtime SQL settings for one step and put the previous values back after it."""
+    if not conf:
+        yield
+        return
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+    previous = {key: spark.conf.get(key, None) for key in conf}
+    for key, value in conf.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            spark.conf.unset(key) if value is None else spark.conf.set(key, value)
+
+
+def wait_for(path: str) -> dict:
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            return {"wait_for": path, "exit": 1, "errors": [f"error: {path} did not appear"]}
+        time.sleep(0.2)
+    return {"wait_for": path, "exit": 0}
+
+
+def probe(root: str, tables: list[str]) -> dict:
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+    counts = {t: spark.read.format("delta").load(f"{root.rstrip('/')}/{t}").count() for t in tables}
+    return {"probe": root, "exit": 0, "counts": counts}
+
+
+def run_step(step: dict) -> dict:
+    if "wait_for" in step:
+        return wait_for(step["wait_for"])
+    if "probe" in step:
+        return probe(step["probe"], step["tables"])
+    return run_one(step["script"], step["args"], step.get("conf"))
+
+
 def main() -> None:
     configure_logging()  # before any redirect: log lines keep going to the real stderr
-    for script, args in json.loads(sys.argv[1]):
-        print(BATCH_PREFIX + json.dumps(run_one(script, args)), flush=True)
+    for step in json.loads(sys.argv[1]):
+        print(BATCH_PREFIX + json.dumps(run_step(step)), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ SPARK_HOME = Path(pyspark.__file__).resolve().parent
 ERS_SUBMIT = REPO / "deploy" / "ers-submit"
 GPU_DISCOVERY = REPO / "deploy" / "spark" / "gpu_discovery.sh"
 FAKE_GPUS = 2
+# Task slots per worker. Two, so that two applications can run side by side (the tests run one-core
+# applications next to a two-executor batch); the machine's cores are shared by all of them anyway.
+WORKER_CORES = 2
 
 
 def free_port() -> int:
@@ -139,7 +143,7 @@ class StandaloneCluster:
         log = open(self.root / "logs" / f"worker{i}.out", "ab")
         self.worker_procs[i] = subprocess.Popen(
             [str(SPARK_HOME / "bin" / "spark-class"), "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-             "--cores", "1", "--memory", "2g", "--work-dir", str(self.work_dir(i)), "--webui-port", str(free_port()),
+             "--cores", str(WORKER_CORES), "--memory", "3g", "--work-dir", str(self.work_dir(i)), "--webui-port", str(free_port()),
              self.url],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -207,15 +211,17 @@ class StandaloneCluster:
         )
         return SubmitResult(proc.returncode, proc.stdout, proc.stderr)
 
-    def submit_batch(self, plan: list[tuple[str, list[str]]], **kwargs) -> tuple[SubmitResult, list[dict]]:
-        """Several ``jobs/<job>.py`` runs in one spark-submit (``tests/job_batch.py``): one JVM for all.
+    def launch(self, job: str, *overrides: str, conf: dict[str, str] | None = None,
+              env: dict[str, str] | None = None) -> "RunningSubmit":
+        """Start ``jobs/<job>.py`` (or a script path) under spark-submit without waiting for it."""
+        proc = subprocess.Popen(self.submit_args(job, *overrides, conf=conf), cwd=self.root,
+                                env={**self._env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        return RunningSubmit(proc)
 
-        Returns the submit's result and, per run, ``{"script", "args", "exit", "errors"}``.
-        """
-        batch = [(str(REPO / "jobs" / f"{job}.py"), list(args)) for job, args in plan]
-        result = self.submit(str(Path(__file__).with_name("job_batch.py")), json.dumps(batch), **kwargs)
-        runs = [json.loads(line[len("BATCH "):]) for line in result.stdout.splitlines() if line.startswith("BATCH ")]
-        return result, runs
+    def start_batch(self, steps: list[dict], **kwargs) -> "RunningSubmit":
+        """Start one spark-submit of ``tests/job_batch.py`` running ``steps`` in one JVM (see that script)."""
+        return self.launch(str(Path(__file__).with_name("job_batch.py")), json.dumps(steps), **kwargs)
 
     def stop(self) -> None:
         for proc in [*self.worker_procs, self.master_proc]:
@@ -227,3 +233,49 @@ class StandaloneCluster:
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+
+
+def job_step(job: str, *args: str, conf: dict[str, str] | None = None) -> dict:
+    """A step of ``tests/job_batch.py`` that runs ``jobs/<job>.py`` with ``args``."""
+    step: dict = {"script": str(REPO / "jobs" / f"{job}.py"), "args": list(args)}
+    return {**step, "conf": conf} if conf else step
+
+
+class RunningSubmit:
+    """A spark-submit that runs in the background; its output is read as it comes (no pipe fills up).
+
+    ``on_line`` callbacks see each stdout line as it arrives (the batch's ``BATCH`` lines tell which
+    step has ended); :meth:`wait` returns the :class:`SubmitResult` and the batch's step results.
+    """
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self._stdout: list[str] = []
+        self._stderr: list[str] = []
+        self.steps_done = threading.Semaphore(0)
+        self._readers = [threading.Thread(target=self._read, args=(proc.stdout, self._stdout, True), daemon=True),
+                         threading.Thread(target=self._read, args=(proc.stderr, self._stderr, False), daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream, lines: list[str], is_stdout: bool) -> None:
+        for line in stream:
+            lines.append(line)
+            if is_stdout and line.startswith("BATCH "):
+                self.steps_done.release()
+
+    def batch_lines(self) -> int:
+        return sum(1 for line in list(self._stdout) if line.startswith("BATCH "))
+
+    def wait(self, timeout: float = SUBMIT_HANG_GUARD_S) -> tuple[SubmitResult, list[dict]]:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the driver JVM and its Python
+            self.proc.wait()
+        for reader in self._readers:
+            reader.join(timeout=30)
+        stdout, stderr = "".join(self._stdout), "".join(self._stderr)
+        steps = [json.loads(line[len("BATCH "):]) for line in stdout.splitlines() if line.startswith("BATCH ")]
+        return SubmitResult(self.proc.returncode, stdout, stderr), steps
+

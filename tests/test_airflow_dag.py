@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from airflow_support import DAG_FILE, airflow_env, airflow_python, run_airflow_python
+from ers_spark.versions import DELTA_PACKAGE
 
 STAGE_TASKS = ["ingest", "embed", "locate_ui", "score", "clean", "maintain"]
 
@@ -59,7 +60,7 @@ def test_dag_imports_in_a_dagbag_with_the_stage_order(tmp_path: Path) -> None:
                                "clean": ["score"], "maintain": ["clean"]}
     assert all(ops == ["ErsSparkSubmitOperator", "SparkSubmitOperator"] for ops in out["operators"].values())
     assert all(n >= 1 for n in out["retries"].values())
-    assert set(out["packages"].values()) == {"io.delta:delta-spark_4.2_2.13:4.4.0"}
+    assert set(out["packages"].values()) == {DELTA_PACKAGE}
     assert out["applications"]["locate_ui"] == "{{ params.project_dir }}/jobs/locate_ui.py"
     for task, args in out["args"].items():
         assert args[0] == "--config" and "storage.root={{ params.storage_root }}" in args

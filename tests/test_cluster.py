@@ -5,6 +5,10 @@ as README documents it (``deploy/ers-submit``); executors import ``ers_spark`` f
 and read the model from their own copy; a cluster run equals a ``local[2]`` run; and the faults of
 README's reliability table: a worker killed mid-embed, corrupt files, two concurrent ingests,
 broken models, CUDA asked for and missing.
+
+Each spark-submit costs a driver JVM and an executor JVM per worker, so the module runs two
+applications in all: one batch (``tests/job_batch.py``) holds every job run and the faults that a
+shared application allows; the second concurrent ingest is the other application.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +30,7 @@ from chispa import assert_df_equality
 from PIL import Image
 
 from ers_spark.lake.contracts import CLEANED, CROPS, EMBEDDINGS, QUARANTINE, SCORES, UI_MEMBERS
-from standalone_cluster import REPO, SUBMIT_HANG_GUARD_S, StandaloneCluster, SubmitResult, failure_text
+from standalone_cluster import REPO, SUBMIT_HANG_GUARD_S, StandaloneCluster, SubmitResult, job_step
 
 pytestmark = [pytest.mark.spark, pytest.mark.cluster]
 
@@ -93,44 +98,6 @@ def _quarantined(spark, root: Path, stage: str) -> int:
     return _read(spark, root, QUARANTINE.name).where(f"stage = '{stage}'").count()
 
 
-@pytest.fixture(scope="module")
-def cluster_run(cluster, demo_lake, tmp_path_factory) -> tuple[Path, list[dict]]:
-    """The whole pipeline (jobs/run.py) on the standalone cluster, on the demo's input."""
-    root = tmp_path_factory.mktemp("cluster_lake")
-    result = _ok(cluster.submit("run", *_overrides(root, Path(demo_lake[0].ingest.input_path))))
-    return root, result.json_lines()
-
-
-def test_cluster_run_equals_local_run(spark, demo_lake, cluster_run) -> None:
-    """jobs/run.py on the cluster leaves the same tables as the pipeline in local[2] (the test session's)."""
-    local_root = Path(demo_lake[0].storage.root)
-    cluster_root, records = cluster_run
-    assert [r["stage"] for r in records] == STAGES
-    for table, columns in ((CROPS, ["image_id", "source_path", "identity", "width", "height", "format"]),
-                           (SCORES, ["image_id", "recognizable"]), (CLEANED, ["image_id", "identity"]),
-                           (QUARANTINE, ["image_id", "stage", "reason"]), (UI_MEMBERS, ["image_id"])):
-        local = _read(spark, local_root, table.name).select(*columns).orderBy(*columns)
-        remote = _read(spark, cluster_root, table.name).select(*columns).orderBy(*columns)
-        assert_df_equality(remote, local, ignore_nullable=True)
-    for table, column in ((EMBEDDINGS, "embedding"), (SCORES, "ers")):
-        local = _read(spark, local_root, table.name).select("image_id", column).toPandas().sort_values("image_id")
-        remote = _read(spark, cluster_root, table.name).select("image_id", column).toPandas().sort_values("image_id")
-        assert list(local.image_id) == list(remote.image_id)
-        np.testing.assert_allclose(np.stack(remote[column]), np.stack(local[column]), atol=1e-5)
-
-
-def test_executors_use_shipped_code_and_their_own_model_copy(cluster, cluster_run) -> None:
-    _, records = cluster_run
-    runtime = next(r for r in records if r["stage"] == "embed")["runtime"]
-    work_dirs = [str(cluster.work_dir(i)) for i in range(2)]
-    assert runtime["code"], runtime
-    for origin in runtime["code"]:  # imported from the zip the job shipped, inside a worker's work dir
-        assert any(origin.startswith(w) for w in work_dirs) and "ers_spark.zip" in origin, origin
-    for copy in runtime["model_copies"]:  # each executor's own copy, fetched by Spark, not the driver's path
-        assert any(copy.startswith(w) for w in work_dirs), copy
-    assert sum(runtime["tasks_by_device"].values()) >= 1
-
-
 def _corrupt_files(folder: Path, count: int) -> list[str]:
     garbage = [b"", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"<html>not an image</html>", b"GIF89a"]
     paths = []
@@ -178,84 +145,214 @@ def _broken_models(folder: Path) -> dict[str, Path]:
     }
 
 
-JOB_SCRIPTS = ["ingest", "embed", "locate_ui", "score", "clean", "demo", "maintain"]
+STAGE_SCRIPTS = ["ingest", "embed", "locate_ui", "score", "clean"]  # the cluster run, one script per stage
+RERUN_SCRIPTS = ["run", "demo", "maintain"]  # then again on the same lake: every stage re-run, nothing changes
+JOB_SCRIPTS = [*STAGE_SCRIPTS, *RERUN_SCRIPTS]
+COUNTED = ("crops", "embeddings", "scores", "cleaned")
 BROKEN = {"corrupt_file": "cannot load ONNX model", "wrong_input_shape": "has shape", "wrong_output_dim": "-D embeddings"}
 FAULT_CASES = [*BROKEN, "cuda", "auto"]
-# every task gets one of the workers' (fake) GPUs; a failing task is tried twice, not four times
-GPU_CONF = {"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1",
-            "spark.task.maxFailures": "2"}
+# every task gets one of the workers' (fake) GPUs; a failing task is tried twice, not four times; one core per
+# executor and two executors, one on each worker (spread out), so killing worker 0 leaves the batch worker 1
+BATCH_CONF = {"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1",
+              "spark.task.maxFailures": "2", "spark.executor.cores": "1", "spark.cores.max": "2"}
+# the killed embed reads the crops in many small tasks, so both executors embed
+KILL_EMBED_CONF = {"spark.sql.files.maxPartitionBytes": "128k"}
+
+UNION = 400  # images in the two ingest folders together; 100 of them in both
+CORRUPT = UNION * 5 // 95  # 5% of all files
 
 
-def _model_fault_runs(spark, root: Path) -> list[tuple[str, list[str]]]:
+@dataclass
+class FaultInputs:
+    """Inputs of the fault runs: two overlapping folders with corrupt files, 40 faces and broken model specs."""
+
+    first: Path
+    second: Path
+    corrupt: list[str]
+    union_lake: Path
+    faces: Path
+    faults_lake: Path
+    specs: dict[str, Path]
+
+
+def _fault_inputs(tmp: Path) -> FaultInputs:
+    first = _image_folder(tmp / "a" / "person", range(0, 250))
+    second = _image_folder(tmp / "b" / "person", range(150, UNION))
+    corrupt = _corrupt_files(first, CORRUPT // 2) + _corrupt_files(second, CORRUPT - CORRUPT // 2)
+    return FaultInputs(first, second, corrupt, tmp / "union_lake", _image_folder(tmp / "faces", range(40)),
+                       tmp / "faults_lake", _broken_models(tmp))
+
+
+def _union_ingest_args(inputs: FaultInputs, folder: Path) -> list[str]:
+    return [f"storage.root={inputs.union_lake}", "spark.hive_metastore=false", "spark.shuffle_partitions=4",
+            f"ingest.input_path={folder.parent}"]
+
+
+def _fault_steps(inputs: FaultInputs, second_done: Path) -> list[dict]:
+    """Faults (b), (d), (a): ingest of the first folder (beside the other application's ingest of the
+    second), a wait for that application to end, then the embed of the union during which worker 0 dies."""
+    lake = [f"storage.root={inputs.union_lake}", "spark.hive_metastore=false", "spark.shuffle_partitions=4"]
+    return [job_step("ingest", *_union_ingest_args(inputs, inputs.first)), {"wait_for": str(second_done)},
+            job_step("embed", *lake, "spark.arrow_max_records_per_batch=32", conf=KILL_EMBED_CONF)]
+
+
+def _model_fault_steps(inputs: FaultInputs) -> list[dict]:
     """jobs/embed.py on a 40-crop lake: three broken models, embed.device=cuda (no CUDA provider here), auto."""
-    from ers_spark.config import load_config
-    from ers_spark.stages.ingest import run_ingest
+    base = [f"storage.root={inputs.faults_lake}", "spark.hive_metastore=false", "spark.shuffle_partitions=2"]
+    ingest = job_step("ingest", *base, f"ingest.input_path={inputs.faces}")
+    embeds = [[*base, f"embed.model={inputs.specs[case]}"] for case in BROKEN]
+    embeds += [[*base, "embed.device=cuda"], [*base, "embed.device=auto"]]
+    return [ingest, *(job_step("embed", *args) for args in embeds)]
 
-    lake = root / "lake"
-    folder = _image_folder(root / "faces", range(40))
-    run_ingest(spark, load_config(overrides=[f"storage.root={lake}", "storage.database=ers_model_faults",
-                                             f"ingest.input_path={folder}", "spark.shuffle_partitions=2"]))
-    base = [f"storage.root={lake}", "spark.hive_metastore=false", "spark.shuffle_partitions=2"]
-    specs = _broken_models(root)
-    plan = [("embed", [*base, f"embed.model={specs[case]}"]) for case in BROKEN]
-    return plan + [("embed", [*base, "embed.device=cuda"]), ("embed", [*base, "embed.device=auto"])]
+
+def _cluster_steps(root: Path, demo_input: Path) -> list[dict]:
+    """The pipeline on the demo input one stage script at a time, then run, demo and maintain again on its lake."""
+    probe = {"probe": str(root), "tables": list(COUNTED)}
+    args = _overrides(root, demo_input)
+    return [*(job_step(job, *args) for job in STAGE_SCRIPTS), probe, *(job_step(job, *args) for job in RERUN_SCRIPTS),
+            probe]
+
+
+class WorkerKiller:
+    """Kills worker 0 once, while the batch's embed step runs and one of worker 0's Python workers has the model loaded.
+
+    Armed when the other ingest has ended (the batch's next step is that embed); disarmed when the
+    batch reports the embed step done.
+    """
+
+    def __init__(self, cluster, batch, embed_step: int) -> None:
+        self.cluster, self.batch, self.embed_step = cluster, batch, embed_step
+        self.armed, self.killed_pid = threading.Event(), None
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        self.armed.wait(timeout=SUBMIT_HANG_GUARD_S)
+        while self.batch.proc.poll() is None and self.batch.batch_lines() <= self.embed_step:
+            if self.cluster.python_workers_with_model_runtime(0):
+                self.killed_pid = self.cluster.kill_worker(0)
+                return
+            time.sleep(0.05)
+
+
+def _second_ingest(cluster, inputs: FaultInputs, killer: WorkerKiller, done: Path) -> SubmitResult:
+    """The other application's ingest (one core), started beside the batch; its end arms the worker killer."""
+    other = cluster.launch("ingest", *_union_ingest_args(inputs, inputs.second), conf={"spark.cores.max": "1"})
+    try:
+        result, _ = other.wait()
+    finally:
+        killer.armed.set()
+        done.write_text("done")
+    return result
 
 
 @pytest.fixture(scope="module")
-def job_batch(spark, cluster, demo_lake, cluster_run, tmp_path_factory) -> dict:
-    """One spark-submit on the cluster with GPUs requested (tests/job_batch.py: one JVM) running, in order,
-    every jobs/*.py again on the cluster run's lake (re-runs, which must change nothing), then the model
-    faults of :func:`_model_fault_runs` on a lake of their own."""
-    root, _ = cluster_run
-    faults_root = tmp_path_factory.mktemp("model_faults")
-    home = tmp_path_factory.mktemp("home")  # the demo writes its input under $HOME/.ers-spark/demo
-    before = {t: _read(spark, root, t).count() for t in ("crops", "embeddings", "scores", "cleaned")}
-    args = _overrides(root, Path(demo_lake[0].ingest.input_path))
-    plan = [(job, args) for job in JOB_SCRIPTS] + _model_fault_runs(spark, faults_root)
-    result, runs = cluster.submit_batch(plan, conf=GPU_CONF, env={"HOME": str(home)})
-    assert len(runs) == len(plan), (result.stdout[-3000:], result.stderr[-3000:])
-    after = {t: _read(spark, root, t).count() for t in before}
-    return {"before": before, "after": after, "reruns": dict(zip(JOB_SCRIPTS, runs)),
-            "faults": dict(zip(FAULT_CASES, runs[len(JOB_SCRIPTS):])), "faults_lake": faults_root / "lake"}
+def cluster_jobs(spark, cluster, demo_lake, tmp_path_factory) -> dict:
+    """Two applications on the cluster at once. One spark-submit (``tests/job_batch.py``: one driver,
+    two executors) runs, in order: the first of two concurrent ingests, the embed during which worker 0
+    is killed, every stage script on the demo input (the cluster run), run/demo/maintain again on that
+    lake, and the model faults. The other application is the second concurrent ingest."""
+    tmp = tmp_path_factory.mktemp("cluster_jobs")
+    inputs, root, second_done = _fault_inputs(tmp / "faults"), tmp / "cluster_lake", tmp / "second_ingest.done"
+    fault_steps = _fault_steps(inputs, second_done)
+    steps = [*fault_steps, *_cluster_steps(root, Path(demo_lake[0].ingest.input_path)), *_model_fault_steps(inputs)]
+    batch = cluster.start_batch(steps, conf=BATCH_CONF, env={"HOME": str(tmp_path_factory.mktemp("home"))})
+    killer = WorkerKiller(cluster, batch, embed_step=len(fault_steps) - 1)
+    try:
+        second = _second_ingest(cluster, inputs, killer, second_done)
+        result, runs = batch.wait()
+    finally:
+        killer.armed.set()
+        second_done.write_text("done")
+        cluster.ensure_workers()
+    assert second.returncode == 0, second.failure()
+    assert len(runs) == len(steps), result.failure()
+    return _named_runs(runs, inputs, root, second, result, killer.killed_pid)
+
+
+def _named_runs(runs: list[dict], inputs: FaultInputs, root: Path, second: SubmitResult, batch: SubmitResult,
+                killed_pid: int | None) -> dict:
+    first_ingest, _, killed_embed = runs[:3]
+    stage_runs = runs[3:3 + len(STAGE_SCRIPTS)]
+    before, *reruns, after = runs[3 + len(STAGE_SCRIPTS):3 + len(STAGE_SCRIPTS) + len(RERUN_SCRIPTS) + 2]
+    faults = runs[-len(FAULT_CASES):]
+    return {"cluster_root": root, "records": [r for run in stage_runs for r in run["records"]],
+            "jobs": dict(zip(JOB_SCRIPTS, [*stage_runs, *reruns])), "before": before["counts"], "after": after["counts"],
+            "faults": dict(zip(FAULT_CASES, faults)), "faults_lake": inputs.faults_lake,
+            "union": {"root": inputs.union_lake, "corrupt": inputs.corrupt, "first": first_ingest,
+                      "records": [*first_ingest["records"], *second.json_lines()],
+                      "stderr": [second.stderr]},
+            "killed_embed": killed_embed, "killed_pid": killed_pid, "batch": batch}
+
+
+def test_cluster_run_equals_local_run(spark, demo_lake, cluster_jobs) -> None:
+    """The stage scripts on the cluster leave the same tables as the pipeline in local[2] (the test session's)."""
+    local_root = Path(demo_lake[0].storage.root)
+    cluster_root, records = cluster_jobs["cluster_root"], cluster_jobs["records"]
+    assert [r["stage"] for r in records] == STAGES
+    for table, columns in ((CROPS, ["image_id", "source_path", "identity", "width", "height", "format"]),
+                           (SCORES, ["image_id", "recognizable"]), (CLEANED, ["image_id", "identity"]),
+                           (QUARANTINE, ["image_id", "stage", "reason"]), (UI_MEMBERS, ["image_id"])):
+        local = _read(spark, local_root, table.name).select(*columns).orderBy(*columns)
+        remote = _read(spark, cluster_root, table.name).select(*columns).orderBy(*columns)
+        assert_df_equality(remote, local, ignore_nullable=True)
+    for table, column in ((EMBEDDINGS, "embedding"), (SCORES, "ers")):
+        local = _read(spark, local_root, table.name).select("image_id", column).toPandas().sort_values("image_id")
+        remote = _read(spark, cluster_root, table.name).select("image_id", column).toPandas().sort_values("image_id")
+        assert list(local.image_id) == list(remote.image_id)
+        np.testing.assert_allclose(np.stack(remote[column]), np.stack(local[column]), atol=1e-5)
+
+
+def test_executors_use_shipped_code_and_their_own_model_copy(cluster, cluster_jobs) -> None:
+    runtime = next(r for r in cluster_jobs["records"] if r["stage"] == "embed")["runtime"]
+    work_dirs = [str(cluster.work_dir(i)) for i in range(2)]
+    assert runtime["code"], runtime
+    for origin in runtime["code"]:  # imported from the zip the job shipped, inside a worker's work dir
+        assert any(origin.startswith(w) for w in work_dirs) and "ers_spark.zip" in origin, origin
+    for copy in runtime["model_copies"]:  # each executor's own copy, fetched by Spark, not the driver's path
+        assert any(copy.startswith(w) for w in work_dirs), copy
+    assert sum(runtime["tasks_by_device"].values()) >= 1
 
 
 @pytest.mark.parametrize("job", JOB_SCRIPTS)
-def test_each_job_script_runs_under_spark_submit(job_batch, job) -> None:
-    """Every jobs/*.py under spark-submit on the cluster's lake: it runs and changes nothing (re-runs are no-ops)."""
-    run = job_batch["reruns"][job]
+def test_each_job_script_runs_under_spark_submit(cluster_jobs, job) -> None:
+    """Every jobs/*.py under spark-submit on the cluster: the stage scripts build the lake, then run, demo
+    and maintain run every stage again on it, which changes nothing (re-runs are no-ops)."""
+    run = cluster_jobs["jobs"][job]
     assert run["exit"] == 0, run
-    assert job_batch["after"] == job_batch["before"]
-    expected = {"demo": [*STAGES, "report"], "maintain": ["maintain"]}.get(job) or [STAGES[JOB_SCRIPTS.index(job)]]
-    assert [r["stage"] for r in run["records"]] == expected
-    written = {"ingest": "written", "embed": "written", "score": "inserted", "clean": "cleaned_changed"}
-    for record in run["records"]:
-        if record["stage"] in written:
-            assert record["counts"][written[record["stage"]]] == 0, record
+    expected = {"run": STAGES, "demo": [*STAGES, "report"], "maintain": ["maintain"]}.get(job)
+    assert [r["stage"] for r in run["records"]] == (expected or [STAGES[STAGE_SCRIPTS.index(job)]])
+    if job in RERUN_SCRIPTS:
+        assert cluster_jobs["after"] == cluster_jobs["before"]
+        written = {"ingest": "written", "embed": "written", "score": "inserted", "clean": "cleaned_changed"}
+        for record in run["records"]:
+            if record["stage"] in written:
+                assert record["counts"][written[record["stage"]]] == 0, record
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
-def test_broken_model_fails_the_job(spark, job_batch, case) -> None:
+def test_broken_model_fails_the_job(spark, cluster_jobs, case) -> None:
     """Fault (c): a broken model: exit 2 with one line naming the problem, nothing quarantined."""
-    run = job_batch["faults"][case]
+    run = cluster_jobs["faults"][case]
     assert run["exit"] == 2, run
     (line,) = run["errors"]
     assert BROKEN[case] in line
-    assert _quarantined(spark, job_batch["faults_lake"], "embed") == 0
+    assert _quarantined(spark, cluster_jobs["faults_lake"], "embed") == 0
 
 
-def test_cuda_required_but_missing_fails_on_the_executor(spark, job_batch) -> None:
+def test_cuda_required_but_missing_fails_on_the_executor(spark, cluster_jobs) -> None:
     """Fault (c), executor side: Spark gives each task a (fake) GPU, ONNX Runtime here has no CUDA
     provider, embed.device=cuda: the task fails and the job exits 2 in one line; nothing quarantined."""
-    run = job_batch["faults"]["cuda"]
+    run = cluster_jobs["faults"]["cuda"]
     assert run["exit"] == 2, run
     (line,) = run["errors"]
     assert "CUDAExecutionProvider" in line and "raised on an executor" in line
-    assert _quarantined(spark, job_batch["faults_lake"], "embed") == 0
+    assert _quarantined(spark, cluster_jobs["faults_lake"], "embed") == 0
 
 
-def test_auto_device_reports_the_fallback_per_task(job_batch) -> None:
+def test_auto_device_reports_the_fallback_per_task(cluster_jobs) -> None:
     """embed.device=auto with a (fake) GPU per task: runs on CPU and the run log says so, per task."""
-    run = job_batch["faults"]["auto"]
+    run = cluster_jobs["faults"]["auto"]
     assert run["exit"] == 0, run
     (record,) = run["records"]
     devices = record["runtime"]["tasks_by_device"]
@@ -263,36 +360,12 @@ def test_auto_device_reports_the_fallback_per_task(job_batch) -> None:
     assert record["counts"]["written"] == 40
 
 
-UNION = 400  # images in the two ingest folders together; 100 of them in both
-CORRUPT = UNION * 5 // 95  # 5% of all files
-
-
-@pytest.fixture(scope="module")
-def concurrent_ingests(cluster, tmp_path_factory) -> dict:
-    """Faults (b) and (d) together: two ingests started at the same time on overlapping folders of one
-    person's photos (100 images in both: same bytes and identity, other paths), 5% of the files corrupt."""
-    tmp = tmp_path_factory.mktemp("faults")
-    first = _image_folder(tmp / "a" / "person", range(0, 250))
-    second = _image_folder(tmp / "b" / "person", range(150, UNION))
-    corrupt = _corrupt_files(first, CORRUPT // 2) + _corrupt_files(second, CORRUPT - CORRUPT // 2)
-    root = tmp / "lake"
-    args = [f"storage.root={root}", "spark.hive_metastore=false", "spark.shuffle_partitions=4"]
-    procs = [
-        subprocess.Popen(cluster.submit_args("ingest", *args, f"ingest.input_path={folder.parent}",
-                                             conf={"spark.cores.max": "1"}),
-                         cwd=cluster.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster._env())
-        for folder in (first, second)
-    ]
-    outputs = [p.communicate(timeout=SUBMIT_HANG_GUARD_S) for p in procs]
-    for proc, (out, err) in zip(procs, outputs):
-        assert proc.returncode == 0, failure_text(out, err)
-    records = [json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith('{"')]
-    return {"root": root, "corrupt": corrupt, "records": records, "stderr": [err for _, err in outputs]}
-
-
-def test_concurrent_ingests_end_as_the_union(spark, concurrent_ingests) -> None:
-    """Fault (b): crops = the union, no duplicates; every file of each job is accounted for."""
-    root, records = concurrent_ingests["root"], concurrent_ingests["records"]
+def test_concurrent_ingests_end_as_the_union(spark, cluster_jobs) -> None:
+    """Fault (b): two applications ingest overlapping folders at once (100 images in both: same bytes and
+    identity, other paths): crops = the union, no duplicates; every file of each job is accounted for."""
+    union = cluster_jobs["union"]
+    assert union["first"]["exit"] == 0, union["first"]
+    root, records = union["root"], union["records"]
     crops = _read(spark, root, CROPS.name)
     assert crops.count() == crops.select("image_id").distinct().count() == UNION
     assert sum(r["counts"]["written"] for r in records) == UNION
@@ -301,51 +374,31 @@ def test_concurrent_ingests_end_as_the_union(spark, concurrent_ingests) -> None:
     assert sum(r["counts"]["already_present"] for r in records) == 100
     assert all(r["counts"]["identity_conflicts"] == 0 for r in records)
     # a conflict, when the two commits met, was retried rather than fatal
-    retried = sum(err.count("concurrent write") for err in concurrent_ingests["stderr"])
+    retried = sum(err.count("concurrent write") for err in [*union["stderr"], cluster_jobs["batch"].stderr])
     print(f"concurrent ingests: {UNION} crops from 250 + 250 files; write-conflict retries {retried}")
 
 
-def test_corrupt_files_are_quarantined_with_their_reason(spark, concurrent_ingests) -> None:
-    """Fault (d): exactly the corrupt files are in quarantine, each with its reason and detail."""
-    root, corrupt = concurrent_ingests["root"], concurrent_ingests["corrupt"]
-    assert sum(r["counts"]["quarantined"] for r in concurrent_ingests["records"]) == len(corrupt) == CORRUPT
+def test_corrupt_files_are_quarantined_with_their_reason(spark, cluster_jobs) -> None:
+    """Fault (d): exactly the corrupt files (5%) are in quarantine, each with its reason and detail."""
+    union = cluster_jobs["union"]
+    root, corrupt = union["root"], union["corrupt"]
+    assert sum(r["counts"]["quarantined"] for r in union["records"]) == len(corrupt) == CORRUPT
     quarantined = _read(spark, root, QUARANTINE.name).toPandas()
     assert sorted(quarantined.source_path.str.replace("file:", "")) == sorted(corrupt)
     assert set(quarantined.reason) == {"undecodable", "empty_file"} and quarantined.detail.notna().all()
 
 
-def test_worker_killed_during_embed(spark, cluster, concurrent_ingests) -> None:
+def test_worker_killed_during_embed(spark, cluster_jobs) -> None:
     """Fault (a): one worker is SIGKILLed while embed runs on the ingested lake; the job finishes on
     the other with exactly one embedding per crop and nothing quarantined."""
-    root = concurrent_ingests["root"]
-    killed: dict[str, int] = {}
-    embed_ended = threading.Event()
-
-    def kill_when_worker0_embeds() -> None:
-        """Kill worker 0 once one of its executor's Python workers has the model runtime loaded."""
-        while not embed_ended.is_set() and not killed:
-            if cluster.python_workers_with_model_runtime(0):
-                killed["pid"] = cluster.kill_worker(0)
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=kill_when_worker0_embeds, daemon=True)
-    watcher.start()
-    try:
-        result = cluster.submit("embed", f"storage.root={root}", "spark.hive_metastore=false", "spark.shuffle_partitions=4",
-                                "spark.arrow_max_records_per_batch=32", conf={"spark.sql.files.maxPartitionBytes": "128k"})
-        embed_ended.set()
-        watcher.join(timeout=5)
-        _ok(result)
-        assert killed, "worker 0 never received the model: the kill did not happen during embed"
-        (record,) = result.json_lines()
-        assert record["counts"]["written"] == UNION and record["counts"]["quarantined"] == 0
-        embeddings = _read(spark, root, EMBEDDINGS.name)
-        assert embeddings.count() == embeddings.select("image_id").distinct().count() == UNION
-        assert "lost" in result.stderr.lower()  # the driver saw the executor go
-        assert _quarantined(spark, root, "embed") == 0
-        print(f"worker kill: {UNION} crops embedded once each after killing pid {killed['pid']}; "
-              f"tasks by device {record['runtime']['tasks_by_device']}")
-    finally:
-        embed_ended.set()
-        cluster.ensure_workers()
+    run, root = cluster_jobs["killed_embed"], cluster_jobs["union"]["root"]
+    assert run["exit"] == 0, run
+    assert cluster_jobs["killed_pid"], "worker 0 never received the model: the kill did not happen during embed"
+    (record,) = run["records"]
+    assert record["counts"]["written"] == UNION and record["counts"]["quarantined"] == 0
+    embeddings = _read(spark, root, EMBEDDINGS.name)
+    assert embeddings.count() == embeddings.select("image_id").distinct().count() == UNION
+    assert "lost" in cluster_jobs["batch"].stderr.lower()  # the driver saw the executor go
+    assert _quarantined(spark, root, "embed") == 0
+    print(f"worker kill: {UNION} crops embedded once each after killing pid {cluster_jobs['killed_pid']}; "
+          f"tasks by device {record['runtime']['tasks_by_device']}")

@@ -10,7 +10,8 @@ import pytest
 
 from ers_spark.config import embedded_config_path, load_config
 from ers_spark.errors import ConfigError
-from ers_spark.lake.session import session_settings
+from ers_spark.runtime.session import session_settings
+from ers_spark.versions import DELTA_PACKAGE
 
 
 def test_embedded_default_is_local_with_delta() -> None:
@@ -22,7 +23,7 @@ def test_embedded_default_is_local_with_delta() -> None:
     assert settings["spark.sql.catalog.spark_catalog"] == "org.apache.spark.sql.delta.catalog.DeltaCatalog"
     assert settings["spark.app.name"] == "ers-spark-ingest"
     assert settings["spark.sql.execution.arrow.maxRecordsPerBatch"] == str(cfg.spark.arrow_max_records_per_batch)
-    assert settings["spark.jars.packages"].startswith("io.delta:delta-spark_4.2_2.13:")
+    assert settings["spark.jars.packages"] == DELTA_PACKAGE
 
 
 def test_overrides_are_typed() -> None:

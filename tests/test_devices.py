@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ers_spark.errors import ModelError, user_error_from_executor
-from ers_spark.lake.shipping import build_code_zip
+from ers_spark.runtime.shipping import build_code_zip
 from ers_spark.models import devices
 from ers_spark.models.devices import check_onnxruntime, cuda_device_index
 

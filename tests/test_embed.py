@@ -13,7 +13,9 @@ import yaml
 
 from ers_spark.lake.contracts import CROPS, EMBEDDINGS, QUARANTINE
 from ers_spark.demo import demo_records
-from ers_spark.stages.embed import EmbedParams, embed_images, pending_crops, run_embed
+from ers_spark.config import load_config
+from ers_spark.distributed.inference import ModelFile, embed_images, resolve_model
+from ers_spark.stages.embed import pending_crops, run_embed
 from ers_spark.errors import ConfigError, ModelError
 from ers_spark.stages.ingest import run_ingest
 from ers_spark.lake.tables import merge_insert_new, read_table, table_path
@@ -56,7 +58,7 @@ def test_embed_matches_direct_inference_and_is_incremental(spark, make_cfg, demo
     # tasks read the model from the copy Spark shipped them, not from the driver's path; the log says where they ran
     runtime = record["runtime"]
     assert runtime["model_copies"] and all("userFiles" in p for p in runtime["model_copies"])
-    assert EmbedParams.from_config(cfg).model_path not in runtime["model_copies"]
+    assert resolve_model(cfg.embed).model_path not in runtime["model_copies"]
     assert set(runtime["tasks_by_device"]) == {"cpu CPUExecutionProvider"}
 
     table = spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).toPandas()
@@ -67,7 +69,7 @@ def test_embed_matches_direct_inference_and_is_incremental(spark, make_cfg, demo
     assert set(table["model_name"]) == {"dlib_resnet_v1"}
 
     # the same numbers as running the model directly, outside Spark
-    params = EmbedParams.from_config(cfg)
+    params = resolve_model(cfg.embed)
     crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select("image_id", "bytes").toPandas()
     batch, ok, _ = decode_batch(list(crops["bytes"]), params.spec)
     direct, norms = OnnxEmbedder(params.model_path, params.spec).embed(batch)
@@ -154,7 +156,7 @@ def test_pending_work_is_found_from_ids_only(spark, make_cfg, demo_rows) -> None
     spark.conf.set("spark.sql.adaptive.enabled", "false")  # plan the exchanges up front ...
     spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")  # ... as shuffles, as on a big table
     try:
-        pending = pending_crops(spark, cfg, read_table(spark, cfg, CROPS), EmbedParams.from_config(cfg))
+        pending = pending_crops(spark, cfg, read_table(spark, cfg, CROPS), resolve_model(cfg.embed))
         exchanges = _exchanges_under_anti_joins(pending._jdf.queryExecution().executedPlan())
         assert exchanges, pending._jdf.queryExecution().executedPlan().toString()
         for exchange in exchanges:
@@ -166,12 +168,15 @@ def test_pending_work_is_found_from_ids_only(spark, make_cfg, demo_rows) -> None
             spark.conf.set(key, value)
 
 
-def _params(**changes) -> EmbedParams:
+def _model() -> ModelFile:
     from ers_spark.models.spec import load_model_spec
 
-    base = dict(spec=load_model_spec("dlib_resnet_v1"), model_path="unused", model_sha256="0" * 64, model_version="1",
-                backend="onnx", device="cpu", batch_size=4, intra_op_threads=1, fp16=False)
-    return EmbedParams(**{**base, **changes})
+    return ModelFile(spec=load_model_spec("dlib_resnet_v1"), model_path="unused", model_sha256="0" * 64, model_version="1")
+
+
+def _embed_cfg(**changes):
+    base = dict(backend="onnx", device="cpu", batch_size=4, intra_op_threads=1, fp16=False)
+    return dataclasses.replace(load_config().embed, **{**base, **changes})
 
 
 def test_model_exception_is_a_job_failure_not_bad_data(demo_rows) -> None:
@@ -183,7 +188,7 @@ def test_model_exception_is_a_job_failure_not_bad_data(demo_rows) -> None:
 
     images = list(demo_rows["bytes"].iloc[:3]) + [b""]
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        embed_images(images, _params(), BrokenEmbedder())
+        embed_images(images, _model(), _embed_cfg(), BrokenEmbedder())
 
     class NanForSecond:
         def embed(self, batch):
@@ -192,7 +197,7 @@ def test_model_exception_is_a_job_failure_not_bad_data(demo_rows) -> None:
             norms[1] = np.nan
             return unit, norms
 
-    unit, norms, reasons = embed_images(images, _params(), NanForSecond())
+    unit, norms, reasons = embed_images(images, _model(), _embed_cfg(), NanForSecond())
     assert reasons == [None, "model returned a zero or non-finite embedding", None, "empty image (0 bytes)"]
     assert np.isnan(unit[3]).all() and np.isfinite(norms[[0, 2]]).all()
 
@@ -200,7 +205,7 @@ def test_model_exception_is_a_job_failure_not_bad_data(demo_rows) -> None:
 def test_missing_dlib_fails_alignment_instead_of_quarantining(monkeypatch, demo_rows) -> None:
     """Without dlib on an executor, alignment raises (a broken job), never 'no face' for every photo."""
     from ers_spark.models import align
-    from ers_spark.stages.embed import make_align_batches
+    from ers_spark.distributed.align import make_align_batches
 
     def no_dlib():
         raise ModelError("face alignment needs dlib: pip install 'ers-spark[align]' (dlib-bin)")
@@ -219,13 +224,13 @@ def test_missing_dlib_fails_alignment_instead_of_quarantining(monkeypatch, demo_
     [(0, 100, False), (50, 100, False), (51, 100, True), (9, 9, False), (10, 10, True), (5, 10, False)],
 )
 def test_partition_with_mostly_failures_fails_the_task(failed, rows, fails) -> None:
-    from ers_spark.stages.embed import check_failed_share
+    from ers_spark.distributed.inference import check_failed_share
 
     if fails:
         with pytest.raises(ModelError, match=f"{failed} of {rows} crops in one partition failed"):
-            check_failed_share(failed, rows, "undecodable image", _params())
+            check_failed_share(failed, rows, "undecodable image", _embed_cfg())
     else:
-        check_failed_share(failed, rows, "undecodable image", _params())
+        check_failed_share(failed, rows, "undecodable image", _embed_cfg())
 
 
 def test_broken_model_fails_the_stage_and_quarantines_nothing(spark, make_cfg, demo_rows, tmp_path) -> None:
@@ -275,16 +280,16 @@ def test_bad_model_spec_fails_before_spark_work(make_cfg, tmp_path) -> None:
         "mean": [127.5] * 3, "std": [127.5] * 3, "embedding_dim": 512,
     }))
     with pytest.raises(ModelError, match="model file not found"):
-        EmbedParams.from_config(make_cfg(f"embed.model={spec_path}"))
+        resolve_model(make_cfg(f"embed.model={spec_path}").embed)
     model = tiny_embedding_model(tmp_path / "x.onnx")
     spec_path.write_text(yaml.safe_dump({
         "name": "wrongsum", "onnx_path": str(model), "input_height": 112, "input_width": 112,
         "mean": [127.5] * 3, "std": [127.5] * 3, "embedding_dim": 512, "sha256": "0" * 64,
     }))
     with pytest.raises(ModelError, match="checksum mismatch"):
-        EmbedParams.from_config(make_cfg(f"embed.model={spec_path}"))
+        resolve_model(make_cfg(f"embed.model={spec_path}").embed)
     with pytest.raises(ConfigError, match="embed.fp16 needs embed.backend=torch"):
-        EmbedParams.from_config(make_cfg("embed.fp16=true"))
+        resolve_model(make_cfg("embed.fp16=true").embed)
 
 
 def _table_or_empty(spark, cfg, contract):
@@ -342,7 +347,7 @@ def test_torch_backend_in_spark_matches_onnx(spark, make_cfg, demo_rows, tmp_pat
     _ingest(spark, cfg)
     assert run_embed(spark, cfg)["counts"]["written"] == 4
     table = spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).toPandas()
-    params = EmbedParams.from_config(cfg)
+    params = resolve_model(cfg.embed)
     crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select("image_id", "bytes").toPandas()
     batch, _, _ = decode_batch(list(crops["bytes"]), params.spec)
     direct, _ = OnnxEmbedder(params.model_path, params.spec).embed(batch)

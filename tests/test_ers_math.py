@@ -1,4 +1,5 @@
-"""Tests for ers_spark.core.ers: expected values are computed independently (by hand or brute force)."""
+"""Tests for ers_spark.core.ers, .calibration, .pairs, .subcentres and the ROC/FAR helpers of .metrics:
+expected values are computed independently (by hand or brute force)."""
 
 from __future__ import annotations
 
@@ -10,29 +11,31 @@ import pytest
 from scipy.stats import norm
 
 from ers_spark.errors import ClusteringError, ErsUserError
-from ers_spark.core.ers import (
+from ers_spark.core.calibration import (
     GammaCalibration,
-    build_identity_pairs,
     calibrate_gamma_identities,
     calibrate_gamma_pairs,
     calibrate_gamma_unlabelled,
+)
+from ers_spark.core.ers import (
     enhance_embeddings,
     ers_pooling_weights,
     ers_raw,
     ers_scores,
     normalize_rows,
     pool_set,
-    roc_auc,
+    ui_centroid,
+    ui_centroid_from_sum,
+)
+from ers_spark.core.metrics import roc_auc, tar_at_far, threshold_at_far
+from ers_spark.core.pairs import build_identity_pairs
+from ers_spark.core.subcentres import (
     dominant_subcentre,
     impostor_angle_threshold,
     impostor_angles,
-    subcenter_label_noise,
     nearest_other_centre,
+    subcenter_label_noise,
     subcentre_count,
-    tar_at_far,
-    threshold_at_far,
-    ui_centroid,
-    ui_centroid_from_sum,
 )
 from ers_spark.core.synthetic import sample_vmf
 

@@ -15,15 +15,9 @@ from ers_spark.core.synthetic import vmf_embeddings
 from ers_spark.errors import ConfigError, ContractError
 from ers_spark.lake.contracts import EVAL_CURVES, EVAL_METRICS, EVAL_RUNS, EVAL_TABLES, IDENTITY, check_contract, same_type
 from ers_spark.lake.tables import table_path
-from ers_spark.stages.evaluate import (
-    ITEM,
-    EvaluateParams,
-    genuine_pairs,
-    identity_roles,
-    impostor_pairs,
-    load_images,
-    run_evaluate,
-)
+from ers_spark.distributed.calibration import identity_roles
+from ers_spark.distributed.pairs import ITEM, genuine_pairs, impostor_pairs
+from ers_spark.stages.evaluate import load_images, run_evaluate
 from ers_spark.stages.score import run_score
 from stage_data import write_embeddings, write_uic
 
@@ -150,7 +144,7 @@ def test_far_operating_points_stop_where_impostors_run_out(evaluated) -> None:
 def test_baseline_verification_matches_numpy_on_the_evaluation_identities(spark, evaluated, dataset) -> None:
     """With no cap binding, the stage's pairs are all pairs: recompute TAR@FAR=1e-1 by brute force."""
     cfg, _, tables = evaluated
-    images, _ = load_images(spark, cfg, EvaluateParams.from_config(cfg))
+    images, _ = load_images(spark, cfg)
     roles = identity_roles(images, cfg.evaluate).toPandas().set_index(IDENTITY)
     ids = np.array(dataset["identities"][:N_LABELLED])
     emb = dataset["emb"][: ids.size].astype(np.float64)

@@ -14,7 +14,7 @@ import pytest
 from chispa import assert_df_equality
 
 from ers_spark.config import load_config
-from ers_spark.core.neighbours import jaccard
+from ers_spark.core.linkage import jaccard
 from ers_spark.core.synthetic import vmf_embeddings
 from ers_spark.errors import ConfigError, ContractError
 from ers_spark.lake.contracts import (
@@ -23,7 +23,7 @@ from ers_spark.lake.contracts import (
 from ers_spark.lake.tables import table_exists, table_path, table_version
 from ers_spark.stages.clean import run_clean
 from ers_spark.stages.evaluate import run_evaluate
-from ers_spark.stages.import_embeddings import ImportParams, run_import_embeddings
+from ers_spark.stages.import_embeddings import run_import_embeddings
 from ers_spark.stages.locate_ui import run_locate_ui
 from ers_spark.stages.score import run_score
 
@@ -209,7 +209,7 @@ def test_model_name_is_required(tmp_path) -> None:
     """No default model name: the import stops in one line before Spark starts."""
     cfg = load_config(overrides=[f"import_embeddings.input_path={tmp_path}", "import_embeddings.model_version=1"])
     with pytest.raises(ConfigError) as err:
-        ImportParams.from_config(cfg)
+        cfg.import_embeddings.require(cfg.source)
     message = ("import_embeddings.model_name is required for import-embeddings (in "
                f"{cfg.source}); pass import_embeddings.model_name=...")
     assert str(err.value) == message

@@ -17,7 +17,8 @@ from PIL import Image
 import ers_spark.stages.ingest as ingest
 from ers_spark.lake.contracts import BYTES, CROPS, QUARANTINE
 from ers_spark.errors import ContractError
-from ers_spark.stages.ingest import insert_crops, plan_ingest, probe_image, run_ingest
+from ers_spark.distributed.images import probe_image
+from ers_spark.stages.ingest import insert_crops, plan_ingest, run_ingest
 from ers_spark.lake.tables import table_path
 
 pytestmark = pytest.mark.spark

@@ -1,4 +1,5 @@
-"""The layout's import rules hold: core/ is pure math, report/ draws without Spark, lake/ never reaches up to stages/."""
+"""The layout's import rules hold: core/ is pure math in small modules, report/ draws without Spark, lake/,
+runtime/ and distributed/ never reach up to stages/, and stages/ stay thin."""
 
 from __future__ import annotations
 
@@ -45,11 +46,26 @@ for name in sys.argv[1:]:
 """
 
 
+CORE_MODULES = {
+    "ers_spark.core.ers", "ers_spark.core.calibration", "ers_spark.core.pairs", "ers_spark.core.metrics",
+    "ers_spark.core.clustering", "ers_spark.core.subcentres", "ers_spark.core.linkage", "ers_spark.core.ui_cluster",
+    "ers_spark.core.cells", "ers_spark.core.projection", "ers_spark.core.synthetic",
+}
+MAX_CORE_LINES = 500
+
+
 def test_core_imports_without_pyspark() -> None:
     modules = _modules("core")
-    assert {"ers_spark.core.ers", "ers_spark.core.neighbours", "ers_spark.core.synthetic"} <= set(modules)
+    assert CORE_MODULES <= set(modules)
     result = subprocess.run([sys.executable, "-c", _NO_PYSPARK, *modules], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_core_modules_are_under_500_lines() -> None:
+    """core/ holds one idea per module: every module of core/ stays under 500 lines."""
+    too_long = {f.name: n for f in sorted((PACKAGE_DIR / "core").glob("*.py"))
+                if (n := len(f.read_text().splitlines())) >= MAX_CORE_LINES}
+    assert not too_long, f"core/ modules of {MAX_CORE_LINES} lines or more: {too_long}"
 
 
 def test_report_renders_without_pyspark() -> None:
@@ -75,16 +91,30 @@ def test_blocker_catches_a_pyspark_import(tmp_path: Path) -> None:
     [
         ("core", ("ers_spark.errors", "ers_spark.core")),
         ("lake", ("ers_spark.errors", "ers_spark.config", "ers_spark.lake")),
+        ("runtime", ("ers_spark.errors", "ers_spark.config", "ers_spark.versions", "ers_spark.runtime")),
         ("models", ("ers_spark.errors", "ers_spark.models")),
         ("report", ("ers_spark.errors", "ers_spark.core", "ers_spark.report")),
-        ("stages", ("ers_spark.errors", "ers_spark.config", "ers_spark.core", "ers_spark.lake", "ers_spark.models",
-                    "ers_spark.report", "ers_spark.stages")),
+        ("distributed", ("ers_spark.errors", "ers_spark.config", "ers_spark.core", "ers_spark.lake", "ers_spark.models",
+                  "ers_spark.distributed")),
+        ("stages", ("ers_spark.errors", "ers_spark.config", "ers_spark.core", "ers_spark.distributed", "ers_spark.lake",
+                    "ers_spark.runtime", "ers_spark.models", "ers_spark.report", "ers_spark.stages")),
     ],
 )
 def test_imports_point_down(subpackage: str, allowed: tuple[str, ...]) -> None:
     for module_file in sorted((PACKAGE_DIR / subpackage).glob("*.py")):
         bad = {m for m in _project_imports(module_file) if not any(m == a or m.startswith(a + ".") for a in allowed)}
         assert not bad, f"{module_file.relative_to(PACKAGE_DIR)} imports {sorted(bad)}"
+
+
+MAX_STAGE_LINES = 400
+
+
+def test_stages_are_thin() -> None:
+    """A stage reads its input, checks its contract, calls core/ and distributed/, writes and returns its run record:
+    every module of stages/ stays under 400 lines (the Spark algorithms live in distributed/)."""
+    too_long = {f.name: n for f in sorted((PACKAGE_DIR / "stages").glob("*.py"))
+                if (n := len(f.read_text().splitlines())) >= MAX_STAGE_LINES}
+    assert not too_long, f"stages/ modules of {MAX_STAGE_LINES} lines or more: {too_long}"
 
 
 MAX_BODY_LINES = 40

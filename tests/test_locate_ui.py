@@ -32,15 +32,11 @@ from ers_spark.lake.contracts import (
 from ers_spark.errors import ClusteringError, ConfigError, ErsUserError
 from ers_spark.core.ers import ui_centroid
 from ers_spark.lake.tables import merge_insert_new, read_table, table_version
-from ers_spark.stages.locate_ui import (
-    LocateUiParams,
-    cell_count,
-    check_dominance,
-    connected_components_builtin,
-    connected_components_graphframes,
-    run_locate_ui,
-)
-from ers_spark.core.neighbours import exact_single_linkage, jaccard, links_to_labels
+from ers_spark.distributed.cells import cell_count
+from ers_spark.distributed.linkage import connected_components_builtin, connected_components_graphframes
+from ers_spark.distributed.ui_cluster import check_dominance
+from ers_spark.stages.locate_ui import run_locate_ui
+from ers_spark.core.linkage import exact_single_linkage, jaccard, links_to_labels
 from ers_spark.core.synthetic import RECOMMENDED_EPS, vmf_embeddings
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -95,9 +91,7 @@ def _stored(spark, cfg, uic_id: str):
 
 
 def test_params_from_config(make_cfg):
-    p = LocateUiParams.from_config(
-        make_cfg("locate_ui.eps_grid_start=0.1", "locate_ui.eps_grid_stop=0.3", "locate_ui.eps_grid_step=0.05")
-    )
+    p = make_cfg("locate_ui.eps_grid_start=0.1", "locate_ui.eps_grid_stop=0.3", "locate_ui.eps_grid_step=0.05").locate_ui
     assert p.eps_grid == (0.1, 0.15, 0.2, 0.25, 0.3)
     assert p.method == "graph" and p.connected_components == "builtin"
 
@@ -111,7 +105,7 @@ def test_params_from_config(make_cfg):
     ],
 )
 def test_cell_count_when_the_sample_can_train_the_cells(make_cfg, n_rows, overrides, cells):
-    params = LocateUiParams.from_config(make_cfg("locate_ui.nprobe=2", "locate_ui.max_cell_rows=8192", *overrides))
+    params = make_cfg("locate_ui.nprobe=2", "locate_ui.max_cell_rows=8192", *overrides).locate_ui
     assert cell_count(n_rows, params) == cells
 
 
@@ -135,7 +129,7 @@ def test_cell_count_when_the_sample_can_train_the_cells(make_cfg, n_rows, overri
     ],
 )
 def test_cell_count_refuses_more_cells_than_sampled_rows(make_cfg, n_rows, overrides, message):
-    params = LocateUiParams.from_config(make_cfg("locate_ui.nprobe=2", "locate_ui.max_cell_rows=8192", *overrides))
+    params = make_cfg("locate_ui.nprobe=2", "locate_ui.max_cell_rows=8192", *overrides).locate_ui
     with pytest.raises(ConfigError) as err:
         cell_count(n_rows, params)
     assert str(err.value) == message

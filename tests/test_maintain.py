@@ -11,9 +11,8 @@ from delta.tables import DeltaTable
 
 from ers_spark.errors import ConfigError, ContractError
 from ers_spark.lake.contracts import IMAGE_ID, QUARANTINE, RUNS, UI_MEMBERS, UIC_ID
-from ers_spark.lake.maintenance import LISTING_PARALLELISM, RETENTION_CHECK
 from ers_spark.lake.tables import ensure_table, merge_insert_new, table_path, table_version
-from ers_spark.stages.maintain import run_maintain
+from ers_spark.stages.maintain import LISTING_PARALLELISM, RETENTION_CHECK, run_maintain
 
 pytestmark = pytest.mark.spark
 

@@ -1,4 +1,5 @@
-"""Recognition metrics (ers_spark.core.metrics) against brute force and hand-computed cases."""
+"""Recognition metrics (ers_spark.core.metrics) and the split / held-out gamma calibrations
+(ers_spark.core.calibration) against brute force and hand-computed cases."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import math
 import numpy as np
 import pytest
 
+from ers_spark.core import calibration as calib
 from ers_spark.core import metrics as m
-from ers_spark.core.ers import build_identity_pairs, calibrate_gamma_pairs
+from ers_spark.core.calibration import calibrate_gamma_pairs
+from ers_spark.core.pairs import build_identity_pairs
 from ers_spark.errors import ErsUserError
 
 
@@ -221,17 +224,17 @@ def test_calibrate_gamma_split_uses_only_the_calibration_pairs() -> None:
     sim, ea, eb = rng.random(n), rng.random(n), rng.random(n)
     same = rng.random(n) < 0.3
     calibration = rng.random(n) < 0.5
-    got = m.calibrate_gamma_split(sim, ea, eb, same, calibration, 0.05)
+    got = calib.calibrate_gamma_split(sim, ea, eb, same, calibration, 0.05)
     expected = calibrate_gamma_pairs(sim[calibration], ea[calibration], eb[calibration], same[calibration], 0.05)
     assert got == expected
     # the evaluation pairs do not move it
     sim2 = np.where(calibration, sim, rng.random(n))
-    assert m.calibrate_gamma_split(sim2, ea, eb, same, calibration, 0.05) == expected
+    assert calib.calibrate_gamma_split(sim2, ea, eb, same, calibration, 0.05) == expected
 
 
 def test_calibrate_gamma_split_says_when_calibration_identities_lack_impostors() -> None:
     with pytest.raises(ErsUserError, match="0 impostor pairs"):
-        m.calibrate_gamma_split([0.9, 0.1], [1, 1], [1, 1], [True, False], [True, False], 0.01)
+        calib.calibrate_gamma_split([0.9, 0.1], [1, 1], [1, 1], [True, False], [True, False], 0.01)
 
 
 def test_calibration_lowers_frr_when_low_ers_explains_the_failures() -> None:
@@ -245,7 +248,7 @@ def test_calibration_lowers_frr_when_low_ers_explains_the_failures() -> None:
     sim = np.r_[gen, imp]
     q = np.r_[gen_q, imp_q]
     same = np.r_[np.ones(n_gen, bool), np.zeros(n_imp, bool)]
-    cal = m.calibrate_gamma_split(sim, q, q, same, np.ones(sim.size, bool), 1e-3)
+    cal = calib.calibrate_gamma_split(sim, q, q, same, np.ones(sim.size, bool), 1e-3)
     baseline = m.verification_at_far(gen, imp, 1e-3)
     unsure = m.unsure_as_reject_at_far(gen, gen_q < cal.gamma, imp, imp_q < cal.gamma, 1e-3)
     assert cal.gamma > 0 and unsure.reject_rate < baseline.reject_rate
@@ -253,11 +256,11 @@ def test_calibration_lowers_frr_when_low_ers_explains_the_failures() -> None:
 
 def test_calibration_identities_are_a_seeded_share_of_names() -> None:
     names = np.array([f"id{i}" for i in range(2000)])
-    cal = m.calibration_identities(names, 0.3, seed=4)
+    cal = calib.calibration_identities(names, 0.3, seed=4)
     assert 0.25 < cal.mean() < 0.35
     shuffled = np.random.default_rng(0).permutation(2000)
-    assert (m.calibration_identities(names[shuffled], 0.3, seed=4) == cal[shuffled]).all()  # by name, not position
-    assert (m.calibration_identities(names, 0.3, seed=5) != cal).any()
+    assert (calib.calibration_identities(names[shuffled], 0.3, seed=4) == cal[shuffled]).all()  # by name, not position
+    assert (calib.calibration_identities(names, 0.3, seed=5) != cal).any()
 
 
 def test_calibrate_gamma_held_out_is_the_split_calibration_and_a_brute_force_check() -> None:
@@ -266,13 +269,13 @@ def test_calibrate_gamma_held_out_is_the_split_calibration_and_a_brute_force_che
     centres = rng.normal(size=(30, 16))
     emb = centres[np.repeat(np.arange(30), 6)] + 0.6 * rng.normal(size=(180, 16))
     ers = rng.uniform(0.0, 1.0, size=180)
-    calibration, check = m.calibrate_gamma_held_out(emb, identities, ers, target_far=0.05,
+    calibration, check = calib.calibrate_gamma_held_out(emb, identities, ers, target_far=0.05,
                                                           calibration_share=0.5, seed=1)
     i, j, same = build_identity_pairs(identities, max_pairs=200_000, seed=1)
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     sim = np.array([unit[a] @ unit[b] for a, b in zip(i, j)])
     q = np.minimum(ers[i], ers[j])
-    cal_row = m.calibration_identities(identities, 0.5, 1)
+    cal_row = calib.calibration_identities(identities, 0.5, 1)
     cal, ev = cal_row[i] & cal_row[j], ~cal_row[i] & ~cal_row[j]
     expected = calibrate_gamma_pairs(sim[cal], q[cal], q[cal], same[cal], 0.05)
     assert calibration.gamma == pytest.approx(expected.gamma) and calibration.frr == pytest.approx(expected.frr)

@@ -1,4 +1,5 @@
-"""Tests for ers_spark.core.neighbours (local eps-links, reference single linkage, eps choice)."""
+"""Tests for ers_spark.core.linkage (local eps-links, reference single linkage), .ui_cluster (eps choice)
+and .cells (capped cells)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,24 @@ import pytest
 from scipy.spatial.distance import pdist
 
 from ers_spark.errors import ClusteringError
-from ers_spark.core.neighbours import (
+from ers_spark.core.cells import (
     CellPlan,
     capped_single_linkage,
     expected_cell_rows,
     group_memberships,
     nearest_cells,
     plan_cells,
-    spherical_kmeans,
-    first_absorption,
-    identity_clusters,
-    separated_limit,
+)
+from ers_spark.core.clustering import spherical_kmeans
+from ers_spark.core.linkage import LocalLinks, eps_spanning_links, exact_single_linkage, jaccard, links_to_labels
+from ers_spark.core.ui_cluster import (
     EpsChoice,
-    LocalLinks,
     choose_eps,
     cluster_sizes,
     dominant_cluster,
-    eps_spanning_links,
-    exact_single_linkage,
-    jaccard,
-    links_to_labels,
+    first_absorption,
+    identity_clusters,
+    separated_limit,
 )
 from ers_spark.core.synthetic import RECOMMENDED_EPS, vmf_embeddings
 
@@ -289,7 +288,7 @@ def test_jaccard(a, b, expected) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("block_size", [16, 40, 100])
 def test_dense_blob_path_matches_exact(block_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ers_spark.core.neighbours as nb
+    import ers_spark.core.linkage as nb
 
     calls = {"n": 0}
     real_group = nb._group

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from ers_spark.cli import build_parser
-from ers_spark.lake import logs
-from ers_spark.lake.progress import StageSnapshot, progress_line, stage_progress
+from ers_spark.runtime import logs
+from ers_spark.runtime.progress import StageSnapshot, progress_line, stage_progress
+from ers_spark.versions import DELTA_PACKAGE
 
 
 def _snap(stage_id: int, **kw) -> StageSnapshot:
@@ -43,7 +44,7 @@ def test_verbose_flag_on_every_command() -> None:
 
 def test_quiet_settings_combine_java_options_and_verbose_drops_them(tmp_path: Path) -> None:
     from ers_spark.config import load_config
-    from ers_spark.lake.session import session_settings
+    from ers_spark.runtime.session import session_settings
 
     cfg = load_config(overrides=[f"storage.root={tmp_path / 'lake'}"])
     try:
@@ -66,7 +67,7 @@ def test_ivy_filter_hides_the_report_only_while_launching() -> None:
     filt.start()
     lines = [
         b":: loading settings :: url = jar:file:/x/ivy.jar!/ivysettings.xml\n",
-        b"\tfound io.delta#delta-spark_4.2_2.13;4.4.0 in central\n",
+        "\tfound {}#{};{} in central\n".format(*DELTA_PACKAGE.split(":")).encode(),
         b"You probably access the destination server through a proxy server that is not well configured.\n",
         b"\tHost repos.spark-packages.org not found. url=https://repos.spark-packages.org/a.jar\n",
         b"\t0 artifacts copied, 33 already retrieved (0kB/5ms)\n",
@@ -94,10 +95,10 @@ def test_progress_lines_while_a_spark_job_runs(spark, tmp_path: Path, caplog) ->
 
     spark.range(0, 400, numPartitions=4).write.parquet(str(tmp_path / "rows"))
     df = spark.read.parquet(str(tmp_path / "rows")).repartition(4).mapInPandas(slow, "id long")
-    with caplog.at_level(logging.INFO, logger="ers_spark.lake.progress"):
+    with caplog.at_level(logging.INFO, logger="ers_spark.runtime.progress"):
         with stage_progress(spark, "progress-test", interval=0.1) as progress:
             assert df.count() == 400
-    lines = [r.getMessage() for r in caplog.records if r.name == "ers_spark.lake.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ers_spark.runtime.progress"]
     assert progress.lines == len(lines) >= 1
     assert all(line.startswith("progress-test: spark stage ") and " tasks " in line for line in lines)
     assert any(line.endswith("rows/s") or line.endswith("tasks/s") for line in lines)
@@ -126,7 +127,7 @@ def test_first_run_is_quiet_and_verbose_brings_the_noise_back(tmp_path: Path) ->
         assert record["stage"] == "ingest" and record["counts"]["written"] == 3
         outputs[mode] = result.stderr
     quiet, verbose = outputs["quiet"], outputs["verbose"]
-    assert "ers_spark.lake.progress: ingest: spark stage " in quiet
+    assert "ers_spark.runtime.progress: ingest: spark stage " in quiet
     for noise in (":: resolution report ::", ":: loading settings ::", "Hive SerDe", "found io.delta#",
                   "You probably access the destination server", "Using Spark's default log4j profile"):
         assert noise not in quiet, noise

@@ -8,19 +8,21 @@ import numpy as np
 import pytest
 
 from ers_spark.core import ers as ers_math
-from ers_spark.core import metrics
+from ers_spark.core import subcentres
+from ers_spark.core.calibration import calibrate_gamma_held_out
 from chispa import assert_approx_df_equality, assert_df_equality
 
 from ers_spark.config import load_config
-from ers_spark.stages.clean import (
-    CleanParams, calibrate_threshold, capped_rows, label_noise_flags, nearest_other_centres, run_clean,
-    whole_identity_frames,
+from ers_spark.distributed.calibration import IMAGES_PER_IDENTITY, identity_sample
+from ers_spark.distributed.subcentres import (
+    calibrate_threshold, capped_rows, label_noise_flags, nearest_other_centres, whole_identity_frames,
 )
+from ers_spark.stages.clean import run_clean
 from ers_spark.lake.tables import seeded_sample
 from ers_spark.lake.contracts import CLEANED, EMBEDDINGS, QUARANTINE, SCORES, UI_CENTROIDS
 from ers_spark.errors import ContractError
 from ers_spark.lake.tables import read_table, table_path, table_version
-from ers_spark.stages.score import IMAGES_PER_IDENTITY, ScoreParams, identity_sample, run_score
+from ers_spark.stages.score import run_score
 from ers_spark.core.synthetic import vmf_embeddings
 from stage_data import write_embeddings, write_uic
 
@@ -114,9 +116,9 @@ def test_gamma_calibrated_with_identities_and_stored(spark, make_cfg, dataset) -
     assert row.gamma == pytest.approx(record["params"]["gamma"])
     # chosen on half the identities (seeded), checked on the other half: the same function evaluate uses,
     # on up to IMAGES_PER_IDENTITY images of each identity
-    sample = identity_sample(spark, cfg, read_table(spark, cfg, EMBEDDINGS), ScoreParams.from_config(cfg))
+    sample = identity_sample(spark, cfg, read_table(spark, cfg, EMBEDDINGS), cfg.score)
     emb = np.stack(sample.embedding.to_numpy())
-    expected, check = metrics.calibrate_gamma_held_out(
+    expected, check = calibrate_gamma_held_out(
         emb, sample.identity.to_numpy(), ers_math.ers_scores(emb, dataset["uic"]),
         target_far=0.05, calibration_share=0.5, seed=0)
     assert record["params"]["gamma"] == pytest.approx(expected.gamma, abs=1e-6)
@@ -132,10 +134,10 @@ def test_calibration_sample_is_drawn_by_identity(spark, make_cfg, dataset) -> No
     cfg = make_cfg("score.calibration_sample_rows=20")
     write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
     write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
-    sample = identity_sample(spark, cfg, read_table(spark, cfg, EMBEDDINGS), ScoreParams.from_config(cfg))
+    sample = identity_sample(spark, cfg, read_table(spark, cfg, EMBEDDINGS), cfg.score)
     per_identity = sample.groupby("identity").size()
     assert len(per_identity) == 2 and (per_identity == IMAGES_PER_IDENTITY).all()
-    again = identity_sample(spark, cfg, read_table(spark, cfg, EMBEDDINGS).repartition(5), ScoreParams.from_config(cfg))
+    again = identity_sample(spark, cfg, read_table(spark, cfg, EMBEDDINGS).repartition(5), cfg.score)
     assert sorted(again.image_id) == sorted(sample.image_id)  # seeded, not the first rows
 
 
@@ -207,21 +209,20 @@ def _labelled(spark, dataset):
 
 def test_calibrated_threshold_is_the_impostor_percentile_of_the_samples(spark, dataset) -> None:
     """The threshold equals numpy's percentile of every (sampled image, sampled other centre) angle."""
-    params = CleanParams.from_config(load_config(overrides=["clean.calibration_sample_rows=40",
-                                                            "clean.calibration_identities=4"]))
+    params = load_config(overrides=["clean.calibration_sample_rows=40", "clean.calibration_identities=4"]).clean
     labelled = _labelled(spark, dataset)
     centres = {}
     for identity in sorted(set(p for p in dataset["identities"] if p)):
         rows = [e for e, p in zip(dataset["emb"], dataset["identities"]) if p == identity]
-        k = ers_math.subcentre_count(len(rows), params.subcenters, params.min_images_per_subcenter)
-        centres[identity] = ers_math.dominant_subcentre(np.array(rows), k, seed=params.seed)[0]
+        k = subcentres.subcentre_count(len(rows), params.subcenters, params.min_images_per_subcenter)
+        centres[identity] = subcentres.dominant_subcentre(np.array(rows), k, seed=params.seed)[0]
     centre_rows = spark.createDataFrame([(k, [float(x) for x in v]) for k, v in centres.items()],
                                         "identity string, _centre array<float>")
     threshold = calibrate_threshold(labelled, centre_rows, params)
     sampled_ids = [r.identity for r in seeded_sample(centre_rows, "identity", 4, params.seed).collect()]
     images = seeded_sample(labelled, "image_id", 40, params.seed).toPandas()
     assert len(sampled_ids) == 4 and len(images) == 40
-    angles = ers_math.impostor_angles(np.stack(images.embedding), images.identity.to_numpy(),
+    angles = subcentres.impostor_angles(np.stack(images.embedding), images.identity.to_numpy(),
                                       np.stack([centres[i] for i in sampled_ids]), np.array(sampled_ids))
     assert threshold == pytest.approx(np.percentile(angles, params.impostor_percentile, method="inverted_cdf"), abs=1e-4)
 
@@ -234,21 +235,21 @@ def _expected_flags(dataset, params, threshold, extra=()):
     far, own, centres = {}, {}, {}
     for identity in sorted(set(p for p in identities if p)):
         idx = [i for i, p in enumerate(identities) if p == identity]
-        k = ers_math.subcentre_count(len(idx), params.subcenters, params.min_images_per_subcenter)
-        keep, angles, centres[identity] = ers_math.subcenter_label_noise(np.array([emb[i] for i in idx]), k=k,
+        k = subcentres.subcentre_count(len(idx), params.subcenters, params.min_images_per_subcenter)
+        keep, angles, centres[identity] = subcentres.subcenter_label_noise(np.array([emb[i] for i in idx]), k=k,
                                                                           max_angle_deg=threshold, seed=params.seed)
         far.update({names[i]: not ok for i, ok in zip(idx, keep)})
         own.update({names[i]: a for i, a in zip(idx, angles)})
     claim = np.percentile(list(own.values()), params.genuine_percentile)
     labelled = [i for i, p in enumerate(identities) if p]
-    other, _ = ers_math.nearest_other_centre(np.array([emb[i] for i in labelled]), [identities[i] for i in labelled],
+    other, _ = subcentres.nearest_other_centre(np.array([emb[i] for i in labelled]), [identities[i] for i in labelled],
                                              np.stack(list(centres.values())), list(centres))
     return {names[i]: bool(far[names[i]] and o <= claim) for i, o in zip(labelled, other)}, claim
 
 
 def test_label_noise_needs_far_from_its_own_and_claimed_by_another(spark, dataset) -> None:
     """The stage flags what numpy does; a UI (degraded-like) image labelled p2 is far from p2 but nobody's: kept."""
-    params = CleanParams.from_config(load_config(overrides=["clean.max_angle_deg=30"]))
+    params = load_config(overrides=["clean.max_angle_deg=30"]).clean
     degraded = ("degraded_p2", "p2", dataset["uic"])
     labelled = _labelled(spark, dataset).unionByName(spark.createDataFrame(
         [(degraded[0], degraded[1], [float(x) for x in degraded[2]])], "image_id string, identity string, embedding array<float>"))
@@ -267,7 +268,7 @@ def test_label_noise_needs_far_from_its_own_and_claimed_by_another(spark, datase
 
 def test_identities_above_the_cap_are_checked_against_a_centre_from_capped_rows(spark, dataset) -> None:
     """clean.max_identity_rows=8 (identities hold 12): sub-centres from the seeded capped rows, every row measured."""
-    params = CleanParams.from_config(load_config(overrides=["clean.max_angle_deg=30", "clean.max_identity_rows=8"]))
+    params = load_config(overrides=["clean.max_angle_deg=30", "clean.max_identity_rows=8"]).clean
     labelled = _labelled(spark, dataset)
     fit = capped_rows(labelled, params).toPandas()
     sizes = fit.groupby("identity").size()
@@ -275,11 +276,11 @@ def test_identities_above_the_cap_are_checked_against_a_centre_from_capped_rows(
     check = label_noise_flags(labelled, params)
     got = check.flags.select("image_id", "subcenter_angle_deg").toPandas().set_index("image_id")["subcenter_angle_deg"]
     for identity, rows in fit.groupby("identity"):
-        k = ers_math.subcentre_count(len(rows), params.subcenters, params.min_images_per_subcenter)
-        centre = ers_math.dominant_subcentre(np.stack(rows.embedding), k, seed=params.seed)[0]
+        k = subcentres.subcentre_count(len(rows), params.subcenters, params.min_images_per_subcenter)
+        centre = subcentres.dominant_subcentre(np.stack(rows.embedding), k, seed=params.seed)[0]
         mine = [i for i, p in zip(dataset["ids"], dataset["identities"]) if p == identity]
         emb = dataset["emb"][[dataset["ids"].index(i) for i in mine]]
-        expected = ers_math.row_angles(emb, np.repeat(centre[None, :], len(mine), axis=0))
+        expected = subcentres.row_angles(emb, np.repeat(centre[None, :], len(mine), axis=0))
         np.testing.assert_allclose(got.loc[mine].to_numpy(), expected, atol=1e-3)
     assert [r.image_id for r in check.flags.where("_label_noise").collect()] == [dataset["wrong"]]
     check.unpersist()
@@ -303,7 +304,7 @@ def test_whole_identity_frames_never_split_an_identity(cuts, expected) -> None:
 
 def test_label_noise_is_the_same_when_arrow_batches_split_identities(spark, dataset) -> None:
     """Arrow batches of 5 rows cut every 12-image identity; many identities per call give the same angles."""
-    params = CleanParams.from_config(load_config(overrides=["clean.max_angle_deg=30"]))
+    params = load_config(overrides=["clean.max_angle_deg=30"]).clean
     labelled = _labelled(spark, dataset)
     whole = label_noise_flags(labelled, params)
     expected = whole.flags.select("image_id", "subcenter_angle_deg", "_label_noise").toPandas()
@@ -336,7 +337,7 @@ def test_nearest_other_centres_in_blocks_equals_numpy(spark, dataset, block_rows
     centre_df = spark.createDataFrame([(n, [float(x) for x in c]) for n, c in zip(names, centres)],
                                       "identity string, _centre array<float>")
     got = nearest_other_centres(candidates, centre_df, block_rows=block_rows)
-    angles, who = ers_math.nearest_other_centre(dataset["emb"][pick], own, centres, names)
+    angles, who = subcentres.nearest_other_centre(dataset["emb"][pick], own, centres, names)
     expected = spark.createDataFrame([(dataset["ids"][i], float(a), w) for i, a, w in zip(pick, angles, who)],
                                      got.schema)
     assert_approx_df_equality(got, expected, 1e-9, ignore_row_order=True, ignore_nullable=True)

@@ -7,7 +7,8 @@ import pytest
 from scipy import ndimage
 from scipy.special import ive
 
-from ers_spark.core.neighbours import cluster_sizes, exact_single_linkage
+from ers_spark.core.linkage import exact_single_linkage
+from ers_spark.core.ui_cluster import cluster_sizes
 from ers_spark.core.synthetic import (
     DEFAULT_KAPPA,
     DEFAULT_UI_KAPPA,

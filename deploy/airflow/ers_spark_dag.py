@@ -43,6 +43,8 @@ from airflow.sdk import DAG, Param
 
 DAG_ID = "ers_spark"
 STAGES = ("ingest", "embed", "locate_ui", "score", "clean", "maintain")  # task ids = jobs/<stage>.py
+# ers_spark.versions.DELTA_PACKAGE, written out: Airflow parses this file where ers-spark may not be installed
+# (tests/test_versions.py fails when the two differ)
 DELTA_PACKAGES = os.environ.get("ERS_SPARK_PACKAGES", "io.delta:delta-spark_4.2_2.13:4.4.0")
 DEFAULT_PROJECT_DIR = os.environ.get("ERS_SPARK_PROJECT_DIR") or str(Path(__file__).resolve().parents[2])
 

@@ -4,7 +4,7 @@ Pure numpy on arrays of comparison scores (the evaluate stage computes the score
 on Spark and collects only these few floats per pair). Conventions:
 
 * a comparison is **accepted** when its score is strictly above the threshold
-  (as :func:`ers_spark.core.ers.threshold_at_far`);
+  (as :func:`threshold_at_far`);
 * a pair is **unsure** when ``min(ERS_a, ERS_b) < gamma`` (paper sec. 3.4); an
   unsure comparison is never accepted. Counting it as a rejection gives the
   generalised rates of ISO/IEC 19795-1, with the unsure share as the failure to
@@ -15,22 +15,25 @@ on Spark and collects only these few floats per pair). Conventions:
   accept must be possible); :func:`supported_rates` says which are.
 """
 
+
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import numpy.typing as npt
-
-from ers_spark.core.ers import GammaCalibration, calibrate_gamma_pairs, identity_pair_similarities, threshold_at_far
-from ers_spark.errors import ErsUserError
+from scipy.stats import rankdata
 
 __all__ = [
     "OperatingPoint",
     "GeneralisedRates",
+    "as_scores",
+    "as_mask",
+    "roc_auc",
+    "threshold_at_far",
+    "tar_at_far",
     "operating_point_label",
     "supported_rates",
     "verification_at_far",
@@ -46,10 +49,6 @@ __all__ = [
     "pool_template",
     "edc_curve",
     "partial_area",
-    "calibrate_gamma_split",
-    "HeldOutCheck",
-    "calibration_identities",
-    "calibrate_gamma_held_out",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -88,7 +87,8 @@ class GeneralisedRates:
     far: float  # FMR (1 - FTA_i)
 
 
-def _scores(x: npt.ArrayLike, name: str, allow_empty: bool = False) -> F64:
+def as_scores(x: npt.ArrayLike, name: str, allow_empty: bool = False) -> F64:
+    """``x`` as a 1-D float64 array without NaN (non-empty unless ``allow_empty``), or the error naming it."""
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
@@ -99,13 +99,77 @@ def _scores(x: npt.ArrayLike, name: str, allow_empty: bool = False) -> F64:
     return arr
 
 
-def _mask(x: npt.ArrayLike | None, n: int, name: str) -> BoolArray:
+def as_mask(x: npt.ArrayLike | None, n: int, name: str) -> BoolArray:
+    """``x`` as a boolean array of shape ``(n,)`` (all False when None), or the error naming it."""
     if x is None:
         return np.zeros(n, dtype=bool)
     arr = np.asarray(x, dtype=bool)
     if arr.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
     return arr
+
+
+
+def roc_auc(scores: npt.ArrayLike, positives: npt.ArrayLike) -> float:
+    """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg)); ties count 1/2.
+
+    Examples
+    --------
+    >>> roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True])
+    0.75
+    >>> roc_auc([1.0, 1.0], [True, False])
+    0.5
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    p = np.asarray(positives)
+    if s.ndim != 1 or p.shape != s.shape:
+        raise ValueError(f"roc_auc: scores {s.shape} and positives {p.shape} must be 1-D of equal length")
+    p = p.astype(bool)
+    n_pos = int(p.sum())
+    n_neg = int(p.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_auc: need at least one positive and one negative")
+    ranks = rankdata(s, method="average")
+    u = float(ranks[p].sum()) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def threshold_at_far(impostor_scores: npt.ArrayLike, far: float) -> float:
+    """Smallest threshold ``t`` (from the impostor scores) with ``mean(imp > t) <= far``.
+
+    Acceptance is ``score > t`` (strict). With ``k = floor(far * n_imp)``
+    false accepts allowed, ``t`` is the (k+1)-th largest impostor score, or
+    ``-inf`` if every impostor may be accepted.
+
+    Examples
+    --------
+    >>> threshold_at_far([0.1, 0.2, 0.3, 0.4], 0.25)
+    0.3
+    """
+    imp = np.asarray(impostor_scores, dtype=np.float64)
+    if imp.ndim != 1 or imp.size == 0:
+        raise ValueError("threshold_at_far: impostor_scores must be a non-empty 1-D array")
+    if not 0.0 <= far <= 1.0:
+        raise ValueError(f"threshold_at_far: far must be in [0, 1], got {far}")
+    k = int(np.floor(far * imp.size + 1e-9))
+    if k >= imp.size:
+        return float("-inf")
+    return float(np.sort(imp)[::-1][k])
+
+
+def tar_at_far(genuine_scores: npt.ArrayLike, impostor_scores: npt.ArrayLike, far: float) -> float:
+    """True accept rate at the threshold given by :func:`threshold_at_far`.
+
+    Examples
+    --------
+    >>> tar_at_far([0.35, 0.5, 0.2], [0.1, 0.2, 0.3, 0.4], 0.25)
+    0.6666666666666666
+    """
+    gen = np.asarray(genuine_scores, dtype=np.float64)
+    if gen.ndim != 1 or gen.size == 0:
+        raise ValueError("tar_at_far: genuine_scores must be a non-empty 1-D array")
+    t = threshold_at_far(impostor_scores, far)
+    return float(np.mean(gen > t))
 
 
 def operating_point_label(name: str, value: float) -> str:
@@ -140,8 +204,8 @@ def supported_rates(n_negatives: int, rates: Sequence[float]) -> tuple[list[floa
 
 def verification_at_far(genuine: npt.ArrayLike, impostor: npt.ArrayLike, far: float) -> OperatingPoint:
     """TAR and FRR at the threshold where at most ``far`` of the impostors are accepted."""
-    gen = _scores(genuine, "genuine scores")
-    imp = _scores(impostor, "impostor scores")
+    gen = as_scores(genuine, "genuine scores")
+    imp = as_scores(impostor, "impostor scores")
     t = threshold_at_far(imp, far)
     tar = float(np.mean(gen > t))
     return OperatingPoint(t, tar, 1.0 - tar, float(np.mean(imp > t)), gen.size, imp.size)
@@ -154,8 +218,8 @@ def det_curve(genuine: npt.ArrayLike, impostor: npt.ArrayLike, max_points: int) 
     pair) is never accepted. Points are ordered by increasing threshold (FAR
     falling, FRR rising); thinning keeps both ends and evenly spaced ranks between.
     """
-    gen = np.sort(_scores(genuine, "genuine scores"))
-    imp = np.sort(_scores(impostor, "impostor scores"))
+    gen = np.sort(as_scores(genuine, "genuine scores"))
+    imp = np.sort(as_scores(impostor, "impostor scores"))
     if max_points < 2:
         raise ValueError(f"det_curve: max_points must be >= 2, got {max_points}")
     both = np.concatenate([gen, imp])
@@ -170,8 +234,8 @@ def det_curve(genuine: npt.ArrayLike, impostor: npt.ArrayLike, max_points: int) 
 
 def unsure_scores(scores: npt.ArrayLike, unsure: npt.ArrayLike) -> F64:
     """Scores with every unsure comparison set to ``-inf`` (never accepted)."""
-    s = _scores(scores, "scores", allow_empty=True)
-    return np.where(_mask(unsure, s.size, "unsure"), -np.inf, s)
+    s = as_scores(scores, "scores", allow_empty=True)
+    return np.where(as_mask(unsure, s.size, "unsure"), -np.inf, s)
 
 
 def generalised_rates(
@@ -186,10 +250,10 @@ def generalised_rates(
     >>> r.fta_genuine, round(r.fnmr, 4), r.frr, r.fmr, r.far
     (0.25, 0.3333, 0.5, 1.0, 0.5)
     """
-    gen = _scores(genuine, "genuine scores")
-    imp = _scores(impostor, "impostor scores")
-    gen_u = _mask(genuine_unsure, gen.size, "genuine_unsure")
-    imp_u = _mask(impostor_unsure, imp.size, "impostor_unsure")
+    gen = as_scores(genuine, "genuine scores")
+    imp = as_scores(impostor, "impostor scores")
+    gen_u = as_mask(genuine_unsure, gen.size, "genuine_unsure")
+    imp_u = as_mask(impostor_unsure, imp.size, "impostor_unsure")
     fta_g, fta_i = float(gen_u.mean()), float(imp_u.mean())
     fnmr = float(np.mean(gen[~gen_u] <= threshold)) if (~gen_u).any() else float("nan")
     fmr = float(np.mean(imp[~imp_u] > threshold)) if (~imp_u).any() else float("nan")
@@ -215,10 +279,10 @@ def sure_only_at_far(
     far: float,
 ) -> OperatingPoint:
     """TAR/FRR and FAR on the sure pairs only (unsure pairs set aside, as a system answering "unsure" would)."""
-    gen = _scores(genuine, "genuine scores")
-    imp = _scores(impostor, "impostor scores")
-    gen_sure = gen[~_mask(genuine_unsure, gen.size, "genuine_unsure")]
-    imp_sure = imp[~_mask(impostor_unsure, imp.size, "impostor_unsure")]
+    gen = as_scores(genuine, "genuine scores")
+    imp = as_scores(impostor, "impostor scores")
+    gen_sure = gen[~as_mask(genuine_unsure, gen.size, "genuine_unsure")]
+    imp_sure = imp[~as_mask(impostor_unsure, imp.size, "impostor_unsure")]
     if gen_sure.size == 0 or imp_sure.size == 0:
         raise ValueError(f"sure_only_at_far: {gen_sure.size} sure genuine and {imp_sure.size} sure impostor pairs")
     return verification_at_far(gen_sure, imp_sure, far)
@@ -273,7 +337,7 @@ def pooling_weights(ers: npt.ArrayLike, method: str, *, temperature: float, top_
     >>> pooling_weights([0.2, 0.9, 0.4], "topk", temperature=1.0, top_k=2).tolist()
     [0.0, 0.5, 0.5]
     """
-    e = _scores(ers, "ers")
+    e = as_scores(ers, "ers")
     if method not in POOLING_METHODS:
         raise ValueError(f"pooling_weights: method must be one of {', '.join(POOLING_METHODS)}, got {method!r}")
     if method == "uniform":
@@ -316,8 +380,8 @@ def edc_curve(
     are dropped (ties to the earlier pair) and FNMR = share of the rest with
     score <= ``threshold`` (fixed beforehand, e.g. at FMR = 1e-2 on all pairs).
     """
-    gen = _scores(genuine, "genuine scores")
-    q = _scores(quality, "quality")
+    gen = as_scores(genuine, "genuine scores")
+    q = as_scores(quality, "quality")
     fractions = np.asarray(discard_fractions, dtype=np.float64)
     if q.shape != gen.shape:
         raise ValueError(f"edc_curve: {gen.size} scores but {q.size} quality values")
@@ -336,86 +400,3 @@ def partial_area(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
     if xs.ndim != 1 or xs.shape != ys.shape or xs.size < 2 or np.any(np.diff(xs) <= 0):
         raise ValueError("partial_area: x and y must be 1-D of equal length >= 2 with x increasing")
     return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2.0))
-
-
-def calibrate_gamma_split(
-    sim: npt.ArrayLike, ers_a: npt.ArrayLike, ers_b: npt.ArrayLike, is_same: npt.ArrayLike,
-    calibration: npt.ArrayLike, target_far: float, grid: npt.ArrayLike | None = None,
-) -> GammaCalibration:
-    """The paper's gamma on the calibration pairs only (minimum FRR at ``target_far``, unsure counted as rejected).
-
-    ``calibration`` marks the pairs whose identities were drawn for calibration;
-    the returned gamma is then evaluated on the other pairs by the caller.
-    """
-    s = _scores(sim, "sim")
-    mask = _mask(calibration, s.size, "calibration")
-    same = _mask(is_same, s.size, "is_same")
-    n_gen, n_imp = int((mask & same).sum()), int((mask & ~same).sum())
-    if n_gen == 0 or n_imp == 0:
-        raise ErsUserError(
-            f"gamma calibration has {n_gen} genuine and {n_imp} impostor pairs on the calibration identities; "
-            "raise evaluate.calibration_share or label more identities"
-        )
-    ea = np.asarray(ers_a, dtype=np.float64)
-    eb = np.asarray(ers_b, dtype=np.float64)
-    return calibrate_gamma_pairs(s[mask], ea[mask], eb[mask], same[mask], target_far, grid=grid)
-
-
-@dataclass(frozen=True)
-class HeldOutCheck:
-    """What a calibrated gamma does on identities it was not chosen on, at the target FAR."""
-
-    frr_baseline: float  # plain verification
-    frr_unsure_as_reject: float  # with gamma, unsure pairs rejected
-    unsure_rate_genuine: float
-    genuine_pairs: int
-    impostor_pairs: int
-
-
-def calibration_identities(identities: npt.ArrayLike, share: float, seed: int) -> BoolArray:
-    """Per row: whether its identity is drawn for calibration (about ``share`` of the identities).
-
-    The draw hashes ``seed`` and the identity's name, so an identity lands on the same side in
-    every process and sample.
-
-    >>> calibration_identities(["a", "b", "a"], 1.0, 0).tolist()
-    [True, True, True]
-    """
-    labels = np.asarray(identities, dtype=object)
-    names, inverse = np.unique(labels.astype(str), return_inverse=True)
-    draw = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{n}".encode()).digest()[:8], "big") / 2.0**64
-                     for n in names])
-    return (draw < share)[inverse.ravel()]
-
-
-def _held_out_check(sim: F64, q: F64, same: BoolArray, ev: BoolArray, gamma: float, far: float) -> HeldOutCheck | None:
-    """FRR at ``far`` on the evaluation pairs, without and with gamma (None when they cannot support ``far``)."""
-    gen, imp = sim[ev & same], sim[ev & ~same]
-    if gen.size == 0 or not supported_rates(imp.size, [far])[0]:
-        return None
-    gen_u, imp_u = q[ev & same] < gamma, q[ev & ~same] < gamma
-    return HeldOutCheck(
-        frr_baseline=verification_at_far(gen, imp, far).reject_rate,
-        frr_unsure_as_reject=unsure_as_reject_at_far(gen, gen_u, imp, imp_u, far).reject_rate,
-        unsure_rate_genuine=float(gen_u.mean()), genuine_pairs=int(gen.size), impostor_pairs=int(imp.size),
-    )
-
-
-def calibrate_gamma_held_out(
-    embeddings: npt.ArrayLike, identities: npt.ArrayLike, ers: npt.ArrayLike, *,
-    target_far: float, calibration_share: float, seed: int, max_pairs: int = 200_000,
-) -> tuple[GammaCalibration, HeldOutCheck | None]:
-    """The paper's gamma on calibration identities (:func:`calibrate_gamma_split`), checked on the others.
-
-    Pairs come from :func:`ers_spark.core.ers.build_identity_pairs`; a pair is a calibration pair
-    when both identities are calibration identities (:func:`calibration_identities`) and an
-    evaluation pair when neither is. The check is None when the evaluation pairs cannot support
-    ``target_far`` (too few impostors or no genuine pair).
-    """
-    e = np.asarray(ers, dtype=np.float64)
-    i, j, same, sim = identity_pair_similarities(embeddings, identities, max_pairs=max_pairs, seed=seed)
-    q = np.minimum(e[i], e[j])
-    cal_row = calibration_identities(identities, calibration_share, seed)
-    calibration = calibrate_gamma_split(sim, q, q, same, cal_row[i] & cal_row[j], target_far)
-    ev = ~cal_row[i] & ~cal_row[j]
-    return calibration, _held_out_check(sim, q, same, ev, calibration.gamma, target_far)

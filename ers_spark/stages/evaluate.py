@@ -19,6 +19,9 @@ functions of :mod:`ers_spark.core.metrics` compute:
 
 gamma is calibrated as the paper does, on a seeded share of the identities,
 and every gamma-dependent rate is measured on the other identities.
+
+The Spark side of the pairs, the gallery search and the templates is in :mod:`ers_spark.distributed.pairs`,
+:mod:`ers_spark.distributed.metrics` and :mod:`ers_spark.distributed.calibration` (the split of the identities).
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
 from ers_spark.config import ErsConfig, EvaluateConfig
 from ers_spark.core import metrics
-from ers_spark.core.ers import threshold_at_far
+from ers_spark.core.calibration import calibrate_gamma_split
+from ers_spark.core.metrics import threshold_at_far
+from ers_spark.distributed.calibration import CALIBRATION, NONMATED, identity_roles
+from ers_spark.distributed.metrics import TEMPLATE, VECTOR, identification_probes, pooled_templates
+from ers_spark.distributed.pairs import A, B, ITEM, SAME, SIM, dot, genuine_pairs, impostor_pairs, resolve_pair_file, score_pairs
 from ers_spark.errors import ContractError, ErsUserError
 from ers_spark.lake.contracts import (
     EMBEDDING,
@@ -60,28 +66,7 @@ from ers_spark.stages.score import select_centroid
 STAGE_NAME = "evaluate"
 log = logging.getLogger(__name__)
 
-# working columns
-ITEM = "item"
-A, B = "a", "b"
-SAME = "same"
-SIM = "sim"
-CALIBRATION = "calibration"
-NONMATED = "nonmated"
-TEMPLATE = "template"
-VECTOR = "vector"
 PAIRS_COLUMNS = ("left", "right", "label")
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    """``evaluate.*`` plus the UIC chosen by ``score.uic_id``."""
-
-    cfg: EvaluateConfig
-    uic_id: str | None
-
-    @classmethod
-    def from_config(cls, cfg: ErsConfig) -> "EvaluateParams":
-        return cls(cfg.evaluate, cfg.score.uic_id)
 
 
 @dataclass
@@ -110,24 +95,14 @@ class EvalResults:
         self.curves.extend((curve, method, float(x), float(y), i) for i, (x, y) in enumerate(zip(xs, ys)))
 
 
-def dot(left: str, right: str) -> F.Column:
-    """Inner product of two array columns, evaluated by Spark (unit embeddings: cosine similarity)."""
-    products = F.zip_with(F.col(left), F.col(right), lambda x, y: x * y)
-    return F.aggregate(products, F.lit(0.0), lambda acc, x: acc + x).cast("double")
-
-
-def seeded_hash(seed: int, *columns: str | F.Column) -> F.Column:
-    return F.xxhash64(F.lit(seed), *[F.col(c) if isinstance(c, str) else c for c in columns])
-
-
 # --------------------------------------------------------------------------- inputs
 
 
-def load_images(spark: SparkSession, cfg: ErsConfig, params: EvaluateParams) -> tuple[DataFrame, dict[str, Any]]:
+def load_images(spark: SparkSession, cfg: ErsConfig) -> tuple[DataFrame, dict[str, Any]]:
     """One row per scored image of the model + UIC: embedding, ERS, raw norm, identity, source path."""
     embeddings_all = read_table(spark, cfg, EMBEDDINGS, hint="run `ers-spark embed` first")
     model = latest_model(embeddings_all)[:2]
-    centroid = select_centroid(spark, cfg, model, params.uic_id)
+    centroid = select_centroid(spark, cfg, model, cfg.score.uic_id)
     in_model = of_model(model)
     scores = read_table(spark, cfg, SCORES, hint="run `ers-spark score` first").where(
         in_model & (F.col(UIC_ID) == centroid.uic_id)
@@ -151,69 +126,7 @@ def load_images(spark: SparkSession, cfg: ErsConfig, params: EvaluateParams) -> 
     return images, context
 
 
-def identity_roles(images: DataFrame, params: EvaluateConfig) -> DataFrame:
-    """Per identity: calibration (gamma is chosen on it) or evaluation; some evaluation ones left out of the gallery.
-
-    Identities are ranked by a seeded hash (one row per identity in one window: identities, not images);
-    the first ``calibration_share`` are calibration, the next ``nonmated_identity_share`` of the rest
-    are the 1:N non-mated identities.
-    """
-    ids = images.where(F.col(IDENTITY).isNotNull()).select(IDENTITY).distinct()
-    n_ids = ids.count()
-    n_cal = int(round(params.calibration_share * n_ids))
-    n_nonmated = int(round(params.nonmated_identity_share * (n_ids - n_cal)))
-    rank = F.row_number().over(Window.orderBy(seeded_hash(params.seed, F.lit("split"), IDENTITY), IDENTITY))
-    return ids.withColumn("_rank", rank).select(
-        IDENTITY,
-        (F.col("_rank") <= n_cal).alias(CALIBRATION),
-        ((F.col("_rank") > n_cal) & (F.col("_rank") <= n_cal + n_nonmated)).alias(NONMATED),
-    )
-
-
 # --------------------------------------------------------------------------- pairs
-
-
-def genuine_pairs(items: DataFrame, *, per_identity: int, max_total: int, seed: int) -> DataFrame:
-    """Pairs ``(a, b)`` of items of the same identity: all of them up to ``per_identity`` per identity, else a seeded draw.
-
-    Only the first ``m`` items of an identity in seeded order take part, with ``m(m-1)/2 ~ 4 per_identity``,
-    so the within-identity join costs O(per_identity) per identity whatever its size.
-    """
-    m = int(np.ceil(np.sqrt(8 * per_identity))) + 1
-    order = Window.partitionBy(IDENTITY).orderBy(seeded_hash(seed, F.lit("genuine"), ITEM), ITEM)
-    ranked = items.select(ITEM, IDENTITY).withColumn("_r", F.row_number().over(order)).where(F.col("_r") <= m)
-    x, y = ranked.alias("x"), ranked.alias("y")
-    pairs = x.join(y, (F.col("x." + IDENTITY) == F.col("y." + IDENTITY)) & (F.col("x._r") < F.col("y._r"))).select(
-        F.least(F.col("x." + ITEM), F.col("y." + ITEM)).alias(A),
-        F.greatest(F.col("x." + ITEM), F.col("y." + ITEM)).alias(B),
-        F.col("x." + IDENTITY).alias(IDENTITY),
-    )
-    pick = Window.partitionBy(IDENTITY).orderBy(seeded_hash(seed, F.lit("pick"), A, B), A, B)
-    capped = pairs.withColumn("_k", F.row_number().over(pick)).where(F.col("_k") <= per_identity)
-    return capped.orderBy(seeded_hash(seed, F.lit("total"), A, B), A, B).limit(max_total).select(A, B)
-
-
-def impostor_pairs(items: DataFrame, *, count: int, seed: int) -> DataFrame:
-    """About ``count`` pairs of items of different identities, by seeded random blocking.
-
-    Each item falls in one of ``B`` hash buckets; pairs are formed inside buckets only, with ``B`` chosen so
-    that about twice ``count`` impostor pairs arise, then ``count`` are kept in seeded order. Every impostor
-    pair is equally likely; a small table (B = 1) gives all of its impostor pairs.
-    """
-    stats = items.groupBy(IDENTITY).count().agg(
-        F.sum("count").alias("n"), F.sum(F.col("count") * F.col("count")).alias("sq")
-    ).first()
-    n, sq = int(stats["n"] or 0), int(stats["sq"] or 0)
-    total = (n * n - sq) // 2
-    buckets = max(1, total // (2 * count))
-    bucketed = items.select(ITEM, IDENTITY, F.pmod(seeded_hash(seed, F.lit("bucket"), ITEM), F.lit(buckets)).alias("_b"))
-    x, y = bucketed.alias("x"), bucketed.alias("y")
-    pairs = x.join(
-        y,
-        (F.col("x._b") == F.col("y._b")) & (F.col("x." + ITEM) < F.col("y." + ITEM))
-        & (F.col("x." + IDENTITY) != F.col("y." + IDENTITY)),
-    ).select(F.col("x." + ITEM).alias(A), F.col("y." + ITEM).alias(B))
-    return pairs.orderBy(seeded_hash(seed, F.lit("impostor"), A, B), A, B).limit(count)
 
 
 def read_pairs_file(spark: SparkSession, path: str) -> DataFrame:
@@ -236,38 +149,6 @@ def read_pairs_file(spark: SparkSession, path: str) -> DataFrame:
     if bad:
         raise ContractError(f"pairs file {path}: {bad} row(s) have a label other than 1/0 or true/false")
     return pairs
-
-
-def resolve_pair_file(pairs: DataFrame, images: DataFrame) -> tuple[DataFrame, int]:
-    """Map each side to an image_id (matching image_id first, else source_path); count pairs left unresolved."""
-    by_id = images.select(F.col(IMAGE_ID).alias("_key"), F.col(IMAGE_ID).alias("_id"), F.lit(0).alias("_pref"))
-    by_path = images.where(F.col(SOURCE_PATH).isNotNull()).select(
-        F.col(SOURCE_PATH).alias("_key"), F.col(IMAGE_ID).alias("_id"), F.lit(1).alias("_pref")
-    )
-    best = Window.partitionBy("_key").orderBy("_pref", "_id")
-    lookup = by_id.unionByName(by_path).withColumn("_n", F.row_number().over(best)).where(F.col("_n") == 1)
-    left, right = lookup.alias("l"), lookup.alias("r")
-    resolved = (
-        pairs.join(left, F.col("left") == F.col("l._key"), "left")
-        .join(right, F.col("right") == F.col("r._key"), "left")
-        .select(F.col("l._id").alias(A), F.col("r._id").alias(B), SAME)
-    )
-    resolved = resolved.persist()
-    unresolved = resolved.where(F.col(A).isNull() | F.col(B).isNull()).count()
-    return resolved.where(F.col(A).isNotNull() & F.col(B).isNotNull()), unresolved
-
-
-def score_pairs(pairs: DataFrame, images: DataFrame) -> pd.DataFrame:
-    """Join both sides' embeddings on Spark, dot them there, and collect only the per-pair scalars."""
-    side = images.select(IMAGE_ID, EMBEDDING, ERS, RAW_NORM, IDENTITY, CALIBRATION)
-    sa = side.select(*[F.col(c).alias(f"{c}_a") for c in side.columns])
-    sb = side.select(*[F.col(c).alias(f"{c}_b") for c in side.columns])
-    joined = pairs.join(sa, F.col(A) == F.col(f"{IMAGE_ID}_a")).join(sb, F.col(B) == F.col(f"{IMAGE_ID}_b"))
-    scored = joined.select(
-        A, B, SAME, dot(f"{EMBEDDING}_a", f"{EMBEDDING}_b").alias(SIM),
-        *[f"{c}_{s}" for c in (ERS, RAW_NORM, IDENTITY, CALIBRATION) for s in ("a", "b")],
-    )
-    return scored.toPandas().sort_values([A, B], kind="stable").reset_index(drop=True)
 
 
 def build_pairs(spark: SparkSession, images: DataFrame, params: EvaluateConfig, counts: dict[str, int]) -> pd.DataFrame:
@@ -315,7 +196,7 @@ def verification_protocol(pairs: pd.DataFrame, params: EvaluateConfig, results: 
     cal, ev, split = calibration_masks(pairs, params)
     sim, same = pairs[SIM].to_numpy(float), pairs[SAME].to_numpy(bool)
     q = np.minimum(pairs[f"{ERS}_a"].to_numpy(float), pairs[f"{ERS}_b"].to_numpy(float))
-    calibration = metrics.calibrate_gamma_split(sim, q, q, same, cal, params.target_far)
+    calibration = calibrate_gamma_split(sim, q, q, same, cal, params.target_far)
     gamma = calibration.gamma
     results.notes.update(calibration_split=split, gamma_calibration_frr=calibration.frr)
     results.metric("verification", "calibration", "frr", metrics.operating_point_label("far", params.target_far),
@@ -373,28 +254,6 @@ def edc_protocol(pairs: pd.DataFrame, params: EvaluateConfig, results: EvalResul
 # --------------------------------------------------------------------------- 1:N open-set identification
 
 
-def identification_probes(images: DataFrame, params: EvaluateConfig) -> pd.DataFrame:
-    """Per probe of the evaluation identities: mated?, rank-1 mate score (null if not first), top score, ERS.
-
-    Gallery: one enrolment image per non-left-out identity (highest ERS, or seeded random). Probes x gallery
-    is a broadcast cross join on Spark; only the per-probe aggregates come back, at most ``max_probes``.
-    """
-    ev = images.where(F.col(IDENTITY).isNotNull() & ~F.col(CALIBRATION))
-    key = (F.col(ERS).desc(),) if params.enrolment == "best_ers" else (seeded_hash(params.seed, F.lit("enrol"), IMAGE_ID),)
-    enrol_rank = F.row_number().over(Window.partitionBy(IDENTITY).orderBy(*key, IMAGE_ID))
-    ev = ev.withColumn("_enrol", ~F.col(NONMATED) & (enrol_rank == 1))
-    gallery = ev.where("_enrol").select(F.col(IDENTITY).alias("g_identity"), F.col(EMBEDDING).alias("g_embedding"))
-    probes = ev.where(~F.col("_enrol")).orderBy(seeded_hash(params.seed, F.lit("probe"), IMAGE_ID), IMAGE_ID)
-    probes = probes.limit(params.max_probes).select(IMAGE_ID, IDENTITY, EMBEDDING, ERS, NONMATED)
-    compared = probes.crossJoin(F.broadcast(gallery)).withColumn(SIM, dot(EMBEDDING, "g_embedding"))
-    per_probe = compared.groupBy(IMAGE_ID, IDENTITY, ERS, NONMATED).agg(
-        F.max(SIM).alias("top"),
-        F.max(F.when(F.col("g_identity") == F.col(IDENTITY), F.col(SIM))).alias("mate"),
-    )
-    rank1 = F.when(F.col("mate") >= F.col("top"), F.col("mate"))
-    return per_probe.select(IMAGE_ID, NONMATED, rank1.alias("mate_rank1"), "top", ERS).toPandas().sort_values(IMAGE_ID)
-
-
 def identification_protocol(probes: pd.DataFrame, gamma: float, params: EvaluateConfig, results: EvalResults) -> None:
     """FNIR at each supported FPIR, without and with rejection of probes whose ERS < gamma."""
     nonmated = probes[NONMATED].to_numpy(bool)
@@ -418,34 +277,6 @@ def identification_protocol(probes: pd.DataFrame, gamma: float, params: Evaluate
 
 
 # --------------------------------------------------------------------------- set-based (template) verification
-
-
-def pooled_templates(images: DataFrame, params: EvaluateConfig) -> DataFrame:
-    """Seeded templates of ``template_size`` images per identity, pooled with every weighting (pandas UDF per template)."""
-    k = params.template_size
-    order = Window.partitionBy(IDENTITY).orderBy(seeded_hash(params.seed, F.lit("set"), IMAGE_ID), IMAGE_ID)
-    members = (
-        images.where(F.col(IDENTITY).isNotNull())
-        .withColumn("_t", F.floor((F.row_number().over(order) - 1) / k))
-        .withColumn(TEMPLATE, F.concat_ws("#", F.col(IDENTITY), F.col("_t").cast("string")))
-        .withColumn("_size", F.count(F.lit(1)).over(Window.partitionBy(TEMPLATE)))
-        .where(F.col("_size") == k)
-        .select(TEMPLATE, IDENTITY, EMBEDDING, ERS)
-    )
-    temperature, top_k = params.softmax_temperature, params.top_k
-
-    def pool(group: pd.DataFrame) -> pd.DataFrame:
-        emb = np.stack(group[EMBEDDING].to_numpy())
-        ers = group[ERS].to_numpy(float)
-        vectors = [metrics.pool_template(emb, ers, m, temperature=temperature, top_k=top_k).astype(np.float32).tolist()
-                   for m in metrics.POOLING_METHODS]
-        n = len(metrics.POOLING_METHODS)
-        return pd.DataFrame({TEMPLATE: [group[TEMPLATE].iloc[0]] * n, IDENTITY: [group[IDENTITY].iloc[0]] * n,
-                             "method": list(metrics.POOLING_METHODS), VECTOR: vectors})
-
-    schema = StructType([StructField(TEMPLATE, StringType()), StructField(IDENTITY, StringType()),
-                         StructField("method", StringType()), StructField(VECTOR, ArrayType(FloatType()))])
-    return members.groupBy(TEMPLATE, IDENTITY).applyInPandas(pool, schema)
 
 
 def set_protocol(images: DataFrame, params: EvaluateConfig, results: EvalResults, counts: dict[str, int]) -> None:
@@ -497,10 +328,9 @@ def write_results(
 
 def run_evaluate(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the evaluate stage; counts say how many comparisons each protocol rests on."""
-    params = EvaluateParams.from_config(cfg)
-    p = params.cfg
+    p = cfg.evaluate
     report_path = cfg.report.output_path(cfg.storage) if p.write_report else None  # a bad report.path fails first
-    images, context = load_images(spark, cfg, params)
+    images, context = load_images(spark, cfg)
     roles = identity_roles(images, p).persist()  # one single-partition window over identities, computed once
     images = images.join(roles, IDENTITY, "left").persist()
     try:

@@ -20,7 +20,7 @@ is MERGEd on its key, so a re-import writes nothing.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, FloatType, IntegerType, LongType, StringType
 
-from ers_spark.config import ErsConfig
+from ers_spark.config import ErsConfig, ImportEmbeddingsConfig
 from ers_spark.errors import ContractError
 from ers_spark.lake.contracts import (
     ALIGNED, DETAIL, EMBEDDED_AT, EMBEDDING, EMBEDDINGS, IDENTITY, IMAGE_ID, IMPORTED_AT, IMPORTED_SOURCES,
@@ -51,30 +51,6 @@ VECTOR = "_vector"  # the input vector as array<double>
 FIRST = "_first"  # the first row of its id (exact repeats of a good row are written once)
 FLOAT_MAX = float(np.finfo(np.float32).max)  # a larger norm cannot be stored as raw_norm (float)
 CHANGED_TOLERANCE = 1e-6  # largest component difference of two unit vectors still counted as the same vector
-
-
-@dataclass(frozen=True)
-class ImportParams:
-    """``import_embeddings.*`` with the required keys checked (input, model name and version)."""
-
-    input_path: str
-    input_format: str
-    id_column: str
-    vector_column: str
-    identity_column: str | None
-    path_column: str | None
-    model_name: str
-    model_version: str
-
-    @classmethod
-    def from_config(cls, cfg: ErsConfig) -> "ImportParams":
-        cfg.import_embeddings.require(cfg.source)
-        values = asdict(cfg.import_embeddings)
-        return cls(**{**values, "model_version": str(values["model_version"])})
-
-    @property
-    def model(self) -> tuple[str, str]:
-        return self.model_name, self.model_version
 
 
 def _label_column(df: DataFrame, name: str | None, what: str, allowed: tuple[type, ...]) -> Column:
@@ -107,7 +83,7 @@ def _vector_column(df: DataFrame, name: str, what: str) -> Column:
     )
 
 
-def read_input(spark: SparkSession, params: ImportParams) -> DataFrame:
+def read_input(spark: SparkSession, params: ImportEmbeddingsConfig) -> DataFrame:
     """The user's table as (image_id, _vector, source_path, identity); a one-line error for a missing or mistyped column."""
     try:
         table = spark.read.format(params.input_format).load(params.input_path)
@@ -123,7 +99,7 @@ def read_input(spark: SparkSession, params: ImportParams) -> DataFrame:
     )
 
 
-def stored_rows(spark: SparkSession, cfg: ErsConfig, params: ImportParams) -> DataFrame | None:
+def stored_rows(spark: SparkSession, cfg: ErsConfig, params: ImportEmbeddingsConfig) -> DataFrame | None:
     """The embeddings already stored for this model version, or None when there are none."""
     if not table_exists(spark, cfg, EMBEDDINGS):
         return None
@@ -207,8 +183,9 @@ def flag_changed_vectors(classified: DataFrame, stored: DataFrame | None) -> Dat
     )
 
 
-def labels_to_store(spark: SparkSession, cfg: ErsConfig, params: ImportParams, good: DataFrame) -> DataFrame:
+def labels_to_store(spark: SparkSession, cfg: ErsConfig, params: ImportEmbeddingsConfig, good: DataFrame) -> DataFrame:
     """imported_sources rows of the good ids; a label column this import does not name keeps its stored value."""
+    name, version = params.model
     labels = good.where(F.col(FIRST)).select(IMAGE_ID, SOURCE_PATH, IDENTITY)
     if (params.path_column is None or params.identity_column is None) and table_exists(spark, cfg, IMPORTED_SOURCES):
         stored = read_table(spark, cfg, IMPORTED_SOURCES).select(
@@ -219,28 +196,28 @@ def labels_to_store(spark: SparkSession, cfg: ErsConfig, params: ImportParams, g
             (F.col(IDENTITY) if params.identity_column else F.col("_identity")).alias(IDENTITY),
         )
     return labels.select(
-        "*", F.lit(params.model_name).alias(MODEL_NAME), F.lit(params.model_version).alias(MODEL_VERSION),
+        "*", F.lit(name).alias(MODEL_NAME), F.lit(version).alias(MODEL_VERSION),
         F.current_timestamp().alias(IMPORTED_AT),
     )
 
 
-def write_outputs(spark: SparkSession, cfg: ErsConfig, params: ImportParams, decided: DataFrame) -> dict[str, int]:
+def write_outputs(spark: SparkSession, cfg: ErsConfig, params: ImportEmbeddingsConfig, decided: DataFrame) -> dict[str, int]:
     """MERGE the good rows into embeddings (and their labels into imported_sources), the bad ones into quarantine."""
+    name, version = params.model
     good = decided.where(F.col(REASON).isNull())
     embeddings = good.select(
-        IMAGE_ID, EMBEDDING, RAW_NORM, F.lit(params.model_name).alias(MODEL_NAME),
-        F.lit(params.model_version).alias(MODEL_VERSION), F.current_timestamp().alias(EMBEDDED_AT),
+        IMAGE_ID, EMBEDDING, RAW_NORM, F.lit(name).alias(MODEL_NAME),
+        F.lit(version).alias(MODEL_VERSION), F.current_timestamp().alias(EMBEDDED_AT),
         F.lit(None).cast("boolean").alias(ALIGNED),
     )
-    ensure_table(spark, cfg, EMBEDDINGS, properties={"ers.model_name": params.model_name,
-                                                     "ers.model_version": params.model_version})
+    ensure_table(spark, cfg, EMBEDDINGS, properties={"ers.model_name": name, "ers.model_version": version})
     written = merge_insert_new(spark, cfg, EMBEDDINGS, embeddings)
     labels = {"inserted": 0, "updated": 0, "deleted": 0}
     if params.identity_column or params.path_column:
         labels = merge_sync(spark, cfg, IMPORTED_SOURCES, labels_to_store(spark, cfg, params, good),
                             compare=(SOURCE_PATH, IDENTITY))
     bad = quarantine_rows(decided.where(F.col(REASON).isNotNull()), STAGE_NAME, F.col(REASON), F.col(DETAIL),
-                          model_version=F.lit(params.model_version))
+                          model_version=F.lit(version))
     merge_insert_new(spark, cfg, QUARANTINE, bad)
     return {"written": written, "labels_written": labels["inserted"] + labels["updated"]}
 
@@ -260,9 +237,10 @@ def tally(decided: DataFrame) -> dict[str, int]:
 
 def run_import_embeddings(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the import; counts: read = written + already_present + duplicate_rows + quarantined."""
-    params = ImportParams.from_config(cfg)
+    params = cfg.import_embeddings
+    params.require(cfg.source)
     rows = read_input(spark, params)
-    run = StageRun(STAGE_NAME, params=asdict(params))
+    run = StageRun(STAGE_NAME, params={**asdict(params), "model_version": params.model[1]})
     run.input_versions = {c.name: table_version(spark, cfg, c) for c in (EMBEDDINGS, IMPORTED_SOURCES)}
     stored = stored_rows(spark, cfg, params)
     dim, dim_source = expected_dimension(rows, stored)
@@ -275,7 +253,7 @@ def run_import_embeddings(spark: SparkSession, cfg: ErsConfig) -> dict:
         decided.unpersist()
     run.counts = _counts(tallied, written)
     log.info("import-embeddings: %d rows read, %d new embeddings of %s %s (%s-D, %s), %d quarantined",
-             run.counts["read"], written["written"], params.model_name, params.model_version, dim, dim_source,
+             run.counts["read"], written["written"], *params.model, dim, dim_source,
              run.counts["quarantined"])
     return run.finish(spark, cfg, outputs=(EMBEDDINGS, IMPORTED_SOURCES, QUARANTINE))
 

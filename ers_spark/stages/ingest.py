@@ -15,18 +15,17 @@ the row they came from), and the bytes cross at most one exchange in the whole s
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 from dataclasses import asdict, dataclass
 
-import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import BinaryType, IntegerType, StringType, StructField, StructType
+from pyspark.sql.types import BinaryType, StringType
 
 from ers_spark.config import ErsConfig, IngestConfig
+from ers_spark.distributed.images import PROBE_SCHEMA, probe_batch
 from ers_spark.lake.contracts import (
     BYTES,
     CROPS,
@@ -42,7 +41,6 @@ from ers_spark.lake.contracts import (
     REASON,
     REASON_EMPTY,
     REASON_IDENTITY_CONFLICT,
-    REASON_UNDECODABLE,
     SOURCE_PATH,
     WIDTH,
     check_columns,
@@ -71,82 +69,8 @@ NEW, PRESENT, BAD, CONFLICT = "new", "present", "bad", "conflict"
 # Bytes a keep-list row takes in a broadcast besides its strings (the id's 64 hex digits, ints, hash entry).
 KEEP_ROW_OVERHEAD = 128
 
-PROBE_SCHEMA = StructType(
-    [
-        StructField(WIDTH, IntegerType(), True),
-        StructField(HEIGHT, IntegerType(), True),
-        StructField(FORMAT, StringType(), True),
-        StructField(REASON, StringType(), True),
-        StructField(DETAIL, StringType(), True),
-    ]
-)
 
-
-def probe_image(data: bytes | None) -> tuple[int | None, int | None, str | None, str | None, str | None]:
-    """Fully decode one image; return (width, height, format, reason, detail).
-
-    A full ``load()`` (not just the header) is what catches truncated files.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if data is None or len(data) == 0:
-        return None, None, None, REASON_EMPTY, "file has 0 bytes"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = (img.format or "unknown").lower()
-            img.load()
-            width, height = img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        return None, None, None, REASON_UNDECODABLE, detail
-    if fmt == "ppm":  # Pillow names PGM/PPM/PBM files "PPM"
-        fmt = "pnm"
-    return width, height, fmt, None, None
-
-
-def probe_batch(images: pd.Series) -> pd.DataFrame:
-    """Probe a batch of image bytes (one Arrow batch on an executor)."""
-    rows = [probe_image(b) for b in images]
-    out = pd.DataFrame(rows, columns=[WIDTH, HEIGHT, FORMAT, REASON, DETAIL])
-    out[WIDTH] = out[WIDTH].astype("Int32")
-    out[HEIGHT] = out[HEIGHT].astype("Int32")
-    return out
-
-
-@dataclass(frozen=True)
-class IngestParams:
-    """Everything the ingest stage needs, validated before Spark reads anything."""
-
-    input_path: str
-    input_format: str
-    extensions: tuple[str, ...]
-    recursive: bool
-    identity_from_folder: bool
-    bytes_column: str
-    path_column: str | None
-    identity_column: str | None
-
-    @classmethod
-    def from_config(cls, cfg: ErsConfig) -> "IngestParams":
-        ing: IngestConfig = cfg.ingest
-        return cls(
-            input_path=ing.require_input(cfg.source),
-            input_format=ing.input_format,
-            extensions=tuple(e.lower().lstrip(".") for e in ing.extensions),
-            recursive=ing.recursive,
-            identity_from_folder=ing.identity_from_folder,
-            bytes_column=ing.bytes_column,
-            path_column=ing.path_column,
-            identity_column=ing.identity_column,
-        )
-
-    def path_glob(self) -> str:
-        """One Hadoop glob matching every extension in either case, e.g. ``*.{jpg,JPG,png,PNG}``."""
-        variants = sorted({v for e in self.extensions for v in (e.lower(), e.upper())})
-        return "*.{" + ",".join(variants) + "}"
-
-
-def _read_images(spark: SparkSession, params: IngestParams) -> DataFrame:
+def _read_images(spark: SparkSession, params: IngestConfig) -> DataFrame:
     raw = (
         spark.read.format("binaryFile")
         .option("pathGlobFilter", params.path_glob())
@@ -164,7 +88,7 @@ def _read_images(spark: SparkSession, params: IngestParams) -> DataFrame:
     )
 
 
-def _read_parquet(spark: SparkSession, params: IngestParams) -> DataFrame:
+def _read_parquet(spark: SparkSession, params: IngestConfig) -> DataFrame:
     table = spark.read.parquet(params.input_path)
     required = {params.bytes_column: BinaryType()}
     if params.path_column:
@@ -184,7 +108,7 @@ def _read_parquet(spark: SparkSession, params: IngestParams) -> DataFrame:
     )
 
 
-def read_source(spark: SparkSession, params: IngestParams) -> DataFrame:
+def read_source(spark: SparkSession, params: IngestConfig) -> DataFrame:
     """The input rows (row key, source_path, identity, bytes); listed once, read by each query over it."""
     return _read_images(spark, params) if params.input_format == "images" else _read_parquet(spark, params)
 
@@ -208,7 +132,7 @@ def probe(source: DataFrame) -> DataFrame:
     )
 
 
-def probe_once(spark: SparkSession, params: IngestParams, source: DataFrame) -> DataFrame:
+def probe_once(spark: SparkSession, params: IngestConfig, source: DataFrame) -> DataFrame:
     """Every input row probed, computed once into a reliable checkpoint, zero-length files included.
 
     Why a checkpoint: a cache evicted (or lost with an executor) would decode the images again. Spark's
@@ -357,13 +281,14 @@ class IngestPlan:
     conflicts: int
 
 
-def plan_ingest(spark: SparkSession, cfg: ErsConfig, params: IngestParams | None = None) -> IngestPlan:
+def plan_ingest(spark: SparkSession, cfg: ErsConfig) -> IngestPlan:
     """Probe the input (Pillow runs here, once per file) and build the DataFrames that ingest writes.
 
     Why a separate step: the physical plans of ``crops`` and ``quarantine`` can be checked for the
     exchanges that move bytes (tests/test_ingest.py) before anything is written.
     """
-    params = params or IngestParams.from_config(cfg)
+    params = cfg.ingest
+    params.require_input(cfg.source)
     source = read_source(spark, params)
     decided = materialize_source(classify(spark, cfg, probe_once(spark, params, source)))
     new = F.col(STATUS) == NEW
@@ -417,9 +342,10 @@ def insert_crops(spark: SparkSession, cfg: ErsConfig, plan: IngestPlan) -> int:
 
 def run_ingest(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the ingest stage; its counts add up: read = written + already_present + quarantined."""
-    params = IngestParams.from_config(cfg)
-    run = StageRun(STAGE_NAME, params=asdict(params))
-    plan = plan_ingest(spark, cfg, params)
+    params = cfg.ingest
+    params.require_input(cfg.source)
+    run = StageRun(STAGE_NAME, params={**asdict(params), "extensions": params.suffixes})
+    plan = plan_ingest(spark, cfg)
     written = insert_crops(spark, cfg, plan)
     merge_insert_new(spark, cfg, QUARANTINE, plan.quarantine)
     run.counts = {

@@ -1,12 +1,13 @@
-"""Report: read what the stages (and ``evaluate``, where it ran) wrote and write one self-contained HTML page.
+"""The report stage (``ers-spark report``): reads the lake's tables on Spark and writes one self-contained HTML page.
 
-Only aggregates and capped samples reach the driver: histogram counts per bin,
-``report.thumbnails_per_band`` crops per ERS band (their bytes joined from
-``crops`` after the limit; imported vectors have none and show no picture), ``report.map_sample_rows`` embeddings for the map,
-quarantine counts per reason, the newest run per stage, and for ``evaluate``
-its newest run's metrics and curves (thinned to ``report.curve_points`` each).
-The page itself is drawn by :mod:`ers_spark.report` (no Spark there). The
-report writes no table; it prints one JSON line like the stages do.
+It reads what the stages (and ``evaluate``, where it ran) wrote. Only aggregates and capped
+samples reach the driver: histogram counts per bin, ``report.thumbnails_per_band`` crops per
+ERS band (their bytes joined from ``crops`` after the limit; imported vectors have none and
+show no picture), ``report.map_sample_rows`` embeddings for the map, quarantine counts per
+reason, the newest run per stage, and for ``evaluate`` its newest run's metrics and curves
+(thinned to ``report.curve_points`` each). The :mod:`ers_spark.report` package renders the
+page from those plain values, without Spark. The report writes no table; it prints one JSON
+line like the stages do.
 """
 
 from __future__ import annotations

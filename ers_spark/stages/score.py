@@ -8,7 +8,8 @@ false rejects at the target false accept rate when unsure pairs count as
 rejected; without labels: best balanced accuracy between UI members and the
 rest) and stored with its UIC in ``ui_centroids``. Scores are MERGEd on
 (image_id, model): a new UIC re-scores every row, and the previous scores stay
-readable through Delta time travel.
+readable through Delta time travel. The ERS columns and the calibration sample are built by
+:mod:`ers_spark.distributed.ers` and :mod:`ers_spark.distributed.calibration`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.window import Window
-from pyspark.sql.types import ArrayType, DoubleType, FloatType
+from pyspark.sql.types import ArrayType, FloatType
 
 from ers_spark.core import ers as ers_math
-from ers_spark.core import metrics
+from ers_spark.core.calibration import calibrate_gamma_held_out, calibrate_gamma_unlabelled
 from ers_spark.config import ErsConfig, ScoreConfig
+from ers_spark.distributed.calibration import identity_sample
+from ers_spark.distributed.ers import enhanced_udf, ers_raw_column
 from ers_spark.lake.contracts import (
     CENTROID,
     CREATED_AT,
@@ -40,7 +42,6 @@ from ers_spark.lake.contracts import (
     GAMMA_PARAMS,
     IDENTITY,
     IMAGE_ID,
-    LABEL_TABLES,
     MODEL_NAME,
     MODEL_VERSION,
     RECOGNIZABLE,
@@ -55,7 +56,6 @@ from ers_spark.lake.tables import (
     StageRun,
     changed_settings,
     ensure_table,
-    image_labels,
     latest_model,
     merge_sync,
     of_model,
@@ -68,17 +68,6 @@ from ers_spark.lake.tables import (
 
 STAGE_NAME = "score"
 log = logging.getLogger(__name__)
-
-
-IMAGES_PER_IDENTITY = 10  # calibration draws up to this many images of each sampled identity (45 genuine pairs)
-
-
-class ScoreParams(ScoreConfig):
-    """The score stage's parameters: exactly ``score.*`` (validated once, by the config loader)."""
-
-    @classmethod
-    def from_config(cls, cfg: ErsConfig) -> "ScoreParams":
-        return cls(**asdict(cfg.score))
 
 
 @dataclass(frozen=True)
@@ -129,25 +118,6 @@ def select_centroid(spark: SparkSession, cfg: ErsConfig, model: tuple[str, str],
     )
 
 
-def ers_raw_column(embedding: str, uic: np.ndarray) -> F.Column:
-    """``1 - <f_UI, f>`` as a Spark expression: the UIC travels inside the plan (a broadcast constant)."""
-    uic_col = F.array(*[F.lit(float(x)) for x in uic])
-    dot = F.aggregate(F.zip_with(F.col(embedding), uic_col, lambda a, b: a * b), F.lit(0.0), lambda acc, x: acc + x)
-    return (F.lit(1.0) - dot).cast(DoubleType())
-
-
-def enhanced_udf(uic: np.ndarray):
-    """Vectorised ERS-enhanced features (paper eq. 6) for Arrow batches of embeddings."""
-
-    def enhance(embeddings: pd.Series) -> pd.Series:
-        emb = np.stack(embeddings.to_numpy()).astype(np.float32)
-        # a row parallel to the UIC has no direction left: null (it scores ERS ~0, unrecognizable)
-        out = ers_math.enhance_embeddings(emb, uic, parallel="nan")
-        return pd.Series([None if np.isnan(row[0]) else row for row in out])
-
-    return F.pandas_udf(enhance, ArrayType(FloatType()))  # type: ignore[call-overload]
-
-
 def score_dataframe(embeddings: DataFrame, centroid: Centroid, gamma: float, enhanced: bool) -> DataFrame:
     """Scores for every embedding row of the centroid's model."""
     raw = ers_raw_column(EMBEDDING, centroid.vector)
@@ -181,29 +151,10 @@ class GammaChoice:
     details: dict[str, Any]
 
 
-def identity_sample(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, params: ScoreParams) -> pd.DataFrame:
-    """Labelled rows for calibration, drawn by identity: the first identities (2+ images) in seeded hash order,
-    up to ``IMAGES_PER_IDENTITY`` images each, at most ``calibration_sample_rows`` rows in all.
-
-    Why by identity: a uniform row sample of a set with many identities holds almost no genuine pairs.
-    Only the sampled rows reach the driver; nothing counts the whole table first.
-    """
-    if not any(table_exists(spark, cfg, c) for c in LABEL_TABLES):
-        return pd.DataFrame(columns=[IMAGE_ID, EMBEDDING, IDENTITY])
-    labels = image_labels(spark, cfg).where(F.col(IDENTITY).isNotNull()).select(IMAGE_ID, IDENTITY)
-    labelled = embeddings.select(IMAGE_ID, EMBEDDING).join(labels, IMAGE_ID)
-    n_identities = max(2, params.calibration_sample_rows // IMAGES_PER_IDENTITY)
-    chosen = seeded_sample(labelled.groupBy(IDENTITY).count().where(F.col("count") >= 2), IDENTITY, n_identities, params.seed)
-    order = Window.partitionBy(IDENTITY).orderBy(F.xxhash64(IMAGE_ID, F.lit(params.seed)), IMAGE_ID)
-    rows = (labelled.join(F.broadcast(chosen.select(IDENTITY)), IDENTITY)
-            .withColumn("_k", F.row_number().over(order)).where(F.col("_k") <= IMAGES_PER_IDENTITY).drop("_k"))
-    return rows.toPandas()
-
-
-def _calibrate_with_identities(sample: pd.DataFrame, centroid: Centroid, params: ScoreParams) -> GammaChoice:
+def _calibrate_with_identities(sample: pd.DataFrame, centroid: Centroid, params: ScoreConfig) -> GammaChoice:
     """The paper's gamma on the calibration identities, checked on the held-out ones (as ``evaluate`` does)."""
     emb = np.stack(sample[EMBEDDING].to_numpy()).astype(np.float32)
-    calibration, check = metrics.calibrate_gamma_held_out(
+    calibration, check = calibrate_gamma_held_out(
         emb, sample[IDENTITY].to_numpy(), ers_math.ers_scores(emb, centroid.vector), target_far=params.target_far,
         calibration_share=params.calibration_share, seed=params.seed,
     )
@@ -221,7 +172,7 @@ def _calibrate_with_identities(sample: pd.DataFrame, centroid: Centroid, params:
 
 
 def _calibrate_unlabelled(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, centroid: Centroid,
-                          params: ScoreParams) -> GammaChoice:
+                          params: ScoreConfig) -> GammaChoice:
     """Best balanced accuracy between UI members and the rest, on a seeded row sample (no error rates: see log)."""
     sample = seeded_sample(embeddings.select(IMAGE_ID, EMBEDDING), IMAGE_ID, params.calibration_sample_rows, params.seed)
     if table_exists(spark, cfg, UI_MEMBERS):
@@ -232,7 +183,7 @@ def _calibrate_unlabelled(spark: SparkSession, cfg: ErsConfig, embeddings: DataF
     pdf = sample.toPandas()
     ers = ers_math.ers_scores(np.stack(pdf[EMBEDDING].to_numpy()).astype(np.float32), centroid.vector)
     is_ui = pdf["_ui"].eq(True).to_numpy(dtype=bool)
-    calibration = ers_math.calibrate_gamma_unlabelled(ers[is_ui], ers[~is_ui])
+    calibration = calibrate_gamma_unlabelled(ers[is_ui], ers[~is_ui])
     below_ui, below_rest = 1.0 - calibration.far, calibration.frr
     log.info("score: gamma = %.4f separates the UI cluster from the rest (no identities: not error rates, the UI "
              "defines both sides): %.1f%% of %d sampled UI members and %.1f%% of %d other rows fall below it",
@@ -242,7 +193,7 @@ def _calibrate_unlabelled(spark: SparkSession, cfg: ErsConfig, embeddings: DataF
 
 
 def calibrate_gamma(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, centroid: Centroid,
-                    params: ScoreParams) -> GammaChoice:
+                    params: ScoreConfig) -> GammaChoice:
     """With identities (``auto`` when 2+ identities of 2+ images exist): the paper's rule; else the unlabelled one."""
     if params.calibration != "unlabelled":
         sample = identity_sample(spark, cfg, embeddings, params)
@@ -256,7 +207,7 @@ def calibrate_gamma(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, 
     return _calibrate_unlabelled(spark, cfg, embeddings, centroid, params)
 
 
-def gamma_settings(params: ScoreParams) -> dict[str, Any]:
+def gamma_settings(params: ScoreConfig) -> dict[str, Any]:
     """The settings a calibrated gamma depends on; a stored gamma is reused only when they are unchanged."""
     return {"calibration": params.calibration, "target_far": params.target_far,
             "calibration_sample_rows": params.calibration_sample_rows,
@@ -274,7 +225,7 @@ def store_gamma(spark: SparkSession, cfg: ErsConfig, centroid: Centroid, gamma: 
 
 
 def choose_gamma(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, centroid: Centroid,
-                 params: ScoreParams) -> tuple[GammaChoice, list[str]]:
+                 params: ScoreConfig) -> tuple[GammaChoice, list[str]]:
     """(gamma, settings that changed since the stored gamma was calibrated).
 
     The configured gamma; else the UIC's stored one if it was calibrated with today's settings; else calibrate.
@@ -296,7 +247,7 @@ def choose_gamma(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, cen
 
 def run_score(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the score stage; counts: scored = recognizable + unrecognizable."""
-    params = ScoreParams.from_config(cfg)
+    params = cfg.score
     embeddings_all = read_table(spark, cfg, EMBEDDINGS, hint="run `ers-spark embed` first")
     model = latest_model(embeddings_all)[:2]
     embeddings = embeddings_all.where(of_model(model))

@@ -1,6 +1,6 @@
 """What a Spark application ships to its executors: the ``ers_spark`` code as a zip for ``--py-files``.
 
-``deploy/package.sh`` builds the same zip ahead of time (``python -m ers_spark.lake.shipping DIR``);
+``deploy/package.sh`` builds the same zip ahead of time (``python -m ers_spark.runtime.shipping DIR``);
 a session on a cluster master that was not given one builds it on the fly and adds it
 with ``SparkContext.addPyFile``, so executors never depend on an install of their own.
 """

@@ -13,9 +13,10 @@ from pyspark import SparkContext
 from pyspark.sql import SparkSession
 
 from ers_spark.config import ErsConfig
-from ers_spark.lake.logs import QUIET_LOG4J, add_java_option, hidden_ivy_output, is_verbose, quiet_java_option
 from ers_spark.errors import ErsUserError
-from ers_spark.lake.shipping import ship_code
+from ers_spark.runtime.logs import QUIET_LOG4J, add_java_option, hidden_ivy_output, is_verbose, quiet_java_option
+from ers_spark.runtime.shipping import ship_code
+from ers_spark.versions import DELTA_PACKAGE
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
@@ -107,7 +108,7 @@ def require_delta(jvm: Any, cfg: ErsConfig) -> None:
 
     if isinstance(jvm.io.delta.tables.DeltaTable, JavaClass):
         return
-    packages = ",".join(cfg.spark.packages) or "io.delta:delta-spark_4.2_2.13:4.4.0"
+    packages = ",".join(cfg.spark.packages) or DELTA_PACKAGE
     raise ErsUserError(
         f"Delta Lake's classes are not on the classpath ({DELTA_EXTENSION} not found): add "
         f"--packages {packages} to spark-submit (or --jars from deploy/fetch_jars.sh), or submit with deploy/ers-submit"

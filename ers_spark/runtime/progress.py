@@ -5,7 +5,7 @@ Spark job is active, logs one line: the ers-spark stage, the active Spark stage(
 done/total and rows/s (rows read by the active stages, from Spark's status store; tasks/s
 when Spark reports no row counts)::
 
-    12:03:04 INFO ers_spark.lake.progress: embed: spark stage 7 (mapInPandas at ...): tasks 5/16 (2 running), 812 rows/s
+    12:03:04 INFO ers_spark.runtime.progress: embed: spark stage 7 (mapInPandas at ...): tasks 5/16 (2 running), 812 rows/s
 
 ``ERS_SPARK_PROGRESS_INTERVAL`` (seconds, default 5) sets the period.
 """
