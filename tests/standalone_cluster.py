@@ -31,6 +31,10 @@ FAKE_GPUS = 2
 # Task slots per worker. Two, so that two applications can run side by side (the tests run one-core
 # applications next to a two-executor batch); the machine's cores are shared by all of them anyway.
 WORKER_CORES = 2
+# The cluster's JVMs (master, workers, the test applications' drivers and executors) live minutes and run
+# little hot code: the C1 compiler alone spends far less CPU than C1 + C2 on a 2-core machine that the
+# other test worker shares. A setting of this test rig, not of ers-spark.
+SHORT_LIVED_JVM = "-XX:TieredStopAtLevel=1"
 
 
 def free_port() -> int:
@@ -97,7 +101,7 @@ class StandaloneCluster:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(SPARK_HOME=str(SPARK_HOME), SPARK_LOG_DIR=str(self.root / "logs"), SPARK_PID_DIR=str(self.root),
-                   SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
+                   SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable, SPARK_DAEMON_JAVA_OPTS=SHORT_LIVED_JVM)
         env.update(self.extra_env)
         env.pop("PYSPARK_GATEWAY_PORT", None)
         env.pop("PYSPARK_GATEWAY_SECRET", None)
@@ -196,7 +200,8 @@ class StandaloneCluster:
                     master: str | None = None) -> list[str]:
         """``deploy/ers-submit`` arguments for ``jobs/<job>.py`` (or a script path given as ``job``)."""
         args = [str(ERS_SUBMIT), "--master", master or self.url, "--deploy-mode", "client"]
-        settings = {"spark.executor.memory": "1g", "spark.ui.enabled": "false", **(conf or {})}
+        settings = {"spark.executor.memory": "1g", "spark.ui.enabled": "false", "spark.driver.extraJavaOptions": SHORT_LIVED_JVM,
+                    "spark.executor.extraJavaOptions": SHORT_LIVED_JVM, **(conf or {})}
         for key, value in settings.items():
             args += ["--conf", f"{key}={value}"]
         script = job if job.endswith(".py") else str(REPO / "jobs" / f"{job}.py")

@@ -116,16 +116,21 @@ def test_first_run_is_quiet_and_verbose_brings_the_noise_back(tmp_path: Path) ->
     images = tmp_path / "images"
     _write_images(images)
     env = {**os.environ, "ERS_SPARK_PROGRESS_INTERVAL": "0.1"}
-    outputs = {}
-    for mode in ("quiet", "verbose"):
+    procs = {}
+    for mode in ("quiet", "verbose"):  # the two fresh processes run side by side (each waits on its JVM's start)
         cmd = [sys.executable, "-m", "ers_spark.cli", "ingest", *(["--verbose"] if mode == "verbose" else []),
                f"ingest.input_path={images}", f"storage.root={tmp_path / mode}", "spark.master=local[1]",
-               "spark.shuffle_partitions=1", "spark.driver_memory=1g", f"spark.checkpoint_dir={tmp_path / 'ckpt'}"]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        record = json.loads(result.stdout.strip().splitlines()[-1])
+               "spark.shuffle_partitions=1", "spark.driver_memory=1g", f"spark.checkpoint_dir={tmp_path / mode / 'ckpt'}"]
+        (tmp_path / mode).mkdir()
+        procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                       cwd=tmp_path / mode)
+    outputs = {}
+    for mode, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        record = json.loads(stdout.strip().splitlines()[-1])
         assert record["stage"] == "ingest" and record["counts"]["written"] == 3
-        outputs[mode] = result.stderr
+        outputs[mode] = stderr
     quiet, verbose = outputs["quiet"], outputs["verbose"]
     assert "ers_spark.runtime.progress: ingest: spark stage " in quiet
     for noise in (":: resolution report ::", ":: loading settings ::", "Hive SerDe", "found io.delta#",
