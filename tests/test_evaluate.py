@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from pyspark.sql import functions as F
 
 from ers_spark.config import load_config
 from ers_spark.core import ers as ers_math
@@ -16,8 +15,7 @@ from ers_spark.core.synthetic import vmf_embeddings
 from ers_spark.errors import ConfigError, ContractError
 from ers_spark.lake.contracts import EVAL_CURVES, EVAL_METRICS, EVAL_RUNS, EVAL_TABLES, IDENTITY, check_contract, same_type
 from ers_spark.lake.tables import table_path
-from ers_spark.core.calibration import calibration_identities
-from ers_spark.distributed.calibration import calibration_identity, identity_roles
+from ers_spark.distributed.calibration import identity_roles
 from ers_spark.distributed.pairs import ITEM, genuine_pairs, impostor_pairs
 from ers_spark.stages.evaluate import load_images, run_evaluate
 from ers_spark.stages.score import run_score
@@ -241,14 +239,3 @@ def test_pairs_file_with_a_bad_label_is_a_contract_error(spark, evaluated, tmp_p
     pd.DataFrame({"a": ["c000"], "b": ["c001"]}).to_parquet(path)
     with pytest.raises(ContractError, match="lacks column"):
         run_evaluate(spark, cfg.with_overrides([f"evaluate.pairs_path={path}"]))
-
-
-@pytest.mark.parametrize("share", [0.3, 0.5])
-def test_evaluate_and_score_split_identities_alike(spark, share: float) -> None:
-    """One split of identities: evaluate's Spark column draws exactly as score's numpy function, name by name."""
-    names = [f"person{i}" for i in range(300)] + ["Zoë", "a b", "0"]
-    df = spark.createDataFrame([(n,) for n in names], f"{IDENTITY} string")
-    drawn = df.select(IDENTITY, calibration_identity(F.col(IDENTITY), share, 7).alias("cal")).toPandas()
-    expected = calibration_identities(drawn[IDENTITY].to_numpy(), share, 7)
-    assert drawn["cal"].tolist() == expected.tolist()
-    assert abs(expected.mean() - share) < 0.1  # about `share` of the identities, not all or none
