@@ -8,7 +8,8 @@
   embeddings, :func:`calibrate_gamma_split` on the calibration share of the pairs);
 * :func:`calibrate_gamma_held_out` chooses it on one share of the identities
   (:func:`calibration_identities`: a seeded hash of each identity's name, so an identity lands
-  on the same side in every process and sample) and measures it on the others;
+  on the same side in every process and sample; evaluate draws the same split on Spark with
+  :func:`ers_spark.distributed.calibration.calibration_identity`) and measures it on the others;
 * without labels, :func:`calibrate_gamma_unlabelled` best separates the UI cluster's members
   from the other images.
 """

@@ -40,20 +40,26 @@ def identity_sample(spark: SparkSession, cfg: ErsConfig, embeddings: DataFrame, 
     return rows.toPandas()
 
 
+def calibration_identity(identity: F.Column, share: float, seed: int) -> F.Column:
+    """Whether an identity is drawn for calibration: the same draw as
+    :func:`ers_spark.core.calibration.calibration_identities` (the first 8 bytes of
+    ``sha256("{seed}:{name}")`` as a fraction of 2**64, below ``share``), so score's held-out check and
+    evaluate split the identities alike, row by row, with no window and nothing on the driver.
+    """
+    digest = F.sha2(F.concat(F.lit(f"{seed}:"), identity.cast("string")), 256)
+    top = F.conv(F.substring(digest, 1, 16), 16, 10).cast("decimal(20,0)").cast("double")
+    return (top / F.lit(2.0**64)) < F.lit(float(share))
+
+
 def identity_roles(images: DataFrame, params: EvaluateConfig) -> DataFrame:
     """Per identity: calibration (gamma is chosen on it) or evaluation; some evaluation ones left out of the gallery.
 
-    Identities are ranked by a seeded hash (one row per identity in one window: identities, not images);
-    the first ``calibration_share`` are calibration, the next ``nonmated_identity_share`` of the rest
-    are the 1:N non-mated identities.
+    The calibration identities are :func:`calibration_identity`'s (score's split too); of the others,
+    the first ``nonmated_identity_share`` in seeded hash order are the 1:N non-mated identities.
     """
-    ids = images.where(F.col(IDENTITY).isNotNull()).select(IDENTITY).distinct()
-    n_ids = ids.count()
-    n_cal = int(round(params.calibration_share * n_ids))
-    n_nonmated = int(round(params.nonmated_identity_share * (n_ids - n_cal)))
-    rank = F.row_number().over(Window.orderBy(seeded_hash(params.seed, F.lit("split"), IDENTITY), IDENTITY))
-    return ids.withColumn("_rank", rank).select(
-        IDENTITY,
-        (F.col("_rank") <= n_cal).alias(CALIBRATION),
-        ((F.col("_rank") > n_cal) & (F.col("_rank") <= n_cal + n_nonmated)).alias(NONMATED),
-    )
+    ids = (images.where(F.col(IDENTITY).isNotNull()).select(IDENTITY).distinct()
+           .withColumn(CALIBRATION, calibration_identity(F.col(IDENTITY), params.calibration_share, params.seed)))
+    n_nonmated = int(round(params.nonmated_identity_share * ids.where(~F.col(CALIBRATION)).count()))
+    order = Window.partitionBy(CALIBRATION).orderBy(seeded_hash(params.seed, F.lit("split"), IDENTITY), IDENTITY)
+    rank = F.row_number().over(order)
+    return ids.select(IDENTITY, CALIBRATION, (~F.col(CALIBRATION) & (rank <= n_nonmated)).alias(NONMATED))
