@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Fill a folder with the jars ers-spark needs (Delta Lake and its dependencies), for clusters
-# without internet access. Run it once on a machine that reaches Maven Central, copy the folder
-# to the cluster, and set `spark.jars_dir: /that/folder` in the config.
+# Fill a folder with the jars ers-spark needs (Delta Lake and its dependencies; with `s3a` in the
+# config's spark.packages also Hadoop's S3A connector, the AWS SDK's S3 modules and ers-spark's
+# multi-writer Delta LogStore, built by deploy/build_logstore_jar.sh), for clusters without internet
+# access. Run it once on a machine that reaches Maven Central, copy the folder to the cluster, and set
+# `spark.jars_dir: /that/folder` in the config (or ERS_SPARK_JARS_DIR for deploy/ers-submit).
 #   usage: deploy/fetch_jars.sh /opt/ers-spark/jars [config.yaml]
 set -euo pipefail
 dest="${1:?usage: deploy/fetch_jars.sh DEST_DIR [config.yaml]}"
@@ -22,4 +24,10 @@ jars = sorted((ivy / "jars").glob("*.jar"))
 for jar in jars:
     shutil.copy2(jar, dest / jar.name)
 print(f"{len(jars)} jars copied to {dest}; set spark.jars_dir: {dest}")
+if any("hadoop-aws" in jar.name for jar in jars):
+    open(dest / ".needs-logstore", "w").close()
 PY
+if [ -e "$dest/.needs-logstore" ]; then
+  rm -f "$dest/.needs-logstore"
+  "$(dirname "$0")/build_logstore_jar.sh" "$dest"
+fi

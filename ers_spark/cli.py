@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from ers_spark.config import load_config
-from ers_spark.errors import ErsUserError, user_error_from_executor
+from ers_spark.errors import ErsUserError, storage_error_from_job, user_error_from_executor
 from ers_spark.pipeline import STAGES, run_pipeline, run_stage
 
 COMMANDS = STAGES + ("import-embeddings", "evaluate", "maintain", "run", "demo", "sql", "report")
@@ -110,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ErsUserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Exception as exc:  # a Spark job failed: an executor's ErsUserError is still a one-line error
-        user_error = user_error_from_executor(exc)
+    except Exception as exc:  # a Spark job failed: an executor's ErsUserError, a vanished file or store is one line
+        user_error = user_error_from_executor(exc) or storage_error_from_job(exc)
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)

@@ -59,6 +59,7 @@ class SparkConfig:
     checkpoint_dir: str
     log_level: str
     hive_metastore: bool
+    shared_filesystem: bool
     conf: dict[str, str]
 
     def validate(self, source: str) -> None:
@@ -355,20 +356,19 @@ class ReportConfig:
                 raise ConfigError(f"report.{key} must be >= 1, got {getattr(self, key)} (in {source})")
         if self.map_sample_rows < 3:
             raise ConfigError(f"report.map_sample_rows must be >= 3, got {self.map_sample_rows} (in {source})")
-        if self.path is not None and "://" in self.path and not self.path.startswith("file://"):
-            raise ConfigError(f"report.path must be a local file, got {self.path!r} (in {source})")
 
-    def output_path(self, storage: StorageConfig) -> Path:
-        """The HTML file: ``report.path``, or ``report.html`` under a local ``storage.root``."""
+    def output_path(self, storage: StorageConfig) -> str:
+        """The HTML file: ``report.path`` (a local path or a store URI), else ``report.html`` under ``storage.root``.
+
+        >>> cfg = load_config(overrides=["storage.root=s3a://bucket/lake"])
+        >>> cfg.report.output_path(cfg.storage)
+        's3a://bucket/lake/report.html'
+        """
         if self.path is not None:
-            return Path(os.path.expanduser(self.path.removeprefix("file://"))).resolve()
-        root = storage.local_root()
-        if root is None:
-            raise ConfigError(
-                f"report.path is required when storage.root is an object store ({storage.root}): "
-                "the report is written on the driver, e.g. report.path=./ers-report.html"
-            )
-        return root / "report.html"
+            if "://" in self.path and not self.path.startswith("file:"):
+                return self.path
+            return str(Path(os.path.expanduser(self.path.removeprefix("file://").removeprefix("file:"))).resolve())
+        return storage.table_path("report.html")
 
 
 @dataclass(frozen=True)
@@ -594,7 +594,7 @@ def pinned_packages(entries: list[str], source: str) -> list[str]:
             f"spark.packages: unknown package {unknown[0]!r} (in {source}); name one of {', '.join(PACKAGES)} "
             "(pinned in ers_spark/versions.py) or give a Maven coordinate group:artifact:version"
         )
-    return [e if ":" in e else PACKAGES[e] for e in entries]
+    return [c for e in entries for c in ([e] if ":" in e else PACKAGES[e].split(","))]
 
 
 def _unknown_key_message(key: str, known: list[str], source: str) -> str:

@@ -57,3 +57,37 @@ def user_error_from_executor(exc: BaseException) -> ErsUserError | None:
         return None
     name, message = matches[-1]
     return _ERROR_TYPES.get(name, ErsUserError)(f"{message.strip()} (raised on an executor)")
+
+
+class StorageError(ErsUserError):
+    """A file or the object store went away under a running job; the tables are as before it (exit 2)."""
+
+
+_VANISHED_FILE = re.compile(r"java\.io\.FileNotFoundException: ([^\n]+)")
+_STORE_DOWN = re.compile(
+    r"(Connection refused|Connect to \S+ failed[^\n]*|Unable to execute HTTP request[^\n]*|UnknownHostException[^\n]*)"
+)
+RERUN_ADVICE = "run the stage again (each stage MERGEs on image_id: a re-run adds what is missing and nothing twice)"
+
+
+def storage_error_from_job(exc: BaseException) -> StorageError | None:
+    """A Spark job that failed because a file vanished or the store stopped answering, as one line.
+
+    A failed job commits nothing (every output is one Delta commit), so the message says to re-run.
+
+    Example
+    -------
+    >>> err = storage_error_from_job(RuntimeError("...\\nCaused by: java.io.FileNotFoundException: No such file: s3a://b/x.parquet\\n"))
+    >>> str(err).split(";")[0]
+    'a file vanished while the job read it (No such file: s3a://b/x.parquet)'
+    >>> storage_error_from_job(RuntimeError("an unrelated failure")) is None
+    True
+    """
+    text = str(exc)
+    vanished = _VANISHED_FILE.search(text)
+    if vanished:
+        return StorageError(f"a file vanished while the job read it ({vanished.group(1).strip()[:300]}); {RERUN_ADVICE}")
+    down = _STORE_DOWN.search(text)
+    if down:
+        return StorageError(f"the storage did not answer ({down.group(1).strip()[:300]}); once it is back, {RERUN_ADVICE}")
+    return None

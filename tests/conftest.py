@@ -82,6 +82,7 @@ def spark(spark_root: Path, tmp_path_factory: pytest.TempPathFactory):
             "spark.shuffle_partitions=2",
             f"spark.checkpoint_dir={spark_root / 'checkpoints'}",
             "spark.driver_memory=2g",
+            "spark.packages=[delta, s3a]",  # S3A too: the multi-host tests read their object store from here
             *_extra_jars_override(),
         ]
     )

@@ -34,8 +34,10 @@ from standalone_cluster import REPO, SUBMIT_HANG_GUARD_S, StandaloneCluster, Sub
 
 pytestmark = [pytest.mark.spark, pytest.mark.cluster]
 
+# every process of this cluster runs on this one host and sees its one disk: local paths are shared
+ONE_DISK = "spark.shared_filesystem=true"
 DEMO_OVERRIDES = ("ingest.input_format=parquet", "ingest.path_column=path", "ingest.identity_column=identity",
-                  "locate_ui.kmeans_cells=4", "spark.shuffle_partitions=4", "spark.hive_metastore=false")
+                  "locate_ui.kmeans_cells=4", "spark.shuffle_partitions=4", "spark.hive_metastore=false", ONE_DISK)
 STAGES = ["ingest", "embed", "locate-ui", "score", "clean"]
 
 
@@ -184,21 +186,21 @@ def _fault_inputs(tmp: Path) -> FaultInputs:
 
 
 def _union_ingest_args(inputs: FaultInputs, folder: Path) -> list[str]:
-    return [f"storage.root={inputs.union_lake}", "spark.hive_metastore=false", "spark.shuffle_partitions=4",
+    return [f"storage.root={inputs.union_lake}", "spark.hive_metastore=false", ONE_DISK, "spark.shuffle_partitions=4",
             f"ingest.input_path={folder.parent}"]
 
 
 def _fault_steps(inputs: FaultInputs, second_done: Path) -> list[dict]:
     """Faults (b), (d), (a): ingest of the first folder (beside the other application's ingest of the
     second), a wait for that application to end, then the embed of the union during which worker 0 dies."""
-    lake = [f"storage.root={inputs.union_lake}", "spark.hive_metastore=false", "spark.shuffle_partitions=4"]
+    lake = [f"storage.root={inputs.union_lake}", "spark.hive_metastore=false", ONE_DISK, "spark.shuffle_partitions=4"]
     return [job_step("ingest", *_union_ingest_args(inputs, inputs.first)), {"wait_for": str(second_done)},
             job_step("embed", *lake, "spark.arrow_max_records_per_batch=32", conf=KILL_EMBED_CONF)]
 
 
 def _model_fault_steps(inputs: FaultInputs) -> list[dict]:
     """jobs/embed.py on a 40-crop lake: three broken models, embed.device=cuda (no CUDA provider here), auto."""
-    base = [f"storage.root={inputs.faults_lake}", "spark.hive_metastore=false", "spark.shuffle_partitions=2"]
+    base = [f"storage.root={inputs.faults_lake}", "spark.hive_metastore=false", ONE_DISK, "spark.shuffle_partitions=2"]
     ingest = job_step("ingest", *base, f"ingest.input_path={inputs.faces}")
     embeds = [[*base, f"embed.model={inputs.specs[case]}"] for case in BROKEN]
     embeds += [[*base, "embed.device=cuda"], [*base, "embed.device=auto"]]

@@ -83,6 +83,18 @@ def test_cluster_example_is_valid() -> None:
     assert cfg.storage.table_path("crops") == "s3a://my-bucket/ers/lake/crops"
 
 
+def test_object_store_example_puts_everything_in_the_store() -> None:
+    """Every path of the object-store example is one a remote cluster can use (no local path stops it)."""
+    from ers_spark.runtime.cluster_paths import require_shared_paths, stage_paths
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "conf" / "object-store.example.yaml")
+    assert cfg.storage.table_path("crops") == "s3a://my-bucket/ers/lake/crops"
+    assert cfg.report.output_path(cfg.storage) == "s3a://my-bucket/ers/lake/report.html"
+    assert cfg.spark.conf["spark.delta.logStore.s3a.impl"] == "io.ersspark.delta.S3ConditionalLogStore"
+    for stage in ("ingest", "embed", "evaluate"):
+        require_shared_paths(cfg, "spark://master:7077", stage_paths(cfg, stage))
+
+
 def test_cli_misspelled_key_exits_2_with_one_line() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ers_spark.cli", "ingest", "ingest.inptu_path=/tmp/x"],

@@ -145,7 +145,7 @@ def test_locate_score_clean_and_evaluate_run_without_images(spark, imported, vec
     unrecognizable = _table(spark, cfg, QUARANTINE).where("stage = 'clean' AND reason = 'unrecognizable'")
     assert unrecognizable.where("source_path IS NULL").count() == 0 and unrecognizable.count() > 0
     assert records["evaluate"]["counts"]["identities"] == N_IDS
-    page = cfg.report.output_path(cfg.storage).read_text()
+    page = Path(cfg.report.output_path(cfg.storage)).read_text()
     assert "no image (imported vector)" in page and "cannot decode" not in page
 
 

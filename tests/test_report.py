@@ -99,14 +99,15 @@ def test_page_is_self_contained_with_or_without_evaluation() -> None:
         assert ("no-evaluation" in page.ids) != with_evaluation
 
 
-def test_report_path_defaults_under_a_local_root_and_is_required_for_object_stores(tmp_path) -> None:
+def test_report_path_defaults_under_the_root_local_or_in_the_store(tmp_path) -> None:
     cfg = load_config(overrides=[f"storage.root={tmp_path}"])
-    assert cfg.report.output_path(cfg.storage) == tmp_path.resolve() / "report.html"
+    assert cfg.report.output_path(cfg.storage) == str(tmp_path.resolve() / "report.html")
     chosen = load_config(overrides=[f"report.path={tmp_path / 'r.html'}", "storage.root=s3a://bucket/lake"])
-    assert chosen.report.output_path(chosen.storage) == tmp_path.resolve() / "r.html"
+    assert chosen.report.output_path(chosen.storage) == str(tmp_path.resolve() / "r.html")
+    named = load_config(overrides=[f"report.path=file://{tmp_path / 'r.html'}", "storage.root=s3a://bucket/lake"])
+    assert named.report.output_path(named.storage) == str(tmp_path.resolve() / "r.html")
     remote = load_config(overrides=["storage.root=s3a://bucket/lake"])
-    with pytest.raises(ConfigError, match="report.path is required"):
-        remote.report.output_path(remote.storage)
+    assert remote.report.output_path(remote.storage) == "s3a://bucket/lake/report.html"
     with pytest.raises(ConfigError, match="report.thumbnail_px"):
         load_config(overrides=["report.thumbnail_px=0"])
 

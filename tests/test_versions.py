@@ -12,7 +12,7 @@ from packaging.requirements import Requirement
 
 from ers_spark.config import load_config, pinned_packages
 from ers_spark.errors import ConfigError
-from ers_spark.versions import DELTA_PACKAGE, GRAPHFRAMES_PACKAGE, PACKAGES
+from ers_spark.versions import AWS_SDK_S3_PACKAGES, DELTA_PACKAGE, GRAPHFRAMES_PACKAGE, HADOOP_AWS_PACKAGE, PACKAGES
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -74,6 +74,20 @@ def test_shipped_configs_name_the_pins_instead_of_writing_them(name: str) -> Non
     raw = yaml.safe_load(path.read_text())
     assert raw["spark"]["packages"] == ["delta"]
     assert load_config(path).spark.packages == [DELTA_PACKAGE]
+
+
+def test_object_store_example_names_the_s3a_pins() -> None:
+    path = REPO / "ers_spark" / "conf" / "object-store.example.yaml"
+    assert yaml.safe_load(path.read_text())["spark"]["packages"] == ["delta", "s3a"]
+    assert load_config(path).spark.packages == [DELTA_PACKAGE, HADOOP_AWS_PACKAGE, *AWS_SDK_S3_PACKAGES]
+
+
+def test_s3a_is_the_hadoop_pyspark_bundles() -> None:
+    """hadoop-aws must be the version of the Hadoop client jars inside pyspark (one Hadoop on the classpath)."""
+    import pyspark
+
+    bundled = {p.name for p in (Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar")}
+    assert bundled == {f"hadoop-client-api-{_version(HADOOP_AWS_PACKAGE)}.jar"}
 
 
 def test_pinned_packages_names_and_coordinates() -> None:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -81,14 +82,31 @@ def ship_model(spark: SparkSession, params: ModelFile) -> ModelFile:
     executor already holds; executors fetch it once into their own work directory.
     """
     name = f"{params.spec.name}-{params.model_sha256[:16]}{Path(params.model_path).suffix or '.onnx'}"
-    staged = Path(params.model_path).parent / "shipped" / name
+    beside_model = Path(params.model_path).parent / "shipped"
+    try:
+        staged = stage_copy(params.model_path, beside_model / name)
+    except OSError as exc:  # a read-only model mount (a Kubernetes volume): stage in the driver's temp folder
+        fallback = Path(tempfile.gettempdir()) / "ers-spark-shipped" / name
+        log.info("embed: %s is not writable (%s); staging the model copy at %s", beside_model, exc.strerror, fallback)
+        try:
+            staged = stage_copy(params.model_path, fallback)
+        except OSError as again:
+            raise ModelError(
+                f"cannot stage the model for shipping: neither {beside_model} nor {fallback.parent} is writable "
+                f"({again.strerror}); set TMPDIR to a writable folder on the driver"
+            ) from None
+    spark.sparkContext.addFile(str(staged))
+    return replace(params, shipped_name=name)
+
+
+def stage_copy(source: str, staged: Path) -> Path:
+    """Copy ``source`` to ``staged`` once (atomically: a concurrent job never ships half a file)."""
     if not staged.is_file():
         staged.parent.mkdir(parents=True, exist_ok=True)
         tmp = staged.with_suffix(f".{os.getpid()}.tmp")
-        shutil.copyfile(params.model_path, tmp)
+        shutil.copyfile(source, tmp)
         os.replace(tmp, staged)
-    spark.sparkContext.addFile(str(staged))
-    return replace(params, shipped_name=name)
+    return staged
 
 
 def local_model_path(params: ModelFile) -> str:

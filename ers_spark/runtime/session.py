@@ -14,9 +14,10 @@ from pyspark.sql import SparkSession
 
 from ers_spark.config import ErsConfig
 from ers_spark.errors import ErsUserError
+from ers_spark.runtime.cluster_paths import require_shared_paths, stage_paths
 from ers_spark.runtime.logs import QUIET_LOG4J, add_java_option, hidden_ivy_output, is_verbose, quiet_java_option
 from ers_spark.runtime.shipping import ship_code
-from ers_spark.versions import DELTA_PACKAGE
+from ers_spark.versions import DELTA_PACKAGE, EXCLUDED_PACKAGES
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
@@ -73,6 +74,7 @@ def _launch_settings(cfg: ErsConfig) -> dict[str, str]:
         settings["spark.jars"] = ",".join(jars)
     elif spark.packages:
         settings["spark.jars.packages"] = ",".join(spark.packages)
+        settings["spark.jars.excludes"] = ",".join(EXCLUDED_PACKAGES)
     return settings
 
 
@@ -115,16 +117,45 @@ def require_delta(jvm: Any, cfg: ErsConfig) -> None:
     )
 
 
+def planned_master(cfg: ErsConfig) -> str | None:
+    """The master the session will get, known before it starts: spark-submit's (its JVM already holds
+    ``spark.master``), else the config's."""
+    if running_under_spark_submit():
+        from pyspark import SparkConf
+
+        SparkContext._ensure_initialized()
+        return SparkConf().get("spark.master", None)
+    return cfg.spark.master
+
+
+def require_log_stores(jvm: Any, cfg: ErsConfig) -> None:
+    """Fail in one line when a Delta LogStore the config names (``spark.delta.logStore.<scheme>.impl``)
+    is not on the classpath; Delta would otherwise fail at the first commit, after the stage's work."""
+    from py4j.java_gateway import JavaClass
+
+    for key, name in cfg.spark.conf.items():
+        if key.startswith("spark.delta.logStore.") and key.endswith(".impl"):
+            found = jvm
+            for part in name.split("."):
+                found = getattr(found, part)
+            if not isinstance(found, JavaClass):
+                raise ErsUserError(
+                    f"{key}={name} is not on the classpath: fill a jars folder with deploy/fetch_jars.sh (it builds "
+                    "ers-spark's LogStore jar) and use it as spark.jars_dir or ERS_SPARK_JARS_DIR"
+                )
+
+
 def build_session(cfg: ErsConfig, stage: str) -> SparkSession:
     """Build (or reuse) the SparkSession for ``stage`` from the validated config.
 
     When a session already runs in this process (tests, the whole-pipeline job),
     it is reused and only its app-independent runtime settings are refreshed.
     """
+    active = SparkSession.getActiveSession()
+    require_shared_paths(cfg, active.sparkContext.master if active else planned_master(cfg), stage_paths(cfg, stage))
     local_root = cfg.storage.local_root()
     if local_root is not None:
         local_root.mkdir(parents=True, exist_ok=True)
-    active = SparkSession.getActiveSession()
     if active is not None:
         spark = active
     else:
@@ -139,6 +170,7 @@ def build_session(cfg: ErsConfig, stage: str) -> SparkSession:
             spark = builder.getOrCreate()
         spark.sparkContext.setLogLevel(cfg.spark.log_level)
         require_delta(spark._jvm, cfg)
+        require_log_stores(spark._jvm, cfg)
         ship_code(spark.sparkContext)
     spark.sparkContext.setJobGroup(stage, f"ers-spark {stage}")
     checkpoint_dir = os.path.expanduser(cfg.spark.checkpoint_dir)

@@ -60,6 +60,8 @@ from ers_spark.lake.contracts import (
     UI_CENTROIDS,
     UIC_ID,
 )
+from ers_spark.runtime.cluster_paths import require_shared_paths
+from ers_spark.runtime.driver_files import checked_report_path
 from ers_spark.lake.tables import StageRun, append, image_labels, latest_model, of_model, read_table, table_version
 from ers_spark.stages.score import select_centroid
 
@@ -329,7 +331,8 @@ def write_results(
 def run_evaluate(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the evaluate stage; counts say how many comparisons each protocol rests on."""
     p = cfg.evaluate
-    report_path = cfg.report.output_path(cfg.storage) if p.write_report else None  # a bad report.path fails first
+    require_shared_paths(cfg, spark.sparkContext.master, {"evaluate.pairs_path": p.pairs_path})
+    report_path = checked_report_path(spark, cfg) if p.write_report else None  # a bad report.path fails first
     images, context = load_images(spark, cfg)
     roles = identity_roles(images, p).persist()  # one single-partition window over identities, computed once
     images = images.join(roles, IDENTITY, "left").persist()

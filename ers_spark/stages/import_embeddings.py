@@ -37,6 +37,7 @@ from ers_spark.lake.contracts import (
     MODEL_NAME, MODEL_VERSION, QUARANTINE, RAW_NORM, REASON, REASON_CHANGED_VECTOR, REASON_DUPLICATE_ID,
     REASON_EMPTY_VECTOR, REASON_NON_FINITE, REASON_NULL_ID, REASON_WRONG_DIMENSION, REASON_ZERO_VECTOR, SOURCE_PATH,
 )
+from ers_spark.runtime.cluster_paths import require_shared_paths
 from ers_spark.lake.tables import (
     StageRun, ensure_table, merge_insert_new, merge_sync, of_model, quarantine_rows, read_table, table_exists,
     table_version,
@@ -239,6 +240,7 @@ def run_import_embeddings(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the import; counts: read = written + already_present + duplicate_rows + quarantined."""
     params = cfg.import_embeddings
     params.require(cfg.source)
+    require_shared_paths(cfg, spark.sparkContext.master, {"import_embeddings.input_path": params.input_path})
     rows = read_input(spark, params)
     run = StageRun(STAGE_NAME, params={**asdict(params), "model_version": params.model[1]})
     run.input_versions = {c.name: table_version(spark, cfg, c) for c in (EMBEDDINGS, IMPORTED_SOURCES)}

@@ -45,6 +45,7 @@ from ers_spark.lake.contracts import (
     WIDTH,
     check_columns,
 )
+from ers_spark.runtime.cluster_paths import require_shared_paths
 from ers_spark.lake.tables import (
     StageRun,
     conform,
@@ -344,6 +345,7 @@ def run_ingest(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Run the ingest stage; its counts add up: read = written + already_present + quarantined."""
     params = cfg.ingest
     params.require_input(cfg.source)
+    require_shared_paths(cfg, spark.sparkContext.master, {"ingest.input_path": params.input_path})
     run = StageRun(STAGE_NAME, params={**asdict(params), "extensions": params.suffixes})
     plan = plan_ingest(spark, cfg)
     written = insert_crops(spark, cfg, plan)

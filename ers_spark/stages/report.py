@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from functools import reduce
-from pathlib import Path
 
 import numpy as np
 from pyspark.sql import DataFrame, SparkSession, Window
@@ -38,6 +37,8 @@ from ers_spark.report.content import (
     Evaluation, Histogram, MapSample, Metric, QuarantineCount, ReportContent, RunSummary, Scoring,
 )
 from ers_spark.report.render import render_html
+from ers_spark.runtime.cluster_paths import executors_on_other_hosts, is_local_path
+from ers_spark.runtime.driver_files import checked_report_path, write_whole_text
 
 STAGE_NAME = "report"
 log = logging.getLogger(__name__)
@@ -320,22 +321,14 @@ def gather_report(spark: SparkSession, cfg: ErsConfig) -> ReportContent:
     )
 
 
-def write_page(path: Path, html: str) -> None:
-    """Write the page whole or not at all (a browser never opens half a report)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(html, encoding="utf-8")
-    partial.replace(path)
-
-
 def run_report(spark: SparkSession, cfg: ErsConfig) -> dict:
     """Write the HTML report; print one JSON line (path, table versions read, what the page shows)."""
     started = time.perf_counter()
-    path = cfg.report.output_path(cfg.storage)
+    path = checked_report_path(spark, cfg)  # a path the cluster cannot use fails before any table is read
     content = gather_report(spark, cfg)
     params = cfg.report
     html = render_html(content, thumbnail_px=params.thumbnail_px, thumbnails_per_band=params.thumbnails_per_band)
-    write_page(path, html)
+    path = write_whole_text(spark, path, html)  # whole or not at all: a browser never opens half a report
     evaluation = content.evaluation
     record = {
         "stage": STAGE_NAME,
@@ -352,5 +345,6 @@ def run_report(spark: SparkSession, cfg: ErsConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 3),
     }
     print(json.dumps(record, sort_keys=True, default=str), flush=True)
-    log.info("report: wrote %s (%.0f KiB)", path, record["counts"]["bytes"] / 1024)
+    where = "on the driver host" if is_local_path(path) and executors_on_other_hosts(spark.sparkContext.master) else ""
+    log.info("report: wrote %s %s(%.0f KiB)", path, where and where + " ", record["counts"]["bytes"] / 1024)
     return record
