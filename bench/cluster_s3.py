@@ -32,22 +32,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from lake_compare import lakes_equal  # noqa: E402
 from multi_host import REPO, MultiHostCluster, missing_requirements  # noqa: E402
 from test_multi_host import _config, _jars_dir, _model_dir, _store_conf, _submit_args, _submit_env, _upload  # noqa: E402
 
 ORL = ROOT.parent / "shared" / "data" / "orl_faces"
 JOBS = ("run", "evaluate", "report", "maintain")
-EXACT = {"crops": ["image_id", "source_path", "identity", "width", "height", "format"],
-         "scores": ["image_id", "recognizable"], "cleaned": ["image_id", "identity"],
-         "quarantine": ["image_id", "stage", "reason"], "ui_members": ["image_id"]}
-CLOSE = {"embeddings": "embedding", "scores": "ers"}
 
 
 def orl_parquet(folder: Path) -> Path:
@@ -95,8 +91,6 @@ def run_multi_host(cluster: MultiHostCluster, config: Path, jars: Path) -> tuple
 
 def compare(cluster: MultiHostCluster, remote_root: str, local_root: Path, jars: Path) -> dict[str, bool]:
     """Read both lakes in one session and compare them table by table."""
-    from chispa import assert_df_equality
-
     from ers_spark.config import load_config
     from ers_spark.runtime.session import build_session
 
@@ -104,20 +98,7 @@ def compare(cluster: MultiHostCluster, remote_root: str, local_root: Path, jars:
                                  f"storage.root={local_root.parent / 'compare'}"])
     spark = build_session(cfg, "bench-compare")
     _store_conf(spark, cluster)
-    read = lambda root, table: spark.read.format("delta").load(f"{str(root).rstrip('/')}/{table}")  # noqa: E731
-    equal = {}
-    for table, columns in EXACT.items():
-        try:
-            assert_df_equality(read(remote_root, table).select(*columns).orderBy(*columns),
-                               read(local_root, table).select(*columns).orderBy(*columns), ignore_nullable=True)
-            equal[table] = True
-        except AssertionError:
-            equal[table] = False
-    for table, column in CLOSE.items():
-        a = read(remote_root, table).select("image_id", column).toPandas().sort_values("image_id")
-        b = read(local_root, table).select("image_id", column).toPandas().sort_values("image_id")
-        same = list(a.image_id) == list(b.image_id) and np.allclose(np.stack(a[column]), np.stack(b[column]), atol=1e-5)
-        equal[f"{table}.{column}"] = bool(same)
+    equal = lakes_equal(spark, remote_root, local_root)
     spark.stop()
     return equal
 

@@ -24,7 +24,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import pyspark
 
 from ers_spark.versions import VERSITYGW_MODULE
+from standalone_cluster import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
@@ -211,7 +211,7 @@ class MultiHostCluster:
             self.procs["store"] = subprocess.Popen(
                 [str(VERSITYGW), "-a", ACCESS_KEY, "-s", SECRET_KEY, "-p", f"{self.address(1)}:{STORE_PORT}",
                  "posix", str(data)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait("the object store", lambda: _answers(self.store_endpoint))
+        wait_until("multi-host cluster: the object store", lambda: _answers(self.store_endpoint), START_GUARD_S)
 
     def _start_spark(self) -> None:
         master = self.hosts["master"]
@@ -219,10 +219,10 @@ class MultiHostCluster:
             [str(SPARK_HOME / "bin" / "spark-class"), "org.apache.spark.deploy.master.Master", "--host",
              master.address, "--port", str(MASTER_PORT), "--webui-port", str(MASTER_UI_PORT)],
             self.root / "logs" / "master.out")
-        _wait("the master", lambda: self.master_state() is not None)
+        wait_until("multi-host cluster: the master", lambda: self.master_state() is not None, START_GUARD_S)
         for name in ("worker1", "worker2"):
             self.start_worker(name)
-        _wait("two workers", lambda: self.alive_workers() == 2)
+        wait_until("multi-host cluster: two workers", lambda: self.alive_workers() == 2, START_GUARD_S)
 
     def start_worker(self, name: str) -> None:
         worker = self.hosts[name]
@@ -330,12 +330,3 @@ def _answers(url: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def _wait(what: str, check, timeout: float = START_GUARD_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"multi-host cluster: {what} not ready after {timeout:.0f} s")

@@ -2,13 +2,14 @@
 
 One cluster for the whole module. What it proves: every ``jobs/*.py`` works under spark-submit
 as README documents it (``deploy/ers-submit``); executors import ``ers_spark`` from the shipped zip
-and read the model from their own copy; a cluster run equals a ``local[2]`` run; and the faults of
-README's reliability table: a worker killed mid-embed, corrupt files, two concurrent ingests,
-broken models, CUDA asked for and missing.
+and read the model from their own copy; a cluster run equals a ``local[2]`` run; re-runs change
+nothing; and the model faults of README's reliability table: broken models, CUDA asked for and missing
+(each task given one of the workers' fake GPUs).
 
-Each spark-submit costs a driver JVM and an executor JVM per worker, so the module runs two
-applications in all: one batch (``tests/job_batch.py``) holds every job run and the faults that a
-shared application allows; the second concurrent ingest is the other application.
+Each spark-submit costs a driver JVM and an executor JVM per worker, so the module runs one
+application (``tests/job_batch.py``) that holds every job run. The faults that need hosts of their
+own (a worker host killed mid-embed, two drivers writing one table, the object store stopping, an
+input file vanishing) run on hosts that share no disk, in tests/test_multi_host.py.
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ import json
 import shutil
 import subprocess
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from chispa import assert_df_equality
 from PIL import Image
 
-from ers_spark.lake.contracts import CLEANED, CROPS, EMBEDDINGS, QUARANTINE, SCORES, UI_MEMBERS
-from standalone_cluster import REPO, SUBMIT_HANG_GUARD_S, StandaloneCluster, SubmitResult, job_step
+from ers_spark.lake.contracts import QUARANTINE
+from lake_compare import assert_lakes_equal
+from standalone_cluster import REPO, StandaloneCluster, SubmitResult, job_step
 
 pytestmark = [pytest.mark.spark, pytest.mark.cluster]
 
@@ -100,16 +99,6 @@ def _quarantined(spark, root: Path, stage: str) -> int:
     return _read(spark, root, QUARANTINE.name).where(f"stage = '{stage}'").count()
 
 
-def _corrupt_files(folder: Path, count: int) -> list[str]:
-    garbage = [b"", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"<html>not an image</html>", b"GIF89a"]
-    paths = []
-    for k in range(count):
-        path = folder / f"corrupt{k:04d}.{('png', 'png', 'jpg', 'gif')[k % 4]}"
-        path.write_bytes(garbage[k % 4])
-        paths.append(str(path))
-    return paths
-
-
 def _noise_png(seed: int, size: int = 48) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
@@ -154,48 +143,22 @@ COUNTED = ("crops", "embeddings", "scores", "cleaned")
 BROKEN = {"corrupt_file": "cannot load ONNX model", "wrong_input_shape": "has shape", "wrong_output_dim": "-D embeddings"}
 FAULT_CASES = [*BROKEN, "cuda", "auto"]
 # every task gets one of the workers' (fake) GPUs; a failing task is tried twice, not four times; one core per
-# executor and two executors, one on each worker (spread out), so killing worker 0 leaves the batch worker 1
+# executor and two executors, one on each worker (spread out), so both workers run the batch's tasks
 BATCH_CONF = {"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1",
               "spark.task.maxFailures": "2", "spark.executor.cores": "1", "spark.cores.max": "2"}
-# the killed embed reads the crops in many small tasks, so both executors embed
-KILL_EMBED_CONF = {"spark.sql.files.maxPartitionBytes": "128k"}
-
-UNION = 400  # images in the two ingest folders together; 100 of them in both
-CORRUPT = UNION * 5 // 95  # 5% of all files
 
 
 @dataclass
 class FaultInputs:
-    """Inputs of the fault runs: two overlapping folders with corrupt files, 40 faces and broken model specs."""
+    """Inputs of the model fault runs: 40 faces and broken model specs."""
 
-    first: Path
-    second: Path
-    corrupt: list[str]
-    union_lake: Path
     faces: Path
     faults_lake: Path
     specs: dict[str, Path]
 
 
 def _fault_inputs(tmp: Path) -> FaultInputs:
-    first = _image_folder(tmp / "a" / "person", range(0, 250))
-    second = _image_folder(tmp / "b" / "person", range(150, UNION))
-    corrupt = _corrupt_files(first, CORRUPT // 2) + _corrupt_files(second, CORRUPT - CORRUPT // 2)
-    return FaultInputs(first, second, corrupt, tmp / "union_lake", _image_folder(tmp / "faces", range(40)),
-                       tmp / "faults_lake", _broken_models(tmp))
-
-
-def _union_ingest_args(inputs: FaultInputs, folder: Path) -> list[str]:
-    return [f"storage.root={inputs.union_lake}", "spark.hive_metastore=false", ONE_DISK, "spark.shuffle_partitions=4",
-            f"ingest.input_path={folder.parent}"]
-
-
-def _fault_steps(inputs: FaultInputs, second_done: Path) -> list[dict]:
-    """Faults (b), (d), (a): ingest of the first folder (beside the other application's ingest of the
-    second), a wait for that application to end, then the embed of the union during which worker 0 dies."""
-    lake = [f"storage.root={inputs.union_lake}", "spark.hive_metastore=false", ONE_DISK, "spark.shuffle_partitions=4"]
-    return [job_step("ingest", *_union_ingest_args(inputs, inputs.first)), {"wait_for": str(second_done)},
-            job_step("embed", *lake, "spark.arrow_max_records_per_batch=32", conf=KILL_EMBED_CONF)]
+    return FaultInputs(_image_folder(tmp / "faces", range(40)), tmp / "faults_lake", _broken_models(tmp))
 
 
 def _model_fault_steps(inputs: FaultInputs) -> list[dict]:
@@ -215,94 +178,32 @@ def _cluster_steps(root: Path, demo_input: Path) -> list[dict]:
             probe]
 
 
-class WorkerKiller:
-    """Kills worker 0 once, while the batch's embed step runs and one of worker 0's Python workers has the model loaded.
-
-    Armed when the other ingest has ended (the batch's next step is that embed); disarmed when the
-    batch reports the embed step done.
-    """
-
-    def __init__(self, cluster, batch, embed_step: int) -> None:
-        self.cluster, self.batch, self.embed_step = cluster, batch, embed_step
-        self.armed, self.killed_pid = threading.Event(), None
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-
-    def _watch(self) -> None:
-        self.armed.wait(timeout=SUBMIT_HANG_GUARD_S)
-        while self.batch.proc.poll() is None and self.batch.batch_lines() <= self.embed_step:
-            if self.cluster.python_workers_with_model_runtime(0):
-                self.killed_pid = self.cluster.kill_worker(0)
-                return
-            time.sleep(0.05)
-
-
-def _second_ingest(cluster, inputs: FaultInputs, killer: WorkerKiller, done: Path) -> SubmitResult:
-    """The other application's ingest (one core), started beside the batch; its end arms the worker killer."""
-    other = cluster.launch("ingest", *_union_ingest_args(inputs, inputs.second), conf={"spark.cores.max": "1"})
-    try:
-        result, _ = other.wait()
-    finally:
-        killer.armed.set()
-        done.write_text("done")
-    return result
-
-
 @pytest.fixture(scope="module")
 def cluster_jobs(spark, cluster, demo_lake, tmp_path_factory) -> dict:
-    """Two applications on the cluster at once. One spark-submit (``tests/job_batch.py``: one driver,
-    two executors) runs, in order: the first of two concurrent ingests, the embed during which worker 0
-    is killed, every stage script on the demo input (the cluster run), run/demo/maintain again on that
-    lake, and the model faults. The other application is the second concurrent ingest."""
+    """One spark-submit (``tests/job_batch.py``: one driver, two executors) runs, in order: every stage
+    script on the demo input (the cluster run), run/demo/maintain again on that lake, and the model faults."""
     tmp = tmp_path_factory.mktemp("cluster_jobs")
-    inputs, root, second_done = _fault_inputs(tmp / "faults"), tmp / "cluster_lake", tmp / "second_ingest.done"
-    fault_steps = _fault_steps(inputs, second_done)
-    steps = [*fault_steps, *_cluster_steps(root, Path(demo_lake[0].ingest.input_path)), *_model_fault_steps(inputs)]
+    inputs, root = _fault_inputs(tmp / "faults"), tmp / "cluster_lake"
+    steps = [*_cluster_steps(root, Path(demo_lake[0].ingest.input_path)), *_model_fault_steps(inputs)]
     batch = cluster.start_batch(steps, conf=BATCH_CONF, env={"HOME": str(tmp_path_factory.mktemp("home"))})
-    killer = WorkerKiller(cluster, batch, embed_step=len(fault_steps) - 1)
-    try:
-        second = _second_ingest(cluster, inputs, killer, second_done)
-        result, runs = batch.wait()
-    finally:
-        killer.armed.set()
-        second_done.write_text("done")
-        cluster.ensure_workers()
-    assert second.returncode == 0, second.failure()
+    result, runs = batch.wait()
     assert len(runs) == len(steps), result.failure()
-    return _named_runs(runs, inputs, root, second, result, killer.killed_pid)
+    return _named_runs(runs, inputs, root, result)
 
 
-def _named_runs(runs: list[dict], inputs: FaultInputs, root: Path, second: SubmitResult, batch: SubmitResult,
-                killed_pid: int | None) -> dict:
-    first_ingest, _, killed_embed = runs[:3]
-    stage_runs = runs[3:3 + len(STAGE_SCRIPTS)]
-    before, *reruns, after = runs[3 + len(STAGE_SCRIPTS):3 + len(STAGE_SCRIPTS) + len(RERUN_SCRIPTS) + 2]
+def _named_runs(runs: list[dict], inputs: FaultInputs, root: Path, batch: SubmitResult) -> dict:
+    stage_runs = runs[:len(STAGE_SCRIPTS)]
+    before, *reruns, after = runs[len(STAGE_SCRIPTS):len(STAGE_SCRIPTS) + len(RERUN_SCRIPTS) + 2]
     faults = runs[-len(FAULT_CASES):]
     return {"cluster_root": root, "records": [r for run in stage_runs for r in run["records"]],
             "jobs": dict(zip(JOB_SCRIPTS, [*stage_runs, *reruns])), "before": before["counts"], "after": after["counts"],
-            "faults": dict(zip(FAULT_CASES, faults)), "faults_lake": inputs.faults_lake,
-            "union": {"root": inputs.union_lake, "corrupt": inputs.corrupt, "first": first_ingest,
-                      "records": [*first_ingest["records"], *second.json_lines()],
-                      "stderr": [second.stderr]},
-            "killed_embed": killed_embed, "killed_pid": killed_pid, "batch": batch}
+            "faults": dict(zip(FAULT_CASES, faults)), "faults_lake": inputs.faults_lake, "batch": batch}
 
 
 def test_cluster_run_equals_local_run(spark, demo_lake, cluster_jobs) -> None:
     """The stage scripts on the cluster leave the same tables as the pipeline in local[2] (the test session's)."""
-    local_root = Path(demo_lake[0].storage.root)
-    cluster_root, records = cluster_jobs["cluster_root"], cluster_jobs["records"]
-    assert [r["stage"] for r in records] == STAGES
-    for table, columns in ((CROPS, ["image_id", "source_path", "identity", "width", "height", "format"]),
-                           (SCORES, ["image_id", "recognizable"]), (CLEANED, ["image_id", "identity"]),
-                           (QUARANTINE, ["image_id", "stage", "reason"]), (UI_MEMBERS, ["image_id"])):
-        local = _read(spark, local_root, table.name).select(*columns).orderBy(*columns)
-        remote = _read(spark, cluster_root, table.name).select(*columns).orderBy(*columns)
-        assert_df_equality(remote, local, ignore_nullable=True)
-    for table, column in ((EMBEDDINGS, "embedding"), (SCORES, "ers")):
-        local = _read(spark, local_root, table.name).select("image_id", column).toPandas().sort_values("image_id")
-        remote = _read(spark, cluster_root, table.name).select("image_id", column).toPandas().sort_values("image_id")
-        assert list(local.image_id) == list(remote.image_id)
-        np.testing.assert_allclose(np.stack(remote[column]), np.stack(local[column]), atol=1e-5)
+    assert [r["stage"] for r in cluster_jobs["records"]] == STAGES
+    assert_lakes_equal(spark, cluster_jobs["cluster_root"], demo_lake[0].storage.root)
 
 
 def test_executors_use_shipped_code_and_their_own_model_copy(cluster, cluster_jobs) -> None:
@@ -360,47 +261,3 @@ def test_auto_device_reports_the_fallback_per_task(cluster_jobs) -> None:
     devices = record["runtime"]["tasks_by_device"]
     assert devices and all(d.startswith("cpu CPUExecutionProvider (gpu ") for d in devices), devices
     assert record["counts"]["written"] == 40
-
-
-def test_concurrent_ingests_end_as_the_union(spark, cluster_jobs) -> None:
-    """Fault (b): two applications ingest overlapping folders at once (100 images in both: same bytes and
-    identity, other paths): crops = the union, no duplicates; every file of each job is accounted for."""
-    union = cluster_jobs["union"]
-    assert union["first"]["exit"] == 0, union["first"]
-    root, records = union["root"], union["records"]
-    crops = _read(spark, root, CROPS.name)
-    assert crops.count() == crops.select("image_id").distinct().count() == UNION
-    assert sum(r["counts"]["written"] for r in records) == UNION
-    # every file of both folders was read; the shared ones were written once and found present once
-    assert sum(r["counts"]["read"] for r in records) == 500 + CORRUPT
-    assert sum(r["counts"]["already_present"] for r in records) == 100
-    assert all(r["counts"]["identity_conflicts"] == 0 for r in records)
-    # a conflict, when the two commits met, was retried rather than fatal
-    retried = sum(err.count("concurrent write") for err in [*union["stderr"], cluster_jobs["batch"].stderr])
-    print(f"concurrent ingests: {UNION} crops from 250 + 250 files; write-conflict retries {retried}")
-
-
-def test_corrupt_files_are_quarantined_with_their_reason(spark, cluster_jobs) -> None:
-    """Fault (d): exactly the corrupt files (5%) are in quarantine, each with its reason and detail."""
-    union = cluster_jobs["union"]
-    root, corrupt = union["root"], union["corrupt"]
-    assert sum(r["counts"]["quarantined"] for r in union["records"]) == len(corrupt) == CORRUPT
-    quarantined = _read(spark, root, QUARANTINE.name).toPandas()
-    assert sorted(quarantined.source_path.str.replace("file:", "")) == sorted(corrupt)
-    assert set(quarantined.reason) == {"undecodable", "empty_file"} and quarantined.detail.notna().all()
-
-
-def test_worker_killed_during_embed(spark, cluster_jobs) -> None:
-    """Fault (a): one worker is SIGKILLed while embed runs on the ingested lake; the job finishes on
-    the other with exactly one embedding per crop and nothing quarantined."""
-    run, root = cluster_jobs["killed_embed"], cluster_jobs["union"]["root"]
-    assert run["exit"] == 0, run
-    assert cluster_jobs["killed_pid"], "worker 0 never received the model: the kill did not happen during embed"
-    (record,) = run["records"]
-    assert record["counts"]["written"] == UNION and record["counts"]["quarantined"] == 0
-    embeddings = _read(spark, root, EMBEDDINGS.name)
-    assert embeddings.count() == embeddings.select("image_id").distinct().count() == UNION
-    assert "lost" in cluster_jobs["batch"].stderr.lower()  # the driver saw the executor go
-    assert _quarantined(spark, root, "embed") == 0
-    print(f"worker kill: {UNION} crops embedded once each after killing pid {cluster_jobs['killed_pid']}; "
-          f"tasks by device {record['runtime']['tasks_by_device']}")

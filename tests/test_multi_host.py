@@ -20,14 +20,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from chispa import assert_df_equality
 
 from conftest import DEMO_INPUT
-from ers_spark.lake.contracts import CLEANED, CROPS, EMBEDDINGS, QUARANTINE, SCORES, UI_MEMBERS
 from ers_spark.versions import PACKAGES
+from lake_compare import assert_lakes_equal
 from multi_host import REPO, MultiHostCluster, missing_requirements
 
 pytestmark = [pytest.mark.multihost, pytest.mark.spark]
@@ -122,19 +120,41 @@ def _batch(stdout: str) -> list[dict]:
     return [json.loads(line[len("BATCH "):]) for line in stdout.splitlines() if line.startswith("BATCH ")]
 
 
+RACE_CORRUPT = [b"", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"<html>not an image</html>", b"GIF89a"]
+
+
+def _pairs_file(spark, local_input: Path, folder: Path, bucket_root: str) -> str:
+    """The demo input has one labelled person: evaluate gets its pairs from a file in the store instead
+    (astronaut crops with each other, and with 40 other faces), named by source path."""
+    import pandas as pd
+
+    paths = pd.read_parquet(local_input, columns=["path"]).path
+    same = sorted(p for p in paths if p.startswith("demo/astronaut/"))
+    others = sorted(p for p in paths if p.startswith("demo/lfw_faces/"))[:40]
+    rows = [(a, b, 1) for i, a in enumerate(same) for b in same[i + 1:]] + [(a, b, 0) for a in same for b in others]
+    local = folder / "pairs.csv"
+    pd.DataFrame(rows, columns=["left", "right", "label"]).to_csv(local, index=False)
+    _upload(spark, local, f"{bucket_root}/pairs/pairs.csv")
+    return f"{bucket_root}/pairs/pairs.csv"
+
+
 def _race_inputs(spark, local_input: Path, folder: Path, bucket_root: str) -> tuple[str, str, int]:
-    """Two overlapping thirds-and-more of the demo input (same bytes where they overlap), in the store."""
+    """Two overlapping parts of the demo input (same bytes where they overlap) and, in each, two corrupt
+    rows (empty, truncated PNG, HTML, a bare GIF header), in the store."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = pq.read_table(local_input)  # sliced as Arrow: each part keeps the input's column types
     third = len(rows) // 3
     uris = []
-    for name, part in (("a", rows.slice(0, 2 * third)), ("b", rows.slice(third))):
+    for k, (name, part) in enumerate((("a", rows.slice(0, 2 * third)), ("b", rows.slice(third)))):
+        corrupt = pa.table({"path": [f"corrupt/{name}{i}.png" for i in range(2)], "identity": [None, None],
+                            "bytes": RACE_CORRUPT[2 * k:2 * k + 2]}, schema=rows.schema)
         local = folder / f"race_{name}.parquet"
-        pq.write_table(part, local)
+        pq.write_table(pa.concat_tables([part, corrupt]), local)
         uris.append(f"{bucket_root}/race-input/{local.name}")
         _upload(spark, local, uris[-1])
-    return uris[0], uris[1], len(rows)
+    return uris[0], uris[1], len(rows) + len(RACE_CORRUPT)
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +168,10 @@ def store_run(spark, demo_lake, multi_host, tmp_path_factory):
     _upload(spark, Path(local_cfg.ingest.input_path), f"{bucket_root}/input/{DEMO_INPUT}")
     race_a, race_b, race_rows = _race_inputs(spark, Path(local_cfg.ingest.input_path),
                                              tmp_path_factory.mktemp("race"), bucket_root)
+    pairs = _pairs_file(spark, Path(local_cfg.ingest.input_path), tmp_path_factory.mktemp("pairs"), bucket_root)
     config = cluster.shared / "store.yaml"
-    config.write_text(yaml.safe_dump(_config(cluster, bucket_root)))
+    config.write_text(yaml.safe_dump(_config(cluster, bucket_root) | {"evaluate": {"pairs_path": pairs}}))
+    other_done = cluster.shared / "driver2.done"  # the driver host sees /var/tmp: the batch waits for it
     fault_c_input = _fault_c_inputs(spark, Path(local_cfg.ingest.input_path), tmp_path_factory.mktemp("fault_c"),
                                     bucket_root)
     race_root = f"{bucket_root}/race/lake"
@@ -157,6 +179,7 @@ def store_run(spark, demo_lake, multi_host, tmp_path_factory):
     job = lambda name: str(REPO / "jobs" / f"{name}.py")  # noqa: E731
     steps = [{"script": job("ingest"), "args": [*race, f"ingest.input_path={race_a}"]},
              {"script": str(REPO / "tests" / "logstore_probe.py"), "args": [f"{bucket_root}/probe/table"]},
+             {"wait_for": str(other_done)},  # the other driver's ingest has ended: the race lake is whole
              # fault (a): worker1's host dies during this embed (small partitions: many tasks on both hosts)
              {"script": job("embed"), "args": [*race, "spark.arrow_max_records_per_batch=16"],
               "conf": {"spark.sql.files.maxPartitionBytes": "64k"}},
@@ -173,6 +196,7 @@ def store_run(spark, demo_lake, multi_host, tmp_path_factory):
     killer, faults = HostKiller(cluster, "worker1"), StoreFaults(cluster, fault_c_input)
     killer.start()
     faults.start()
+    threading.Thread(target=lambda: (other.wait(timeout=1800), other_done.write_text("done")), daemon=True).start()
     try:
         proc = cluster.hosts["driver"].run(_submit_args(cluster, "driver", str(REPO / "tests" / "job_batch.py"),
                                                         json.dumps(steps)), env=env)
@@ -181,6 +205,10 @@ def store_run(spark, demo_lake, multi_host, tmp_path_factory):
         faults.stop()
     other_exit = other.wait(timeout=1800)
     other_out = (cluster.root / "logs" / "driver2.out").read_text(errors="replace")
+    # what each step did, kept beside the cluster's logs (pytest keeps the last runs' folders)
+    (cluster.root / "summary.json").write_text(json.dumps(
+        {"batch": [{k: v for k, v in b.items() if k != "args"} for b in _batch(proc.stdout)],
+         "driver2_exit": other_exit, "killed_processes": killer.killed, "faults": faults.done_faults}, indent=1))
     return {"proc": proc, "batch": _batch(proc.stdout), "root": f"{bucket_root}/lake", "local_root": local_cfg.storage.root,
             "cluster": cluster, "race_root": race_root, "race_rows": race_rows,
             "other": {"exit": other_exit, "out": other_out}, "killed": killer.killed, "faults": faults.done_faults,
@@ -263,9 +291,9 @@ class HostKiller(threading.Thread):
 
 def test_every_stage_runs_on_hosts_that_share_no_disk(store_run) -> None:
     proc, batch = store_run["proc"], store_run["batch"]
-    summary = [(Path(b.get("script", "probe")).name, b["exit"], b.get("errors")) for b in batch]
-    assert len(batch) == 11 and [b["exit"] for b in batch[:7]] == [0] * 7, (summary, proc.stderr[-3000:])
-    stages = [r["stage"] for b in batch[3:7] for r in b["records"]]
+    summary = "\n".join(f"{Path(b.get('script', 'wait')).name}: exit {b['exit']} {b.get('errors')}" for b in batch)
+    assert len(batch) == 12 and [b["exit"] for b in batch[:8]] == [0] * 8, summary + "\n" + proc.stderr[-3000:]
+    stages = [r["stage"] for b in batch[4:8] for r in b["records"]]
     assert stages == [*STAGES, "evaluate", "report", "report", "maintain"]  # evaluate writes its report too
 
 
@@ -275,24 +303,13 @@ def _read(spark, root: str, table: str):
 
 def test_store_tables_equal_the_local_run(spark, store_run) -> None:
     """Table by table, the multi-host run on the store equals the local[2] run of the same input."""
-    remote_root, local_root = store_run["root"], store_run["local_root"]
-    for table, columns in ((CROPS, ["image_id", "source_path", "identity", "width", "height", "format"]),
-                           (SCORES, ["image_id", "recognizable"]), (CLEANED, ["image_id", "identity"]),
-                           (QUARANTINE, ["image_id", "stage", "reason"]), (UI_MEMBERS, ["image_id"])):
-        local = _read(spark, local_root, table.name).select(*columns).orderBy(*columns)
-        remote = _read(spark, remote_root, table.name).select(*columns).orderBy(*columns)
-        assert_df_equality(remote, local, ignore_nullable=True)
-    for table, column in ((EMBEDDINGS, "embedding"), (SCORES, "ers")):
-        local = _read(spark, local_root, table.name).select("image_id", column).toPandas().sort_values("image_id")
-        remote = _read(spark, remote_root, table.name).select("image_id", column).toPandas().sort_values("image_id")
-        assert list(local.image_id) == list(remote.image_id)
-        np.testing.assert_allclose(np.stack(remote[column]), np.stack(local[column]), atol=1e-5)
+    assert_lakes_equal(spark, store_run["root"], store_run["local_root"])
 
 
 def test_the_report_is_in_the_store(spark, store_run) -> None:
     from ers_spark.runtime.driver_files import read_text
 
-    report = [r for b in store_run["batch"] for r in b["records"] if r["stage"] == "report"][-1]
+    report = [r for b in store_run["batch"] for r in b.get("records", []) if r["stage"] == "report"][-1]
     assert report["path"] == store_run["root"] + "/report.html"
     assert "<html" in read_text(spark, report["path"]).lower()
 
@@ -300,11 +317,12 @@ def test_the_report_is_in_the_store(spark, store_run) -> None:
 def test_no_host_saw_the_driver_disk(store_run) -> None:
     """The executors imported ers-spark from the shipped zip (the repo is hidden on their hosts) and
     their model copies came through Spark, inside the workers' own work dirs."""
-    embed = next(r for b in store_run["batch"] for r in b["records"] if r["stage"] == "embed")
+    embed = next(r for b in store_run["batch"] for r in b.get("records", []) if r["stage"] == "embed")
     runtime = embed["runtime"]
     assert runtime["code"] and all("ers_spark.zip" in origin and origin.startswith("/tmp/work/")
                                    for origin in runtime["code"]), runtime
     assert runtime["model_copies"] and all(c.startswith("/tmp/work/") for c in runtime["model_copies"]), runtime
+    assert embed["params"]["model_path"].startswith("/tmp/models/")  # the driver's read-only model mount
 
 
 def test_two_drivers_ingesting_one_store_table_lose_nothing(spark, store_run) -> None:
@@ -319,6 +337,8 @@ def test_two_drivers_ingesting_one_store_table_lose_nothing(spark, store_run) ->
     quarantined = _read(spark, store_run["race_root"], "quarantine").where("stage = 'ingest'").select("image_id")
     assert crops.count() == crops.select("image_id").distinct().count() == first["written"] + second["written"]
     assert crops.count() + quarantined.distinct().count() == store_run["race_rows"]  # every input row, once
+    reasons = _read(spark, store_run["race_root"], "quarantine").where("source_path like 'corrupt/%'")
+    assert reasons.count() == len(RACE_CORRUPT) and {r.reason for r in reasons.collect()} <= {"undecodable", "empty_file"}
     assert first["read"] + second["read"] == first["written"] + second["written"] + first["already_present"] + \
         second["already_present"] + first["quarantined"] + second["quarantined"]
 
@@ -336,7 +356,7 @@ def test_a_worker_host_killed_mid_embed(spark, store_run) -> None:
     """Fault (a): every process of worker1's host is SIGKILLed while embed runs there; the job finishes
     on the other host with exactly one embedding per crop and nothing quarantined."""
     assert store_run["killed"], "worker1 never ran an embed task: the kill did not happen during embed"
-    (record,) = store_run["batch"][2]["records"]
+    (record,) = store_run["batch"][3]["records"]
     crops = _read(spark, store_run["race_root"], "crops").count()
     assert record["counts"]["quarantined"] == 0 and record["counts"]["written"] == crops
     embeddings = _read(spark, store_run["race_root"], "embeddings")
@@ -352,7 +372,7 @@ def _step_records(store_run, index: int) -> dict:
 def test_an_input_file_deleted_after_listing_stops_in_one_line(spark, store_run) -> None:
     """Fault (c): the ingest that listed three files and found one gone exits 2 with one line naming it
     and writes nothing; the re-run ingests the two files left, each row once."""
-    failed, rerun = _step_records(store_run, 7), _step_records(store_run, 8)
+    failed, rerun = _step_records(store_run, 8), _step_records(store_run, 9)
     assert store_run["faults"].get("c") == f"part-{FAULT_C_FILES - 1}.parquet"
     assert failed["exit"] == 2 and len(failed["errors"]) == 1, failed
     assert "a file vanished while the job read it" in failed["errors"][0]
@@ -368,7 +388,7 @@ def test_an_input_file_deleted_after_listing_stops_in_one_line(spark, store_run)
 def test_the_store_stopping_mid_stage_loses_nothing(spark, store_run) -> None:
     """Fault (b): the store stops for 20 s during an ingest: the job rides through S3A's retries or
     stops in one line (exit 2); the re-run then leaves every input row exactly once."""
-    during, rerun = _step_records(store_run, 9), _step_records(store_run, 10)
+    during, rerun = _step_records(store_run, 10), _step_records(store_run, 11)
     assert store_run["faults"].get("b") == STORE_OUTAGE_S
     assert during["exit"] == 0 or (during["exit"] == 2 and len(during["errors"]) == 1
                                    and "the storage did not answer" in during["errors"][0]), during
