@@ -89,9 +89,10 @@ def test_spark_submit_master_is_checked_before_the_context(tmp_path: Path) -> No
     proc = _run([str(spark_submit), "--master", REMOTE, str(REPO / "jobs" / "ingest.py"), *STORE,
                  f"ingest.input_path={tmp_path}", "spark.master=local[2]"], PYSPARK_PYTHON=sys.executable)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    output = proc.stdout + proc.stderr  # spark-submit merges the Python driver's stderr into its stdout
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: ingest.input_path={tmp_path} is a local path, but spark.master={REMOTE} runs executors on "
                       "other hosts that cannot see the driver's disk: use an object store or HDFS URI "
                       "(ingest.input_path=s3a://bucket/...), or set spark.shared_filesystem=true if this path is the "
                       "same shared mount on every host"]
-    assert "Traceback" not in proc.stderr and "Py4J" not in proc.stderr
+    assert "Traceback" not in output and "Py4J" not in output

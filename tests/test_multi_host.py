@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -135,7 +136,7 @@ def _pairs_file(spark, local_input: Path, folder: Path, bucket_root: str) -> str
     local = folder / "pairs.csv"
     pd.DataFrame(rows, columns=["left", "right", "label"]).to_csv(local, index=False)
     _upload(spark, local, f"{bucket_root}/pairs/pairs.csv")
-    return f"{bucket_root}/pairs/pairs.csv"
+    return f"{bucket_root}/pairs/pairs.csv", local
 
 
 def _race_inputs(spark, local_input: Path, folder: Path, bucket_root: str) -> tuple[str, str, int]:
@@ -168,7 +169,8 @@ def store_run(spark, demo_lake, multi_host, tmp_path_factory):
     _upload(spark, Path(local_cfg.ingest.input_path), f"{bucket_root}/input/{DEMO_INPUT}")
     race_a, race_b, race_rows = _race_inputs(spark, Path(local_cfg.ingest.input_path),
                                              tmp_path_factory.mktemp("race"), bucket_root)
-    pairs = _pairs_file(spark, Path(local_cfg.ingest.input_path), tmp_path_factory.mktemp("pairs"), bucket_root)
+    pairs, local_pairs = _pairs_file(spark, Path(local_cfg.ingest.input_path), tmp_path_factory.mktemp("pairs"),
+                                     bucket_root)
     config = cluster.shared / "store.yaml"
     config.write_text(yaml.safe_dump(_config(cluster, bucket_root) | {"evaluate": {"pairs_path": pairs}}))
     other_done = cluster.shared / "driver2.done"  # the driver host sees /var/tmp: the batch waits for it
@@ -212,7 +214,7 @@ def store_run(spark, demo_lake, multi_host, tmp_path_factory):
     return {"proc": proc, "batch": _batch(proc.stdout), "root": f"{bucket_root}/lake", "local_root": local_cfg.storage.root,
             "cluster": cluster, "race_root": race_root, "race_rows": race_rows,
             "other": {"exit": other_exit, "out": other_out}, "killed": killer.killed, "faults": faults.done_faults,
-            "fault_c_rows": FAULT_C_ROWS}
+            "fault_c_rows": FAULT_C_ROWS, "local_pairs": local_pairs, "local_cfg": local_cfg}
 
 
 FAULT_C_FILES, FAULT_C_ROWS = 3, 30  # the demo input's first 90 rows in three files of 30
@@ -304,6 +306,22 @@ def _read(spark, root: str, table: str):
 def test_store_tables_equal_the_local_run(spark, store_run) -> None:
     """Table by table, the multi-host run on the store equals the local[2] run of the same input."""
     assert_lakes_equal(spark, store_run["root"], store_run["local_root"])
+
+
+def test_store_evaluation_equals_the_local_one(spark, store_run) -> None:
+    """evaluate's metrics from the store run equal those of evaluate on the local[2] lake with the same pairs
+    (the demo lake is this module's own: the multi-host tests run in a pytest process of their own)."""
+    from ers_spark.stages.evaluate import run_evaluate
+
+    local_cfg = store_run["local_cfg"].with_overrides([f"evaluate.pairs_path={store_run['local_pairs']}",
+                                                       "evaluate.write_report=false"])
+    run_evaluate(spark, local_cfg)
+    key = ["protocol", "method", "metric", "operating_point"]
+    remote = _read(spark, store_run["root"], "eval_metrics").toPandas().sort_values(key).reset_index(drop=True)
+    local = _read(spark, local_cfg.storage.root, "eval_metrics").toPandas().sort_values(key).reset_index(drop=True)
+    assert len(remote) == len(local) > 0
+    assert remote[key + ["count"]].equals(local[key + ["count"]])
+    np.testing.assert_allclose(remote.value.astype(float), local.value.astype(float), atol=1e-6, equal_nan=True)
 
 
 def test_the_report_is_in_the_store(spark, store_run) -> None:
