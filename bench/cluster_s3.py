@@ -2,8 +2,9 @@
 
     python bench/cluster_s3.py [--out bench/results/cluster_s3.json]     (root: it makes namespaces)
 
-Input: the shared ORL crops (400 grey 92x112 PGM files, 40 people) as one Parquet table (path,
-identity, bytes), built in code. Both runs go through ``deploy/ers-submit`` with the jars of
+Input: the shared ORL crops (400 grey 92x112 PGM files, 40 people) and one degraded copy of each
+(blur, low resolution, darkness, occlusion, motion, noise in turn; unlabelled) as one Parquet table
+(path, identity, bytes), built in code. Both runs go through ``deploy/ers-submit`` with the jars of
 ``deploy/fetch_jars.sh`` (Delta, S3A, the LogStore) and run ``jobs/run.py`` (ingest ... clean), then
 ``jobs/evaluate.py``, ``jobs/report.py`` and ``jobs/maintain.py`` in one application
 (``tests/job_batch.py``):
@@ -46,13 +47,27 @@ ORL = ROOT.parent / "shared" / "data" / "orl_faces"
 JOBS = ("run", "evaluate", "report", "maintain")
 
 
+def _png(pixels) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
 def orl_parquet(folder: Path) -> Path:
+    """Each ORL crop as it is (labelled) and one degraded copy of it (unlabelled), so there is a UI to find."""
+    import numpy as np
+
+    from ers_spark.core.synthetic import DEGRADATIONS, degrade
+
+    rng = np.random.default_rng(0)
     rows = []
     for person in sorted(ORL.glob("s*")):
-        for image in sorted(person.glob("*.pgm")):
-            png = io.BytesIO()
-            Image.open(image).save(png, format="PNG")
-            rows.append({"path": f"{person.name}/{image.name}", "identity": person.name, "bytes": png.getvalue()})
+        for k, image in enumerate(sorted(person.glob("*.pgm"))):
+            pixels = np.asarray(Image.open(image).convert("L"))
+            rows.append({"path": f"{person.name}/{image.name}", "identity": person.name, "bytes": _png(pixels)})
+            kind = DEGRADATIONS[k % len(DEGRADATIONS)]
+            rows.append({"path": f"degraded/{person.name}_{image.stem}_{kind}.png", "identity": None,
+                         "bytes": _png(degrade(pixels, kind, rng))})
     path = folder / "orl.parquet"
     pd.DataFrame(rows).to_parquet(path, index=False)
     return path
@@ -152,8 +167,9 @@ def main() -> None:
         remote_s, remote_exit = stage_seconds(remote_proc.stdout)
         local_s, local_exit = stage_seconds(local_proc.stdout)
         if remote_exit != [0] * len(JOBS) or local_exit != [0] * len(JOBS):
-            sys.exit(f"cluster_s3: a run failed: multi-host {remote_exit}, local {local_exit}\n"
-                     f"{remote_proc.stderr[-3000:]}\n{local_proc.stderr[-3000:]}")
+            errors = [line for proc in (remote_proc, local_proc) for line in (proc.stdout + proc.stderr).splitlines()
+                      if line.startswith("error: ")]
+            sys.exit(f"cluster_s3: a run failed: multi-host {remote_exit}, local {local_exit}\n" + "\n".join(errors))
         equal = compare(cluster, f"{bucket_root}/lake", local_lake, jars)
     finally:
         cluster.stop()
@@ -164,7 +180,8 @@ def main() -> None:
     result = {
         "benchmark": "cluster_s3", "commit": commit, "tree_dirty": dirty, "started_at": started_at,
         "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
-        "input": {"source": "shared ORL crops", "rows": 400, "identities": 40, "format": "parquet (png bytes)"},
+        "input": {"source": "shared ORL crops and one degraded copy of each (unlabelled)", "rows": 800,
+                  "identities": 40, "format": "parquet (png bytes)"},
         "multi_host": {"hosts": ["master", "worker1", "worker2", "driver"], "worker_slots": 2, "executor_memory": "1g",
                        "spark.cores.max": 2, "store": "versitygw (posix backend) on the bridge"},
         "local": {"master": "local[2]", "lake": "local disk"},
