@@ -96,3 +96,16 @@ def test_spark_submit_master_is_checked_before_the_context(tmp_path: Path) -> No
                       "(ingest.input_path=s3a://bucket/...), or set spark.shared_filesystem=true if this path is the "
                       "same shared mount on every host"]
     assert "Traceback" not in output and "Py4J" not in output
+
+
+@pytest.mark.spark
+def test_a_log_store_missing_from_the_classpath_stops_in_one_line(spark) -> None:
+    """A config that names a Delta LogStore the JVM cannot load fails at the session, not at the first commit."""
+    from ers_spark.errors import ErsUserError
+    from ers_spark.runtime.session import require_log_stores
+
+    missing = _cfg("spark.conf={spark.delta.logStore.s3a.impl: io.ersspark.delta.NoSuchLogStore}")
+    with pytest.raises(ErsUserError, match=r"^spark\.delta\.logStore\.s3a\.impl=io\.ersspark\.delta\.NoSuchLogStore is not "
+                                           r"on the classpath: fill a jars folder with deploy/fetch_jars\.sh"):
+        require_log_stores(spark._jvm, missing)
+    require_log_stores(spark._jvm, _cfg("spark.conf={spark.delta.logStore.s3a.impl: io.delta.storage.S3SingleDriverLogStore}"))
