@@ -35,7 +35,12 @@ class ClusteringError(ErsUserError):
     """locate-ui could not find a dominant unrecognizable-identity cluster."""
 
 
-_ERROR_TYPES = {cls.__name__: cls for cls in (ErsUserError, ConfigError, ContractError, ModelError, ClusteringError)}
+class CodecError(ErsUserError):
+    """The image library on a worker lacks a codec: a broken runtime, not bad images."""
+
+
+_ERROR_TYPES = {cls.__name__: cls for cls in (ErsUserError, ConfigError, ContractError, ModelError, ClusteringError,
+                                                     CodecError)}
 _EXECUTOR_ERROR = re.compile(r"ers_spark\.errors\.(\w+): (.+)")
 
 

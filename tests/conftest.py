@@ -34,10 +34,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # Modules by measured run time, longest first. With ``--dist loadfile --no-loadscope-reorder``
-# pytest-xdist hands out modules in collection order, so the standalone cluster starts at once on one
-# worker while the other works through the rest (longest-first balances the two workers' ends).
-HEAVY_FIRST = ("test_cluster.py", "test_embed.py", "test_score_clean.py", "test_locate_ui.py",
-               "test_import_embeddings.py", "test_operable_output.py", "test_ingest.py", "test_evaluate.py",
+# pytest-xdist hands out modules in collection order (longest-first balances the two workers' ends).
+HEAVY_FIRST = ("test_embed.py", "test_score_clean.py", "test_import_embeddings.py", "test_locate_ui.py",
+               "test_operable_output.py", "test_ingest.py", "test_evaluate.py",
                "test_report.py", "test_maintain.py", "test_report_browser.py", "test_pipeline.py", "test_merge.py")
 
 

@@ -81,11 +81,15 @@ def probe(root: str, tables: list[str]) -> dict:
 
 
 def run_step(step: dict) -> dict:
+    """One step's result, with the seconds it took (the cluster tests' cost stays visible per step)."""
+    started = time.monotonic()
     if "wait_for" in step:
-        return wait_for(step["wait_for"])
-    if "probe" in step:
-        return probe(step["probe"], step["tables"])
-    return run_one(step["script"], step["args"], step.get("conf"))
+        result = wait_for(step["wait_for"])
+    elif "probe" in step:
+        result = probe(step["probe"], step["tables"])
+    else:
+        result = run_one(step["script"], step["args"], step.get("conf"))
+    return {**result, "step_seconds": round(time.monotonic() - started, 1)}
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,6 @@ from pathlib import Path
 import pyspark
 
 from ers_spark.versions import VERSITYGW_MODULE
-from standalone_cluster import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
@@ -41,9 +41,21 @@ STORE_PORT = 9000
 MASTER_PORT = 7077
 MASTER_UI_PORT = 8080
 WORKER_CORES = 2  # two task slots per worker: two applications (two drivers) run side by side
+FAKE_GPUS = 2  # per worker host: the GPU resource profile of the model-fault runs (tasks get a GPU address)
+GPU_DISCOVERY = REPO / "deploy" / "spark" / "gpu_discovery.sh"
 ACCESS_KEY, SECRET_KEY = "ers-test", "ers-test-secret-key"
 # a guard against a hang, not a speed check (2 cores run four JVMs here)
 START_GUARD_S = 180.0
+
+
+def wait_until(what: str, check, timeout: float = 180.0) -> None:
+    """Poll ``check`` until it holds; a TimeoutError naming ``what`` after ``timeout`` seconds (a hang guard)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
 
 
 def missing_requirements() -> str | None:
@@ -224,12 +236,25 @@ class MultiHostCluster:
             self.start_worker(name)
         wait_until("multi-host cluster: two workers", lambda: self.alive_workers() == 2, START_GUARD_S)
 
+    def _fake_gpus(self) -> dict[str, str]:
+        """Two fake GPUs per worker host, found by the project's discovery script (``deploy/spark/``) through a
+        stub ``nvidia-smi``: both in the config map every host sees (the workers' hosts hide the repo)."""
+        folder = self.shared / "gpu"
+        folder.mkdir(parents=True, exist_ok=True)
+        discovery = folder / "gpu_discovery.sh"
+        shutil.copy2(GPU_DISCOVERY, discovery)
+        stub = folder / "nvidia-smi"
+        stub.write_text("#!/bin/sh\n" + "".join(f"echo {i}\n" for i in range(FAKE_GPUS)))
+        stub.chmod(0o755)
+        return {"PATH": f"{folder}:{os.environ['PATH']}", "SPARK_WORKER_OPTS": (
+            f"-Dspark.worker.resource.gpu.amount={FAKE_GPUS} -Dspark.worker.resource.gpu.discoveryScript={discovery}")}
+
     def start_worker(self, name: str) -> None:
         worker = self.hosts[name]
         self.procs[name] = worker.start(
             [str(SPARK_HOME / "bin" / "spark-class"), "org.apache.spark.deploy.worker.Worker", "--host", worker.address,
              "--cores", str(WORKER_CORES), "--memory", "2g", "--work-dir", "/tmp/work", self.master_url],
-            self.root / "logs" / f"{name}.out")
+            self.root / "logs" / f"{name}.out", env=self._fake_gpus())
 
     def host_pids(self, name: str) -> list[int]:
         """Every process of a host's service: its session (the worker, its executors, their Python workers)."""

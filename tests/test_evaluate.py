@@ -22,6 +22,8 @@ from ers_spark.distributed.calibration import calibration_identity, identity_rol
 from ers_spark.distributed.pairs import ITEM, genuine_pairs, impostor_pairs
 from ers_spark.stages.evaluate import load_images, run_evaluate
 from ers_spark.stages.score import run_score
+from ers_spark.sql import run_sql
+from readme_queries import evaluate_queries
 from stage_data import write_embeddings, write_uic
 
 pytestmark = pytest.mark.spark
@@ -89,6 +91,25 @@ def test_tables_follow_their_contracts(spark, evaluated) -> None:
         assert [f.name for f in df.schema.fields] == contract.columns
         assert all(same_type(a.dataType, e.dataType) for a, e in zip(df.schema.fields, contract.schema.fields))
     assert record["output_versions"]["eval_metrics"] is not None
+
+
+def test_readme_has_a_query_over_evaluate_tables() -> None:
+    assert evaluate_queries(), "README lost its eval_metrics example"
+
+
+@pytest.mark.parametrize("query", evaluate_queries())
+def test_readme_sql_runs_on_evaluate_tables(evaluated, query) -> None:
+    """README's queries over evaluate's tables, on this module's evaluated lake: the eval_metrics one prints
+    every row of the latest run's headline metrics (baseline and ERS methods side by side)."""
+    cfg, record, tables = evaluated
+    out = run_sql(cfg, query.replace("ers.", f"{cfg.storage.database}."), limit=500)
+    assert out != "(no rows)", query
+    header, *rows = out.splitlines()
+    assert rows and header.split()[:3] == ["protocol", "method", "metric"], out
+    metrics = tables["eval_metrics"]
+    shown = metrics[metrics.metric.isin(["frr", "fnir", "tar", "pauc", "unsure_rate_genuine"])]
+    assert len(rows) == len(shown) and {row.split()[1] for row in rows} == set(shown.method), out
+    assert {"baseline", "ers_rejection", "unsure_as_reject"} <= set(shown.method)
 
 
 def test_one_run_row_with_gamma_and_inputs(evaluated) -> None:

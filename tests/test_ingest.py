@@ -70,7 +70,7 @@ def test_folder_with_corrupt_files(spark, make_cfg, folder_50, capsys) -> None:
     root, expected = folder_50
     cfg = make_cfg(f"ingest.input_path={root}")
     record = run_ingest(spark, cfg)
-    assert record["counts"] == {"read": 50, "written": 45, "already_present": 0, "quarantined": 5, "identity_conflicts": 0}
+    assert record["counts"] == {"read": 50, "written": 45, "already_present": 0, "quarantined": 5, "identity_conflicts": 0, "changed_after_probe": 0}
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"stage": "ingest"' in printed and '"written": 45' in printed
 
@@ -99,7 +99,7 @@ def test_rerun_adds_nothing(spark, make_cfg, folder_50) -> None:
     cfg = make_cfg(f"ingest.input_path={root}")
     run_ingest(spark, cfg)
     again = run_ingest(spark, cfg)
-    assert again["counts"] == {"read": 50, "written": 0, "already_present": 45, "quarantined": 5, "identity_conflicts": 0}
+    assert again["counts"] == {"read": 50, "written": 0, "already_present": 45, "quarantined": 5, "identity_conflicts": 0, "changed_after_probe": 0}
     assert spark.read.format("delta").load(table_path(cfg, CROPS)).count() == 45
     assert spark.read.format("delta").load(table_path(cfg, QUARANTINE)).count() == 5
 
@@ -112,7 +112,7 @@ def test_same_bytes_same_id(spark, make_cfg, tmp_path: Path) -> None:
         (tmp_path / "dup" / "alice" / name).write_bytes(data)
     cfg = make_cfg(f"ingest.input_path={tmp_path / 'dup'}")
     record = run_ingest(spark, cfg)
-    assert record["counts"] == {"read": 2, "written": 1, "already_present": 1, "quarantined": 0, "identity_conflicts": 0}
+    assert record["counts"] == {"read": 2, "written": 1, "already_present": 1, "quarantined": 0, "identity_conflicts": 0, "changed_after_probe": 0}
     import hashlib
 
     (row,) = spark.read.format("delta").load(table_path(cfg, CROPS)).collect()
@@ -127,7 +127,7 @@ def test_same_bytes_other_identity_is_an_identity_conflict(spark, make_cfg, tmp_
         (tmp_path / "dup" / name / "x.png").write_bytes(data)
     cfg = make_cfg(f"ingest.input_path={tmp_path / 'dup'}")
     record = run_ingest(spark, cfg)
-    assert record["counts"] == {"read": 2, "written": 1, "already_present": 0, "quarantined": 1, "identity_conflicts": 1}
+    assert record["counts"] == {"read": 2, "written": 1, "already_present": 0, "quarantined": 1, "identity_conflicts": 1, "changed_after_probe": 0}
     (crop,) = spark.read.format("delta").load(table_path(cfg, CROPS)).collect()
     (q,) = spark.read.format("delta").load(table_path(cfg, QUARANTINE)).collect()
     assert crop.identity == "a" and (q.reason, q.source_path.endswith("/b/x.png")) == ("identity_conflict", True)
@@ -164,7 +164,7 @@ def test_parquet_input(spark, make_cfg, tmp_path: Path) -> None:
         "ingest.path_column=uri", "ingest.identity_column=person",
     )
     record = run_ingest(spark, cfg)
-    assert record["counts"] == {"read": 4, "written": 2, "already_present": 0, "quarantined": 2, "identity_conflicts": 0}
+    assert record["counts"] == {"read": 4, "written": 2, "already_present": 0, "quarantined": 2, "identity_conflicts": 0, "changed_after_probe": 0}
     crops = spark.read.format("delta").load(table_path(cfg, CROPS))
     expected = spark.createDataFrame([("s3://b/1.png", "ann", 12, 8), ("s3://b/2.jpg", "bob", 9, 9)],
                                      "source_path string, identity string, width int, height int")
@@ -204,7 +204,7 @@ def test_pillow_decodes_each_file_once(spark, make_cfg, folder_50, monkeypatch) 
     root, _ = folder_50
     cfg = make_cfg(f"ingest.input_path={root}")
     record = run_ingest(spark, cfg)
-    assert record["counts"] == {"read": 50, "written": 45, "already_present": 0, "quarantined": 5, "identity_conflicts": 0}
+    assert record["counts"] == {"read": 50, "written": 45, "already_present": 0, "quarantined": 5, "identity_conflicts": 0, "changed_after_probe": 0}
     assert calls.value == 49
     crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select("image_id", "source_path", BYTES).collect()
     assert len(crops) == 45
@@ -276,7 +276,7 @@ def test_image_bytes_cross_one_exchange(spark, make_cfg, folder_50, monkeypatch,
     finally:
         for key, value in previous.items():
             spark.conf.set(key, value)
-    assert record["counts"] == {"read": 50, "written": 36, "already_present": 9, "quarantined": 5, "identity_conflicts": 0}
+    assert record["counts"] == {"read": 50, "written": 36, "already_present": 9, "quarantined": 5, "identity_conflicts": 0, "changed_after_probe": 0}
     assert len(in_crops) == (0 if broadcast_keep else 1), in_crops
     assert in_others == []
     assert len(executed) == 1, executed
@@ -291,7 +291,8 @@ def test_crops_written_meanwhile_are_matched_not_duplicated(spark, make_cfg, fol
     other = make_cfg(f"ingest.input_path={root}", f"storage.root={cfg.storage.root}", f"storage.database={cfg.storage.database}")
     assert run_ingest(spark, other)["counts"]["written"] == 45
     with caplog.at_level(logging.WARNING, logger="ers_spark"):
-        assert insert_crops(spark, cfg, plan) == 0
+        written = insert_crops(spark, cfg, plan)
+    assert (written.inserted, written.matched, written.changed_after_probe) == (0, 9, 0)  # already present, counted
     assert "changed or vanished" not in caplog.text
     crops = spark.read.format("delta").load(table_path(cfg, CROPS))
     assert crops.count() == crops.select("image_id").distinct().count() == 45
@@ -304,7 +305,8 @@ def test_a_file_changed_after_its_probe_is_not_written_under_its_old_id(spark, m
     (changed,) = (root / "person_2").glob("0.*")
     changed.write_bytes(_image_bytes(np.random.default_rng(99), "PNG", (8, 8)))
     with caplog.at_level(logging.WARNING, logger="ers_spark"):
-        assert insert_crops(spark, cfg, plan) == 8
+        written = insert_crops(spark, cfg, plan)
+    assert (written.inserted, written.matched, written.changed_after_probe) == (8, 0, 1)  # counted, not subtracted
     assert "1 of 9 new files changed or vanished after they were probed" in caplog.text
     crops = spark.read.format("delta").load(table_path(cfg, CROPS)).collect()
     assert all(hashlib.sha256(bytes(c[BYTES])).hexdigest() == c.image_id for c in crops)
@@ -319,7 +321,7 @@ def test_parquet_repeated_rows_give_one_crop(spark, make_cfg, tmp_path: Path) ->
     cfg = make_cfg(f"ingest.input_path={tmp_path / 'in.parquet'}", "ingest.input_format=parquet",
                    "ingest.bytes_column=img", "ingest.path_column=null")
     record = run_ingest(spark, cfg)
-    assert record["counts"] == {"read": 5, "written": 2, "already_present": 3, "quarantined": 0, "identity_conflicts": 0}
+    assert record["counts"] == {"read": 5, "written": 2, "already_present": 3, "quarantined": 0, "identity_conflicts": 0, "changed_after_probe": 0}
     crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select("image_id", "width", "source_path").collect()
     assert sorted((c.image_id, c.width, c.source_path) for c in crops) == sorted(
         [(hashlib.sha256(one).hexdigest(), 6, None), (hashlib.sha256(two).hexdigest(), 7, None)])

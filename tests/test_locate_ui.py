@@ -303,11 +303,17 @@ def test_sample_hac_and_auto_eps(spark, make_cfg, vmf, caplog):
     cfg = make_cfg(*FAST, "locate_ui.method=sample-hac", "locate_ui.sample_hac_rows=1200",
                    "locate_ui.grid_sample_rows=1000", "locate_ui.eps_grid_start=0.3")
     write_embeddings(spark, cfg, x, ids)
-    with caplog.at_level("INFO", logger="ers_spark.stages.locate_ui"):
+    with caplog.at_level("DEBUG", logger="ers_spark.stages.locate_ui"):
         rec = run_locate_ui(spark, cfg)
-    out = caplog.text
-    # the size table is one log record: plain text, or one JSON line where the tab is written "\t"
-    assert re.search(r"eps=0\.3(\s|\\t)+top sizes \[", out) and "chose eps=" in out
+    # INFO: the chosen eps, the rule and the largest clusters; the whole grid: one DEBUG record and the run record
+    (chosen,) = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and "chose eps=" in r.getMessage()]
+    assert "sampled rows (" in chosen and "largest clusters there [" in chosen
+    (grid,) = [r.getMessage() for r in caplog.records if r.levelname == "DEBUG" and "per eps" in r.getMessage()]
+    assert re.search(r"eps=0\.3(\s|\\t)+top sizes \[", grid)
+    assert not any("top sizes [" in r.getMessage() for r in caplog.records if r.levelname == "INFO")
+    table = rec["runtime"]["eps_size_table"]
+    assert table[0]["eps"] == pytest.approx(0.3) and len(table) == grid.count("top sizes")
+    assert any(row["eps"] == rec["params"]["eps_used"] for row in table)
     eps = rec["params"]["eps_used"]
     assert 0.3 <= eps <= 0.5
     row, members = _stored(spark, cfg, rec["params"]["uic_id"])

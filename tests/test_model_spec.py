@@ -156,6 +156,39 @@ def test_decode_pgm(arc_spec):
     assert ok.tolist() == [True] and batch.shape == (1, 3, 112, 112)
 
 
+def _photo_decoders():
+    from ers_spark.distributed.align import align_one
+    from ers_spark.distributed.images import probe_image
+
+    return {"embed": lambda data, spec: decode_batch([data], spec), "ingest": lambda data, spec: probe_image(data),
+            "align": lambda data, spec: align_one(data, 150, 40, True)}
+
+
+@pytest.mark.parametrize("step", ["embed", "ingest", "align"])
+def test_a_missing_codec_fails_the_job_not_the_row(arc_spec, monkeypatch, step):
+    """Pillow without its JPEG decoder (as a build without libjpeg is): every JPEG would look like bad
+    input, so the task fails with one line naming the codec instead of quarantining the rows."""
+    from ers_spark.errors import CodecError
+
+    jpeg = _encode(np.zeros((20, 20, 3), np.uint8), "JPEG")
+    monkeypatch.delattr(Image.core, "jpeg_decoder")
+    with pytest.raises(CodecError, match="^Pillow on this worker has no jpeg decoder"):
+        _photo_decoders()[step](jpeg, arc_spec)
+
+
+@pytest.mark.parametrize("step", ["embed", "ingest", "align"])
+def test_memory_error_while_decoding_fails_the_task(arc_spec, monkeypatch, step):
+    """Only bytes that do not decode are bad input: a MemoryError is the job's and propagates."""
+    png = _encode(np.zeros((20, 20, 3), np.uint8), "PNG")
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr(Image.Image, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        _photo_decoders()[step](png, arc_spec)
+
+
 def test_prepare_arrays_layouts():
     arr = np.arange(2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 3)
     base = ModelSpec(name="t", onnx_path="/x", input_height=2, input_width=2, mean=(1.0, 2.0, 3.0),

@@ -121,6 +121,169 @@ def _batch(stdout: str) -> list[dict]:
     return [json.loads(line[len("BATCH "):]) for line in stdout.splitlines() if line.startswith("BATCH ")]
 
 
+# ----------------------------------------------------------------------------- every job script, model faults
+# The first application, while both worker hosts live: every jobs/*.py as spark-submit runs it (README's
+# ers-submit), the stage scripts one at a time into a store lake that must equal the local run, run / demo /
+# maintain again on it (nothing changes), then the model faults. Its executors hold one core and one of their
+# worker's (fake) GPUs each, one executor per worker host; a failing task is tried twice, not four times.
+
+STAGE_SCRIPTS = ["ingest", "embed", "locate_ui", "score", "clean"]
+RERUN_SCRIPTS = ["run", "demo", "maintain"]
+JOB_SCRIPTS = [*STAGE_SCRIPTS, *RERUN_SCRIPTS]
+COUNTED = ("crops", "embeddings", "scores", "cleaned")
+BROKEN = {"corrupt_file": "cannot load ONNX model", "wrong_input_shape": "has shape", "wrong_output_dim": "-D embeddings"}
+FAULT_CASES = [*BROKEN, "cuda", "auto"]
+JOBS_CONF = {"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1",
+             "spark.task.maxFailures": "2", "spark.executor.cores": "1"}
+FAULT_FACES = 40
+
+
+def _noise_png(seed: int, size: int = 48) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _spec(path: Path, model: Path, **changes) -> Path:
+    doc = {"name": "broken", "version": "1", "onnx_path": str(model), "input_height": 112, "input_width": 112,
+           "channel_order": "RGB", "mean": [127.5] * 3, "std": [127.5] * 3, "layout": "NCHW", "embedding_dim": 64}
+    path.write_text(yaml.safe_dump({**doc, **changes}))
+    return path
+
+
+def _broken_models(folder: Path) -> dict[str, Path]:
+    """Model specs the driver host can read (the config map): a corrupt file, a wrong input shape, a wrong dim."""
+    from onnx_builders import tiny_embedding_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corrupt = folder / "corrupt.onnx"
+    corrupt.write_bytes(b"this is not an onnx file" * 100)
+    good = tiny_embedding_model(folder / "tiny.onnx", size=112, dim=64)
+    return {"corrupt_file": _spec(folder / "corrupt.yaml", corrupt),
+            "wrong_input_shape": _spec(folder / "shape.yaml", good, input_height=150, input_width=150),
+            "wrong_output_dim": _spec(folder / "dim.yaml", good, embedding_dim=128)}
+
+
+def _job_steps(cluster: MultiHostCluster, config: Path, bucket_root: str, faces: str) -> list[dict]:
+    job = lambda name: str(REPO / "jobs" / f"{name}.py")  # noqa: E731
+    root = f"{bucket_root}/jobs/lake"
+    # explicit keys, not only --config: the demo's own defaults come after a config file and before these
+    args = ["--config", str(config), f"storage.root={root}", f"spark.checkpoint_dir={bucket_root}/jobs/checkpoints",
+            f"ingest.input_path={bucket_root}/input/{DEMO_INPUT}", "ingest.input_format=parquet",
+            "ingest.path_column=path", "ingest.identity_column=identity"]
+    probe = {"probe": root, "tables": list(COUNTED)}
+    faults = ["--config", str(config), f"storage.root={bucket_root}/faults/lake", "spark.shuffle_partitions=2"]
+    specs = _broken_models(cluster.shared / "broken-models")
+    embeds = [[*faults, f"embed.model={specs[case]}"] for case in BROKEN]
+    embeds += [[*faults, "embed.device=cuda"], [*faults, "embed.device=auto"]]
+    return [*({"script": job(name), "args": args} for name in STAGE_SCRIPTS), probe,
+            *({"script": job(name), "args": args} for name in RERUN_SCRIPTS), probe,
+            {"script": job("ingest"), "args": [*faults, f"ingest.input_path={faces}", "ingest.input_format=images"]},
+            *({"script": job("embed"), "args": a} for a in embeds)]
+
+
+@pytest.fixture(scope="module")
+def store_inputs(spark, demo_lake, multi_host, tmp_path_factory) -> dict:
+    """The demo input and a folder of 40 noise faces in the store; the config every driver reads."""
+    cluster, _ = multi_host
+    _store_conf(spark, cluster)
+    bucket_root = f"s3a://{cluster.bucket}/ers"
+    local_input = Path(demo_lake[0].ingest.input_path)
+    _upload(spark, local_input, f"{bucket_root}/input/{DEMO_INPUT}")
+    faces = tmp_path_factory.mktemp("faces")
+    for i in range(FAULT_FACES):
+        (faces / f"img{i:05d}.png").write_bytes(_noise_png(i))
+    _upload(spark, faces, f"{bucket_root}/faults/faces")
+    config = cluster.shared / "store.yaml"
+    config.write_text(yaml.safe_dump(_config(cluster, bucket_root)))
+    return {"bucket_root": bucket_root, "local_input": local_input, "config": config,
+            "faces": f"{bucket_root}/faults/faces"}
+
+
+@pytest.fixture(scope="module")
+def jobs_run(multi_host, store_inputs) -> dict:
+    """One spark-submit from the driver host (``tests/job_batch.py``) running every job script, then the faults."""
+    cluster, jars = multi_host
+    steps = _job_steps(cluster, store_inputs["config"], store_inputs["bucket_root"], store_inputs["faces"])
+    conf = [arg for key, value in JOBS_CONF.items() for arg in ("--conf", f"{key}={value}")]
+    argv = _submit_args(cluster, "driver", str(REPO / "tests" / "job_batch.py"), json.dumps(steps))
+    proc = cluster.hosts["driver"].run([*argv[:-2], *conf, *argv[-2:]], env=_submit_env(cluster, jars))
+    runs = _batch(proc.stdout)
+    assert len(runs) == len(steps), f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    stage_runs, rest = runs[:len(STAGE_SCRIPTS)], runs[len(STAGE_SCRIPTS):]
+    before, *reruns, after = rest[:len(RERUN_SCRIPTS) + 2]
+    return {"root": f"{store_inputs['bucket_root']}/jobs/lake", "faults_lake": f"{store_inputs['bucket_root']}/faults/lake",
+            "records": [r for run in stage_runs for r in run["records"]], "jobs": dict(zip(JOB_SCRIPTS, [*stage_runs, *reruns])),
+            "before": before["counts"], "after": after["counts"], "faces": rest[len(RERUN_SCRIPTS) + 2],
+            "faults": dict(zip(FAULT_CASES, runs[-len(FAULT_CASES):]))}
+
+
+def _quarantined(spark, root: str, stage: str) -> int:
+    from delta.tables import DeltaTable
+
+    if not DeltaTable.isDeltaTable(spark, f"{root}/quarantine"):
+        return 0
+    return _read(spark, root, "quarantine").where(f"stage = '{stage}'").count()
+
+
+def test_stage_scripts_on_hosts_equal_the_local_run(spark, demo_lake, jobs_run) -> None:
+    """The stage scripts one by one, each its own stage record, leave the tables of the pipeline in local[2]."""
+    assert [r["stage"] for r in jobs_run["records"]] == STAGES
+    assert_lakes_equal(spark, jobs_run["root"], demo_lake[0].storage.root)
+
+
+@pytest.mark.parametrize("job", JOB_SCRIPTS)
+def test_each_job_script_runs_under_spark_submit(jobs_run, job) -> None:
+    """Every jobs/*.py under spark-submit: the stage scripts build the lake, then run, demo and maintain run
+    every stage again on it, which changes nothing (re-runs are no-ops)."""
+    run = jobs_run["jobs"][job]
+    assert run["exit"] == 0, run
+    expected = {"run": STAGES, "demo": [*STAGES, "report"], "maintain": ["maintain"]}.get(job)
+    assert [r["stage"] for r in run["records"]] == (expected or [STAGES[STAGE_SCRIPTS.index(job)]])
+    if job in RERUN_SCRIPTS:
+        assert jobs_run["after"] == jobs_run["before"]
+        written = {"ingest": "written", "embed": "written", "score": "inserted", "clean": "cleaned_changed"}
+        for record in run["records"]:
+            if record["stage"] in written:
+                assert record["counts"][written[record["stage"]]] == 0, record
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_model_fails_the_job(spark, jobs_run, case) -> None:
+    """A broken model: exit 2 with one line naming the problem, nothing quarantined."""
+    assert jobs_run["faces"]["exit"] == 0 and jobs_run["faces"]["records"][0]["counts"]["written"] == FAULT_FACES
+    run = jobs_run["faults"][case]
+    assert run["exit"] == 2, run
+    (line,) = run["errors"]
+    assert BROKEN[case] in line
+    assert _quarantined(spark, jobs_run["faults_lake"], "embed") == 0
+
+
+def test_cuda_required_but_missing_fails_on_the_executor(spark, jobs_run) -> None:
+    """Executor side: Spark gives each task a (fake) GPU, ONNX Runtime here has no CUDA provider,
+    embed.device=cuda: the task fails and the job exits 2 in one line; nothing quarantined."""
+    run = jobs_run["faults"]["cuda"]
+    assert run["exit"] == 2, run
+    (line,) = run["errors"]
+    assert "CUDAExecutionProvider" in line and "raised on an executor" in line
+    assert _quarantined(spark, jobs_run["faults_lake"], "embed") == 0
+
+
+def test_auto_device_reports_the_fallback_per_task(jobs_run) -> None:
+    """embed.device=auto with a (fake) GPU per task: runs on CPU and the run log says so, per task."""
+    run = jobs_run["faults"]["auto"]
+    assert run["exit"] == 0, run
+    (record,) = run["records"]
+    devices = record["runtime"]["tasks_by_device"]
+    assert devices and all(d.startswith("cpu CPUExecutionProvider (gpu ") for d in devices), devices
+    assert record["counts"]["written"] == FAULT_FACES
+
+
+# ----------------------------------------------------------------------------- faults of hosts and the store
 RACE_CORRUPT = [b"", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"<html>not an image</html>", b"GIF89a"]
 
 
@@ -159,14 +322,12 @@ def _race_inputs(spark, local_input: Path, folder: Path, bucket_root: str) -> tu
 
 
 @pytest.fixture(scope="module")
-def store_run(spark, demo_lake, multi_host, tmp_path_factory):
+def store_run(spark, demo_lake, multi_host, store_inputs, tmp_path_factory):
     """From the driver host, one application: an ingest racing the other driver host's ingest into one
     store table, the LogStore probe, then run, evaluate, report and maintain on the demo input."""
     cluster, jars = multi_host
-    _store_conf(spark, cluster)
-    bucket_root = f"s3a://{cluster.bucket}/ers"
+    bucket_root = store_inputs["bucket_root"]
     local_cfg = demo_lake[0]
-    _upload(spark, Path(local_cfg.ingest.input_path), f"{bucket_root}/input/{DEMO_INPUT}")
     race_a, race_b, race_rows = _race_inputs(spark, Path(local_cfg.ingest.input_path),
                                              tmp_path_factory.mktemp("race"), bucket_root)
     pairs, local_pairs = _pairs_file(spark, Path(local_cfg.ingest.input_path), tmp_path_factory.mktemp("pairs"),
@@ -359,6 +520,7 @@ def test_two_drivers_ingesting_one_store_table_lose_nothing(spark, store_run) ->
     assert reasons.count() == len(RACE_CORRUPT) and {r.reason for r in reasons.collect()} <= {"undecodable", "empty_file"}
     assert first["read"] + second["read"] == first["written"] + second["written"] + first["already_present"] + \
         second["already_present"] + first["quarantined"] + second["quarantined"]
+    assert first["changed_after_probe"] == second["changed_after_probe"] == 0
 
 
 def test_the_log_store_lets_one_commit_win(store_run) -> None:

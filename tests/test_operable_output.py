@@ -110,32 +110,46 @@ def _write_images(folder: Path, n: int = 3) -> None:
         Image.new("RGB", (40, 40), (40 * i, 90, 160)).save(folder / f"img{i}.png")
 
 
-@pytest.mark.spark
-def test_first_run_is_quiet_and_verbose_brings_the_noise_back(tmp_path: Path) -> None:
-    """`ers-spark ingest` in a fresh process: progress and JSON lines, no Ivy or Hive lines; --verbose shows them."""
+DEMO_STDERR_LINES = 40  # what a newcomer's first `ers-spark demo` may print on stderr, at most
+
+
+def _fresh_process_commands(tmp_path: Path) -> dict[str, list[str]]:
+    """The quiet run is the demo as a newcomer types it; the verbose one a 3-image ingest."""
     images = tmp_path / "images"
     _write_images(images)
-    env = {**os.environ, "ERS_SPARK_PROGRESS_INTERVAL": "0.1"}
+    cli = [sys.executable, "-m", "ers_spark.cli"]
+    # the demo's own home (its lake and input under ~/.ers-spark/demo), but the machine's Ivy and model caches
+    caches = [f"embed.model_cache_dir={Path.home() / '.cache' / 'ers-spark' / 'models'}",
+              f"spark.conf={{spark.jars.ivy: '{Path.home() / '.ivy2.5.2'}'}}"]
+    return {"quiet": [*cli, "demo", *caches],
+            "verbose": [*cli, "ingest", "--verbose", f"ingest.input_path={images}", f"storage.root={tmp_path / 'verbose'}",
+                        "spark.master=local[1]", "spark.shuffle_partitions=1", "spark.driver_memory=1g",
+                        f"spark.checkpoint_dir={tmp_path / 'verbose' / 'ckpt'}", *caches]}
+
+
+@pytest.mark.spark
+def test_first_run_is_quiet_and_verbose_brings_the_noise_back(tmp_path: Path) -> None:
+    """A first `ers-spark demo` in a fresh process and home: its summary on stdout, under 40 lines on stderr
+    (progress and the stages' lines, no Ivy, Hive or Spark WARN noise); `--verbose` shows that noise."""
     procs = {}
-    for mode in ("quiet", "verbose"):  # the two fresh processes run side by side (each waits on its JVM's start)
-        cmd = [sys.executable, "-m", "ers_spark.cli", "ingest", *(["--verbose"] if mode == "verbose" else []),
-               f"ingest.input_path={images}", f"storage.root={tmp_path / mode}", "spark.master=local[1]",
-               "spark.shuffle_partitions=1", "spark.driver_memory=1g", f"spark.checkpoint_dir={tmp_path / mode / 'ckpt'}"]
-        (tmp_path / mode).mkdir()
+    for mode, cmd in _fresh_process_commands(tmp_path).items():  # side by side: each waits on its JVM's start
+        (tmp_path / mode).mkdir(exist_ok=True)
+        env = {**os.environ, "HOME": str(tmp_path / "home")} if mode == "quiet" else dict(os.environ)
         procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                        cwd=tmp_path / mode)
     outputs = {}
     for mode, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-3000:]
-        record = json.loads(stdout.strip().splitlines()[-1])
-        assert record["stage"] == "ingest" and record["counts"]["written"] == 3
-        outputs[mode] = stderr
-    quiet, verbose = outputs["quiet"], outputs["verbose"]
-    assert "ers_spark.runtime.progress: ingest: spark stage " in quiet
+        outputs[mode] = (stdout, stderr)
+    (demo_out, quiet), (ingest_out, verbose) = outputs["quiet"], outputs["verbose"]
+    assert "Open the report:" in demo_out and (tmp_path / "home" / ".ers-spark" / "demo" / "lake").is_dir()
+    assert len(quiet.splitlines()) < DEMO_STDERR_LINES, quiet
+    assert "ers_spark.stages.locate_ui: locate-ui: chose eps=" in quiet
     for noise in (":: resolution report ::", ":: loading settings ::", "Hive SerDe", "found io.delta#",
-                  "You probably access the destination server", "Using Spark's default log4j profile"):
+                  "You probably access the destination server", "Using Spark's default log4j profile",
+                  "locally checkpointed", "Could not validate number of records", "top sizes ["):
         assert noise not in quiet, noise
-    assert len(quiet.splitlines()) < len(verbose.splitlines())
+    assert json.loads(ingest_out.strip().splitlines()[-1])["counts"]["written"] == 3
     assert "Hive SerDe" in verbose  # Spark's WARN on every Delta table in the Hive metastore
     assert ":: resolution report ::" in verbose  # Ivy's report (printed on every start, cached or not)

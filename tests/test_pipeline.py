@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -12,21 +9,9 @@ from ers_spark.pipeline import run_pipeline
 from ers_spark.lake.contracts import CLEANED, CROPS, EMBEDDINGS, SCORES, UI_CENTROIDS, UI_MEMBERS
 from ers_spark.lake.tables import table_path, table_version
 from ers_spark.sql import run_sql
+from readme_queries import pipeline_queries
 
 pytestmark = pytest.mark.spark
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def readme_sql_queries() -> list[str]:
-    """Every `ers-spark sql "..."` example in the README."""
-    queries = []
-    for line in README.read_text().splitlines():
-        line = line.strip()
-        if line.startswith("ers-spark sql "):
-            queries.append(shlex.split(line)[2])
-    return queries
-
 
 def test_demo_pipeline_writes_every_table(spark, demo_lake, capsys) -> None:
     cfg, records = demo_lake
@@ -73,11 +58,10 @@ def test_rerun_changes_no_row(spark, demo_lake) -> None:
     assert by_stage["score"]["inserted"] == 0 and by_stage["score"]["rescored"] == 0
 
 
-@pytest.mark.parametrize("query", readme_sql_queries())
+@pytest.mark.parametrize("query", pipeline_queries())
 def test_readme_sql_runs_on_demo_tables(demo_lake, query) -> None:
+    """README's queries over the pipeline's tables (those over evaluate's: tests/test_evaluate.py)."""
     cfg, _ = demo_lake
-    if "eval_" in query:
-        pytest.skip("a query over evaluate's tables: the demo lake has no evaluate run (tests/test_evaluate.py runs it)")
     query = query.replace("ers.", f"{cfg.storage.database}.")
     out = run_sql(cfg, query)
     assert out != "(no rows)", query

@@ -286,6 +286,24 @@ def test_identities_above_the_cap_are_checked_against_a_centre_from_capped_rows(
     check.unpersist()
 
 
+def test_label_noise_decides_the_same_whatever_order_the_rows_arrive_in(spark, dataset) -> None:
+    """The sub-centre k-means starts from rows in image_id order, not shuffle order: the rows reversed and
+    scattered over other partitions give the same angles and flags (a recomputed ``decided`` agrees
+    with the counted one)."""
+    from pyspark.sql import functions as F
+
+    params = load_config(overrides=["clean.max_angle_deg=30"]).clean
+    labelled = _labelled(spark, dataset)
+    results = []
+    for rows in (labelled.coalesce(1), labelled.orderBy(F.desc("image_id")).repartition(3, F.xxhash64("image_id"))):
+        check = label_noise_flags(rows, params)
+        results.append(check.flags.select("image_id", "subcenter_angle_deg", "_label_noise").toPandas()
+                       .sort_values("image_id").reset_index(drop=True))
+        check.unpersist()
+    np.testing.assert_array_equal(results[0]["subcenter_angle_deg"], results[1]["subcenter_angle_deg"])
+    assert results[0]["_label_noise"].tolist() == results[1]["_label_noise"].tolist()
+
+
 @pytest.mark.parametrize("cuts, expected", [
     ([["a", "a", "b"], ["b", "c"]], [["a", "a"], ["b", "b"], ["c"]]),
     ([["a"], ["a"], ["a"]], [["a", "a", "a"]]),

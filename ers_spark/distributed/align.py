@@ -43,12 +43,13 @@ def align_one(data: bytes, size: int, min_side: int, embed_unaligned: bool) -> l
     from PIL import Image
 
     from ers_spark.models.align import align_faces, centred_resize
+    from ers_spark.models.preprocess import UNDECODABLE_ERRORS, undecodable_detail
 
     try:
         with Image.open(io.BytesIO(data)) as img:
             rgb = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # bad bytes: this photo only
-        return [(None, None, f"undecodable photo: {str(exc).splitlines()[0][:300]}")]
+    except UNDECODABLE_ERRORS as exc:  # bad bytes: this photo only (a missing codec fails the job)
+        return [(None, None, f"undecodable photo: {undecodable_detail(exc)}")]
     # a missing dlib or landmark model raises ModelError here and fails the job
     chips = align_faces(rgb, size=size, min_side=min_side)
     if chips:

@@ -27,7 +27,9 @@ def probe_image(data: bytes | None) -> tuple[int | None, int | None, str | None,
 
     A full ``load()`` (not just the header) is what catches truncated files.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from ers_spark.models.preprocess import UNDECODABLE_ERRORS, undecodable_detail
 
     if data is None or len(data) == 0:
         return None, None, None, REASON_EMPTY, "file has 0 bytes"
@@ -36,9 +38,8 @@ def probe_image(data: bytes | None) -> tuple[int | None, int | None, str | None,
             fmt = (img.format or "unknown").lower()
             img.load()
             width, height = img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        return None, None, None, REASON_UNDECODABLE, detail
+    except UNDECODABLE_ERRORS as exc:  # a missing codec or MemoryError fails the task instead
+        return None, None, None, REASON_UNDECODABLE, undecodable_detail(exc)
     if fmt == "ppm":  # Pillow names PGM/PPM/PBM files "PPM"
         fmt = "pnm"
     return width, height, fmt, None, None

@@ -63,9 +63,11 @@ def _per_identity(labelled: DataFrame, per_frame: Callable[[pd.DataFrame], pd.Da
     """``per_frame`` over frames of whole identities, many identities per Python call.
 
     One call per identity (``applyInPandas``) costs far more than the math on an identity of ten
-    images; a sorted partition cut into whole identities keeps the calls per Arrow batch.
+    images; a sorted partition cut into whole identities keeps the calls per Arrow batch. Each
+    identity's rows arrive in image_id order, whatever order the shuffle delivered them in: the
+    k-means start depends on row order, so a recompute (a lost cache, a retried task) decides the same.
     """
-    by_identity = labelled.repartition(IDENTITY).sortWithinPartitions(IDENTITY)
+    by_identity = labelled.repartition(IDENTITY).sortWithinPartitions(IDENTITY, IMAGE_ID)
     return by_identity.mapInPandas(lambda pdfs: (per_frame(pdf) for pdf in whole_identity_frames(pdfs)), schema)
 
 

@@ -2,8 +2,10 @@
 
 Decoding is the only per-image step (Pillow has no batch decoder); everything after it, the
 channel order, the normalisation and the layout, is done once on the stacked batch.
-A bad image never raises: it is reported with ``ok=False`` and a one-line reason so a Spark
-job can keep the row and say why it has no embedding.
+Bytes that do not decode never raise: they are reported with ``ok=False`` and a one-line reason
+so a Spark job can keep the row and say why it has no embedding. Only Pillow's verdicts on the
+bytes count as that (:data:`UNDECODABLE_ERRORS`); a missing codec or a ``MemoryError`` is the job's
+fault, not the row's, and fails the task.
 
 Example
 -------
@@ -22,19 +24,48 @@ Example
 from __future__ import annotations
 
 import io
+import re
+import struct
+import zlib
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from ers_spark.errors import CodecError
 from ers_spark.models.spec import ModelSpec
 
 _RESAMPLE = Image.Resampling.BILINEAR
+# what Pillow raises for bytes it cannot make an image of (UnidentifiedImageError is an OSError; broken
+# PNG chunks raise SyntaxError; truncated streams OSError or EOFError); nothing else is the row's fault
+UNDECODABLE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+                      Image.DecompressionBombError)
+_MISSING_CODEC = re.compile(r"\b(?:decoder|encoder) (\S+) not available")
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def undecodable_detail(exc: BaseException, limit: int = 300) -> str:
+    """The one-line reason a row's bytes did not decode; a codec this Pillow lacks fails the job instead.
+
+    Pillow says ``decoder jpeg not available`` when it was built without a codec: every image of
+    that format would be quarantined as bad input, so it is a broken runtime (:class:`CodecError`).
+
+    >>> undecodable_detail(OSError("cannot identify image file <_io.BytesIO object>"))
+    'cannot identify image file <_io.BytesIO object>'
+    >>> undecodable_detail(OSError("decoder jpeg not available"))
+    Traceback (most recent call last):
+    ...
+    ers_spark.errors.CodecError: Pillow on this worker has no jpeg decoder (decoder jpeg not available): install a Pillow built with it on every executor
+    """
+    missing = _MISSING_CODEC.search(str(exc)) if isinstance(exc, OSError) else None
+    if missing:
+        raise CodecError(f"Pillow on this worker has no {missing.group(1)} decoder ({_first_line(exc)}): "
+                         "install a Pillow built with it on every executor") from exc
+    return _first_line(exc)[:limit]
 
 
 def _decode_one(
@@ -61,8 +92,8 @@ def _decode_one(
             if im.size != size:
                 im = im.resize(size, _RESAMPLE)
             return np.asarray(im, dtype=np.uint8), None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-row result
-        return None, f"undecodable image: {_first_line(exc)}"
+    except UNDECODABLE_ERRORS as exc:
+        return None, f"undecodable image: {undecodable_detail(exc)}"
 
 
 def decode_images(

@@ -130,8 +130,21 @@ def write_outputs(spark: SparkSession, cfg: ErsConfig, decided: DataFrame, model
     return {"cleaned_changed": sum(cleaned_changes.values()), "quarantine_changed": sum(quarantine_changes.values())}
 
 
+def table_counts(spark: SparkSession, cfg: ErsConfig) -> dict[str, int]:
+    """What the tables hold after the MERGEs: rows of cleaned, and clean's quarantine rows by reason.
+
+    Both MERGEs make their table (clean's scope of quarantine) equal their source, so these are the
+    decisions as written, not a second evaluation of them.
+    """
+    quarantined = (read_table(spark, cfg, QUARANTINE).where(F.col(STAGE) == STAGE_NAME)
+                   .groupBy(REASON).agg(F.count(F.lit(1)).alias("n")).collect())
+    by_reason = {row[REASON]: int(row["n"]) for row in quarantined}
+    return {"cleaned": read_table(spark, cfg, CLEANED).count(), "quarantined": sum(by_reason.values()),
+            "unrecognizable": by_reason.get(REASON_UNRECOGNIZABLE, 0), "label_noise": by_reason.get(REASON_LABEL_NOISE, 0)}
+
+
 def run_clean(spark: SparkSession, cfg: ErsConfig) -> dict:
-    """Run the clean stage; counts: scored = cleaned + quarantined (unrecognizable + label_noise)."""
+    """Run the clean stage; counts: scored = cleaned + quarantined (unrecognizable + label_noise), as written."""
     params = cfg.clean
     scores_all = read_table(spark, cfg, SCORES, hint="run `ers-spark score` first")
     model = latest_model(scores_all, time_column=SCORED_AT)[:2]
@@ -146,19 +159,15 @@ def run_clean(spark: SparkSession, cfg: ErsConfig) -> dict:
     decided = decided.cache()
     uic_ids = [r[UIC_ID] for r in scores.select(UIC_ID).distinct().limit(2).collect()]
     changes = write_outputs(spark, cfg, decided, model, uic_ids, check)
-    counts = {r[REASON] or "cleaned": int(r["n"]) for r in decided.groupBy(REASON).agg(F.count(F.lit(1)).alias("n")).collect()}
+    scored = decided.count()
     decided.unpersist()
     check.unpersist()
-    scored = sum(counts.values())
+    written = table_counts(spark, cfg)
+    if written["cleaned"] + written["quarantined"] != scored:  # a concurrent clean of this lake, or a bug
+        raise RuntimeError(f"clean: {scored} scored rows but the tables hold {written['cleaned']} cleaned + "
+                           f"{written['quarantined']} quarantined; re-run clean (no other clean may write this lake)")
     run.params.update(max_angle_deg_applied=check.max_angle_deg, claim_angle_deg_applied=check.claim_angle_deg)
-    run.counts = {
-        "scored": scored,
-        "cleaned": counts.get("cleaned", 0),
-        "quarantined": scored - counts.get("cleaned", 0),
-        "unrecognizable": counts.get(REASON_UNRECOGNIZABLE, 0),
-        "label_noise": counts.get(REASON_LABEL_NOISE, 0),
-        **changes,
-    }
+    run.counts = {"scored": scored, **written, **changes}
     if check.max_angle_deg is not None:
         log.info("clean: label noise = farther than %.1f deg from its own identity and within %s deg of another's",
                  check.max_angle_deg, "n/a" if check.claim_angle_deg is None else f"{check.claim_angle_deg:.1f}")

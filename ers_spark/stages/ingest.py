@@ -278,6 +278,7 @@ class IngestPlan:
     quarantine: DataFrame
     read: int
     new: int
+    present: int
     quarantined: int
     conflicts: int
 
@@ -297,7 +298,7 @@ def plan_ingest(spark: SparkSession, cfg: ErsConfig) -> IngestPlan:
         F.length(IDENTITY), F.lit(0)) + F.coalesce(F.length(FORMAT), F.lit(0)) + F.lit(KEEP_ROW_OVERHEAD)
     totals = decided.agg(
         F.count(F.lit(1)).alias("read"),
-        *[F.count(F.when(F.col(STATUS) == s, 1)).alias(s) for s in (NEW, BAD, CONFLICT)],
+        *[F.count(F.when(F.col(STATUS) == s, 1)).alias(s) for s in (NEW, PRESENT, BAD, CONFLICT)],
         F.coalesce(F.sum(F.when(new, keep_size)), F.lit(0)).alias("keep_size"),
     ).first()
     keep = decided.where(new).select(ROW_KEY, IMAGE_ID, SOURCE_PATH, IDENTITY, WIDTH, HEIGHT, FORMAT)
@@ -308,13 +309,24 @@ def plan_ingest(spark: SparkSession, cfg: ErsConfig) -> IngestPlan:
         quarantine=quarantine_rows(quarantined, STAGE_NAME, F.col(REASON), F.col(DETAIL)),
         read=int(totals["read"]),
         new=int(totals[NEW]),
+        present=int(totals[PRESENT]),
         quarantined=int(totals[BAD]) + int(totals[CONFLICT]),
         conflicts=int(totals[CONFLICT]),
     )
 
 
-def insert_crops(spark: SparkSession, cfg: ErsConfig, plan: IngestPlan) -> int:
-    """MERGE the new crops into crops; return how many were inserted.
+@dataclass
+class CropsWritten:
+    """What the crops MERGE did with the rows found new: inserted, matched (a concurrent ingest wrote
+    the same bytes first: already present) or left out (the file changed or vanished since its probe)."""
+
+    inserted: int
+    matched: int = 0
+    changed_after_probe: int = 0
+
+
+def insert_crops(spark: SparkSession, cfg: ErsConfig, plan: IngestPlan) -> CropsWritten:
+    """MERGE the new crops into crops; say what became of each new row.
 
     Why still a MERGE for rows found new: a concurrent ingest may insert the same bytes meanwhile, and
     Delta's conflict check makes the later one retry against the new snapshot, where they match (no
@@ -323,7 +335,7 @@ def insert_crops(spark: SparkSession, cfg: ErsConfig, plan: IngestPlan) -> int:
     """
     if plan.new == 0:
         ensure_table(spark, cfg, CROPS)  # later stages read it; no new version
-        return 0
+        return CropsWritten(0)
     source = conform(plan.crops, CROPS)
 
     def attempt() -> int:
@@ -333,16 +345,22 @@ def insert_crops(spark: SparkSession, cfg: ErsConfig, plan: IngestPlan) -> int:
         return int(row["num_inserted_rows"]) if row is not None else 0
 
     inserted = retry_on_conflict(attempt, f"MERGE into {CROPS.name}")
-    if inserted < plan.new:  # a concurrent ingest wrote them, or files changed since the probe: ids tell
-        lost = plan.keep.join(read_table(spark, cfg, CROPS).select(IMAGE_ID), IMAGE_ID, "left_anti").count()
-        if lost:
-            log.warning("ingest: %d of %d new files changed or vanished after they were probed; not written "
-                        "(a later ingest reads them again)", lost, plan.new)
-    return inserted
+    if inserted == plan.new:
+        return CropsWritten(inserted)
+    # the ids crops does not hold after the MERGE: their files changed or vanished since the probe
+    lost = plan.keep.join(read_table(spark, cfg, CROPS).select(IMAGE_ID), IMAGE_ID, "left_anti").count()
+    if lost:
+        log.warning("ingest: %d of %d new files changed or vanished after they were probed; not written "
+                    "(a later ingest reads them again)", lost, plan.new)
+    return CropsWritten(inserted, matched=plan.new - inserted - lost, changed_after_probe=lost)
 
 
 def run_ingest(spark: SparkSession, cfg: ErsConfig) -> dict:
-    """Run the ingest stage; its counts add up: read = written + already_present + quarantined."""
+    """Run the ingest stage; its counts add up: read = written + already_present + quarantined + changed_after_probe.
+
+    Each count is what happened to those rows (the probe's verdict, then the crops MERGE's metrics and
+    what crops holds after it), not a difference of the others.
+    """
     params = cfg.ingest
     params.require_input(cfg.source)
     require_shared_paths(cfg, spark.sparkContext.master, {"ingest.input_path": params.input_path})
@@ -352,10 +370,11 @@ def run_ingest(spark: SparkSession, cfg: ErsConfig) -> dict:
     merge_insert_new(spark, cfg, QUARANTINE, plan.quarantine)
     run.counts = {
         "read": plan.read,
-        "written": written,
-        "already_present": plan.read - plan.quarantined - written,
+        "written": written.inserted,
+        "already_present": plan.present + written.matched,
         "quarantined": plan.quarantined,
         "identity_conflicts": plan.conflicts,
+        "changed_after_probe": written.changed_after_probe,
     }
-    log.info("ingest: %d rows read, %d new crops written, %d quarantined", plan.read, written, plan.quarantined)
+    log.info("ingest: %d rows read, %d new crops written, %d quarantined", plan.read, written.inserted, plan.quarantined)
     return run.finish(spark, cfg, outputs=(CROPS, QUARANTINE))

@@ -105,9 +105,17 @@ log = logging.getLogger(__name__)
 MAX_UICS_COMPARED = 50  # UICs of one embeddings version looked at for reuse (newest first)
 
 
-def _print_size_table(table: list[tuple[float, list[int], int]]) -> None:
-    lines = "".join(f"\n  eps={eps:.4g}\ttop sizes {sizes}\t{n} identity-sized" for eps, sizes, n in table)
-    log.info("locate-ui: top cluster sizes per eps (exact single linkage on the eps sample)%s", lines)
+def _log_size_table(table: list[tuple[float, list[int], int]]) -> None:
+    """The whole eps grid at DEBUG (a line per eps; the run record keeps it as ``eps_size_table``)."""
+    if log.isEnabledFor(logging.DEBUG):
+        lines = "".join(f"\n  eps={eps:.4g}\ttop sizes {sizes}\t{n} identity-sized" for eps, sizes, n in table)
+        log.debug("locate-ui: top cluster sizes per eps (exact single linkage on the eps sample)%s", lines)
+
+
+def size_table_record(table: list[tuple[float, list[int], int]]) -> list[dict]:
+    """The eps grid as the run record stores it: per eps, the top cluster sizes and the identity-sized count."""
+    return [{"eps": float(eps), "top_sizes": [int(s) for s in sizes], "identity_sized": int(n)}
+            for eps, sizes, n in table]
 
 
 # --------------------------------------------------------------------------- output
@@ -307,16 +315,22 @@ def _reuse(spark: SparkSession, cfg: ErsConfig, run: StageRun, existing: Any, ve
     return run.finish(spark, cfg, outputs=(UI_CENTROIDS, UI_MEMBERS))
 
 
-def _choose_eps(points: DataFrame, n_rows: int, params: LocateUiConfig) -> tuple[float, str]:
-    """(eps, where it came from): the configured eps, else the grid rule on a seeded sample."""
+def _choose_eps(points: DataFrame, n_rows: int, params: LocateUiConfig) -> tuple[float, str, list[dict] | None]:
+    """(eps, where it came from, the grid's size table): the configured eps, else the grid rule on a seeded sample.
+
+    INFO says the chosen eps, its rule and the largest clusters there; the whole grid goes to DEBUG
+    and to the run record.
+    """
     if params.eps is not None:
-        return float(params.eps), "config"
+        return float(params.eps), "config", None
     _, xs = to_numpy(uniform_sample(points, n_rows, params.grid_sample_rows, params.seed))
     choice = choose_eps(xs, params.eps_grid, params.dominance_ratio, params.min_share,
                         identity_min_size=params.identity_min_size, identity_tolerance=params.identity_tolerance)
-    _print_size_table(choice.size_table)
-    log.info(f"locate-ui: chose eps={choice.eps:.4g} ({choice.rule})")
-    return choice.eps, f"grid on {xs.shape[0]} sampled rows: {choice.rule}"
+    _log_size_table(choice.size_table)
+    top_sizes = next(sizes for eps, sizes, _ in choice.size_table if eps == choice.eps)
+    log.info(f"locate-ui: chose eps={choice.eps:.4g} on {xs.shape[0]} sampled rows ({choice.rule}); "
+             f"largest clusters there {top_sizes}")
+    return choice.eps, f"grid on {xs.shape[0]} sampled rows: {choice.rule}", size_table_record(choice.size_table)
 
 
 def _cluster_and_write(spark: SparkSession, cfg: ErsConfig, run: StageRun, emb: DataFrame, model: tuple[str, str],
@@ -327,7 +341,7 @@ def _cluster_and_write(spark: SparkSession, cfg: ErsConfig, run: StageRun, emb: 
     )
     try:
         n_rows = points.count()
-        eps, eps_source = _choose_eps(points, n_rows, params)
+        eps, eps_source, size_table = _choose_eps(points, n_rows, params)
         cluster = graph_linkage if params.method == "graph" else sample_hac_linkage
         result = cluster(spark, points, n_rows, eps, params)
         members = result.members.persist(StorageLevel.MEMORY_AND_DISK)
@@ -350,5 +364,7 @@ def _cluster_and_write(spark: SparkSession, cfg: ErsConfig, run: StageRun, emb: 
         f"mean member distance {mean_dist:.4f}"
     )
     run.params.update(uic_id=uic_id, eps_used=eps, eps_source=eps_source, top_cluster_sizes=result.top_sizes)
+    if size_table is not None:
+        run.runtime["eps_size_table"] = size_table
     run.counts = {"input_rows": n_rows, "members": n_members, **result.counts}
     return run.finish(spark, cfg, outputs=(UI_CENTROIDS, UI_MEMBERS))
