@@ -149,6 +149,19 @@ def demo_summary(spark, cfg: ErsConfig, records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report_link(path: str) -> str:
+    """Where to open the report: a ``file://`` URI for a local file, the store's URI as it is.
+
+    >>> report_link("/tmp/lake/report.html"), report_link("s3a://bucket/lake/report.html")
+    ('file:///tmp/lake/report.html', 's3a://bucket/lake/report.html')
+    """
+    from ers_spark.runtime.cluster_paths import is_local_path
+
+    if not is_local_path(path):
+        return path
+    return Path(path.removeprefix("file:")).expanduser().resolve().as_uri()
+
+
 def run_demo(cfg: ErsConfig) -> None:
     """Run every pipeline stage on the demo input, write the HTML report, end with a summary and the report's path."""
     from pyspark.sql import SparkSession
@@ -159,4 +172,4 @@ def run_demo(cfg: ErsConfig) -> None:
     spark = SparkSession.getActiveSession()
     report = run_report(spark, cfg)
     print(demo_summary(spark, cfg, records), flush=True)
-    print(f"Open the report:      {Path(report['path']).as_uri()}", flush=True)
+    print(f"Open the report:      {report_link(report['path'])}", flush=True)
