@@ -39,6 +39,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import run_provenance  # noqa: E402  (bench/, beside this script)
+
 from ers_spark.config import load_config  # noqa: E402
 from ers_spark.errors import ClusteringError  # noqa: E402
 from ers_spark.core.synthetic import DEGRADATIONS, degrade  # noqa: E402
@@ -232,6 +234,7 @@ def main() -> None:
         },
         "clean_defaults": {k: v for k, v in vars(load_config().clean).items()},
         "seconds": round(time.perf_counter() - t0, 1),
+        **run_provenance(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
     }

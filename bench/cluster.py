@@ -31,6 +31,8 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import run_provenance  # noqa: E402  (bench/, beside this script)
+
 from ers_spark.config import load_config  # noqa: E402
 from ers_spark.lake.contracts import EMBEDDING, EMBEDDINGS, IMAGE_ID, UI_CENTROIDS, UI_MEMBERS, UIC_ID  # noqa: E402
 from ers_spark.core.ers import ui_centroid  # noqa: E402
@@ -233,14 +235,14 @@ def main() -> None:
         base.append(f"spark.conf={{spark.jars: '{args.graphframes_jar}'}}")
     spark = build_session(load_config(overrides=base), "bench-cluster")
     out_path = Path(args.out)
-    result: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    result: dict[str, Any] = run_provenance()  # this run only: sizes of earlier runs are never merged in
     result.update({
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "pyspark": pyspark.__version__,
                     "numpy": np.__version__, "master": "local[2]", "platform": platform.platform()},
         "notes": "eps fixed at synthetic.RECOMMENDED_EPS (no grid search); peak_mib = max summed RSS of "
                  "driver python + JVM + python workers; other jobs may have shared the 2 cores",
     })
-    per_n = {str(r["n"]): r for r in result.get("sizes", [])}
+    per_n: dict[str, dict[str, Any]] = {}
     for n in sizes:
         per_n[str(n)] = bench_size(spark, base, n, args.seed, graphframes=bool(args.graphframes_jar))
         result["sizes"] = [per_n[k] for k in sorted(per_n, key=int)]

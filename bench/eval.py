@@ -27,6 +27,8 @@ from scipy.cluster.hierarchy import fcluster, linkage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from provenance import run_provenance  # noqa: E402  (bench/, beside this script)
 sys.path.insert(0, str(ROOT / "bench"))
 
 from quality import ORL, orl_with_degraded_copies  # noqa: E402
@@ -158,7 +160,7 @@ def main() -> None:
     scores = spark.read.format("delta").load(table_path(cfg, SCORES)).select("image_id", "ers").toPandas()
     scored = crops.merge(scores, on="image_id").merge(
         data[["path", "degraded"]].rename(columns={"path": "source_path"}), on="source_path")
-    result = figures(table)
+    result = {**run_provenance(), **figures(table)}
     result["auc_ers_clean_vs_degraded"] = round(
         roc_auc(scored["ers"].to_numpy(), ~scored["degraded"].to_numpy(bool)), 4)
     result["targets_met"] = targets(result)

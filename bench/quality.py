@@ -31,6 +31,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import run_provenance  # noqa: E402  (bench/, beside this script)
+
 from ers_spark.core.calibration import calibrate_gamma_unlabelled  # noqa: E402
 from ers_spark.core.metrics import roc_auc  # noqa: E402
 from ers_spark.config import load_config  # noqa: E402
@@ -132,6 +134,7 @@ def main() -> None:
     unlabelled = calibrate_gamma_unlabelled(table["ers"].to_numpy()[is_member], table["ers"].to_numpy()[~is_member])
 
     result = {
+        **run_provenance(),
         "images": int(len(table)),
         "clean": int((~degraded).sum()),
         "degraded": int(degraded.sum()),

@@ -43,6 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import run_provenance  # noqa: E402  (bench/, beside this script)
+
 OUT = ROOT / "bench" / "results" / "scale.json"
 WORK = Path(os.environ.get("ERS_BENCH_DIR", "/tmp/ers-scale"))
 EPS = 0.4
@@ -421,7 +423,9 @@ def main() -> None:
         sizes[n].update(_child_result([sys.executable, __file__, "--baselines", str(n)]))
         write_result(sizes, previous.get("image_path"), previous.get("run_started", started))
         return
-    images = {**image_path(args.image_crops), "run_started": started} if args.image_crops else previous.get("image_path")
+    # a new run: nothing of an earlier run's file is kept (only --recover above continues the run it names)
+    sizes = {}
+    images = {**image_path(args.image_crops), "run_started": started} if args.image_crops else None
     write_result(sizes, images, started)
     for n in (int(s) for s in args.sizes.split(",") if s):
         subprocess.run([sys.executable, __file__, "--generate", str(n)], check=True)
@@ -433,7 +437,7 @@ def main() -> None:
 
 def write_result(sizes: dict[int, dict[str, Any]], images: dict[str, Any] | None, started: str) -> None:
     ordered = [sizes[k] for k in sorted(sizes)]
-    OUT.write_text(json.dumps({"machine": machine(), "run_started": started, "eps": EPS, "ui_share": UI_SHARE,
+    OUT.write_text(json.dumps({**run_provenance(), "machine": machine(), "run_started": started, "eps": EPS, "ui_share": UI_SHARE,
                                **summarise(ordered), "image_path": images, "sizes": ordered}, indent=2) + "\n")
 
 

@@ -1,0 +1,27 @@
+"""Where a benchmark's figures come from: one run of one commit, started at one time.
+
+Every script under ``bench/`` writes these keys into its JSON, so each figure README quotes can be
+traced to the run and the code that made it (no file mixes runs: the scripts never merge old results).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# the script imports this module as it starts: the run began then, whenever its result is written
+STARTED = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def run_provenance() -> dict[str, Any]:
+    """``commit`` (HEAD), ``tree_dirty`` (tracked files changed since it) and ``run_started`` (UTC, ISO 8601:
+    when the script started)."""
+    return {"commit": _git("rev-parse", "HEAD") or None,
+            "tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "run_started": STARTED}
