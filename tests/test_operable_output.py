@@ -119,8 +119,10 @@ def _fresh_process_commands(tmp_path: Path) -> dict[str, list[str]]:
     _write_images(images)
     cli = [sys.executable, "-m", "ers_spark.cli"]
     # the demo's own home (its lake and input under ~/.ers-spark/demo), but the machine's Ivy and model caches
-    caches = [f"embed.model_cache_dir={Path.home() / '.cache' / 'ers-spark' / 'models'}",
-              f"spark.conf={{spark.jars.ivy: '{Path.home() / '.ivy2.5.2'}'}}"]
+    from ers_spark.config import load_config
+
+    conf = {**load_config().spark.conf, "spark.jars.ivy": str(Path.home() / ".ivy2.5.2")}  # the defaults, plus Ivy
+    caches = [f"embed.model_cache_dir={Path.home() / '.cache' / 'ers-spark' / 'models'}", f"spark.conf={json.dumps(conf)}"]
     return {"quiet": [*cli, "demo", *caches],
             "verbose": [*cli, "ingest", "--verbose", f"ingest.input_path={images}", f"storage.root={tmp_path / 'verbose'}",
                         "spark.master=local[1]", "spark.shuffle_partitions=1", "spark.driver_memory=1g",

@@ -7,7 +7,9 @@ when Spark reports no row counts)::
 
     12:03:04 INFO ers_spark.runtime.progress: embed: spark stage 7 (mapInPandas at ...): tasks 5/16 (2 running), 812 rows/s
 
-``ERS_SPARK_PROGRESS_INTERVAL`` (seconds, default 5) sets the period.
+``ERS_SPARK_PROGRESS_INTERVAL`` (seconds, default 5) sets the first period; after each line the
+period doubles, up to a minute, so a stage of a minute logs a few lines and an hour-long one about
+one a minute (a demo's stderr stays short; a long job still shows it is alive).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 5.0
+MAX_INTERVAL_S = 60.0  # the period stops doubling here
 
 
 def progress_interval() -> float:
@@ -118,7 +121,8 @@ def snapshot(spark: Any, first_seen: dict[int, int] | None = None) -> list[Stage
 
 
 class StageProgress:
-    """Context manager: log a progress line every ``interval`` seconds while a Spark job is active."""
+    """Context manager: log a progress line while a Spark job is active, first after ``interval`` seconds,
+    then at doubling periods up to :data:`MAX_INTERVAL_S` (or ``interval`` when that is longer)."""
 
     def __init__(self, spark: Any, stage: str, interval: float | None = None) -> None:
         self.spark = spark
@@ -138,7 +142,8 @@ class StageProgress:
         self._thread.join(timeout=max(5.0, 2 * self.interval))
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        period, longest = self.interval, max(self.interval, MAX_INTERVAL_S)
+        while not self._stop.wait(period):
             try:
                 snapshots = snapshot(self.spark, self._first_seen)
             except Exception as exc:  # noqa: BLE001 - never let progress reporting fail a stage
@@ -147,6 +152,7 @@ class StageProgress:
             if snapshots and not self._stop.is_set():
                 log.info(progress_line(self.stage, snapshots, int(time.time() * 1000)))
                 self.lines += 1
+                period = min(2 * period, longest)
 
 
 def stage_progress(spark: Any, stage: str, interval: float | None = None) -> StageProgress:
