@@ -4,7 +4,8 @@ A master, two workers and a driver, each a host of its own (tests/multi_host.py:
 namespaces on a bridge), and Versity's S3 gateway on the bridge. The driver submits through
 ``deploy/ers-submit`` with the jars ``deploy/fetch_jars.sh`` fetched (S3A among them) and a config
 whose S3A endpoint and credentials are config keys; the tables it leaves must equal the local[2]
-run of the same input (the test session's demo lake).
+run of the same input (the test session's demo lake). Its first application runs every ``jobs/*.py``
+and the model faults (each worker host has two fake GPUs); the second, the host and store faults.
 
 Marked ``multihost``: README's test command leaves it out (suite time), ``.ci/run`` runs it after.
 """
