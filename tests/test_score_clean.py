@@ -61,11 +61,34 @@ def test_enhanced_embedding_is_null_for_a_row_on_the_uic(spark, make_cfg, datase
     assert scores.drop(index="on_the_uic")["enhanced_embedding"].notna().all()
 
 
-def test_score_fixed_gamma_matches_numpy(spark, make_cfg, dataset) -> None:
-    cfg = make_cfg("score.gamma=0.5", "score.enhanced=true")
+def _labelled_lake(spark, tmp_path_factory, dataset, name: str, *overrides: str):
+    """A lake of the dataset's embeddings (with identities) and its UIC, scored once with ``overrides``.
+
+    Shared by the tests of one setting (each run of a stage costs seconds); returns (cfg, uic_id, first score record).
+    """
+    folder = tmp_path_factory.mktemp(name)
+    cfg = load_config(overrides=[f"storage.root={folder / 'lake'}", f"storage.database=ers_{name}",
+                                 "spark.shuffle_partitions=2", f"spark.checkpoint_dir={folder / 'ckpt'}", *overrides])
     write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
     uic_id = write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
-    record = run_score(spark, cfg)
+    return cfg, uic_id, run_score(spark, cfg)
+
+
+@pytest.fixture(scope="module")
+def fixed_gamma_lake(spark, tmp_path_factory, dataset):
+    """gamma fixed at 0.5, enhanced features on. The fixed-gamma and clean tests read it; the re-run test,
+    last in this file, moves it to a new UIC."""
+    return _labelled_lake(spark, tmp_path_factory, dataset, "fixed_gamma", "score.gamma=0.5", "score.enhanced=true")
+
+
+@pytest.fixture(scope="module")
+def calibrated_lake(spark, tmp_path_factory, dataset):
+    """gamma calibrated on the identities at FAR 0.05; the settings-change test, last in this file, recalibrates it."""
+    return _labelled_lake(spark, tmp_path_factory, dataset, "calibrated", "score.target_far=0.05")
+
+
+def test_score_fixed_gamma_matches_numpy(spark, fixed_gamma_lake, dataset) -> None:
+    cfg, uic_id, record = fixed_gamma_lake
     n = len(dataset["ids"])
     assert record["counts"]["scored"] == n and record["counts"]["inserted"] == n
     assert record["counts"]["recognizable"] + record["counts"]["unrecognizable"] == n
@@ -84,33 +107,8 @@ def test_score_fixed_gamma_matches_numpy(spark, make_cfg, dataset) -> None:
     assert ui.max() < scores.drop(index=dataset["ui_members"])["ers"].min()
 
 
-def test_score_rerun_changes_nothing_and_new_uic_rescores(spark, make_cfg, dataset) -> None:
-    cfg = make_cfg("score.gamma=0.5")
-    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
-    write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
-    run_score(spark, cfg)
-    version = table_version(spark, cfg, SCORES)
-    again = run_score(spark, cfg)
-    assert again["counts"]["inserted"] == 0 and again["counts"]["rescored"] == 0
-    assert table_version(spark, cfg, SCORES) == version
-
-    rotated = ers_math.normalize_rows((dataset["uic"] + 0.3 * dataset["emb"][0])[None, :])[0]
-    new_uic = write_uic(spark, cfg, rotated, dataset["ui_members"][:3], minutes=5)
-    third = run_score(spark, cfg)
-    assert third["counts"]["rescored"] == len(dataset["ids"])
-    now = _table(spark, cfg, SCORES)
-    assert {r.uic_id for r in now.select("uic_id").distinct().collect()} == {new_uic}
-    old = spark.read.format("delta").option("versionAsOf", version).load(table_path(cfg, SCORES))
-    assert old.where(old.uic_id == new_uic).count() == 0 and old.count() == len(dataset["ids"])
-    props = spark.sql(f"SHOW TBLPROPERTIES delta.`{table_path(cfg, SCORES)}`").toPandas().set_index("key")["value"]
-    assert props["ers.uic_id"] == new_uic
-
-
-def test_gamma_calibrated_with_identities_and_stored(spark, make_cfg, dataset) -> None:
-    cfg = make_cfg("score.target_far=0.05")
-    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
-    uic_id = write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
-    record = run_score(spark, cfg)
+def test_gamma_calibrated_with_identities_and_stored(spark, calibrated_lake, dataset) -> None:
+    cfg, uic_id, record = calibrated_lake
     (row,) = _table(spark, cfg, UI_CENTROIDS).where(f"uic_id = '{uic_id}'").collect()
     assert row.gamma_method == "pairs-frr-at-far"
     assert row.gamma == pytest.approx(record["params"]["gamma"])
@@ -129,11 +127,9 @@ def test_gamma_calibrated_with_identities_and_stored(spark, make_cfg, dataset) -
     assert run_score(spark, cfg)["params"]["gamma_method"] == "pairs-frr-at-far"
 
 
-def test_calibration_sample_is_drawn_by_identity(spark, make_cfg, dataset) -> None:
+def test_calibration_sample_is_drawn_by_identity(spark, calibrated_lake) -> None:
     """calibration_sample_rows=20 -> two identities, every one of their (12) images capped at 10: whole identities."""
-    cfg = make_cfg("score.calibration_sample_rows=20")
-    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
-    write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
+    cfg = calibrated_lake[0].with_overrides(["score.calibration_sample_rows=20"])
     sample = identity_sample(spark, cfg, read_table(spark, cfg, EMBEDDINGS), cfg.score)
     per_identity = sample.groupby("identity").size()
     assert len(per_identity) == 2 and (per_identity == IMAGES_PER_IDENTITY).all()
@@ -165,11 +161,8 @@ def test_score_without_uic_is_a_clear_error(spark, make_cfg, dataset) -> None:
         run_score(spark, cfg)
 
 
-def test_clean_counts_add_up_and_label_noise(spark, make_cfg, dataset) -> None:
-    cfg = make_cfg("score.gamma=0.5")
-    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
-    write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
-    run_score(spark, cfg)
+def test_clean_counts_add_up_and_label_noise(spark, fixed_gamma_lake, dataset) -> None:
+    cfg = fixed_gamma_lake[0]
     record = run_clean(spark, cfg)
     c = record["counts"]
     n = len(dataset["ids"])
@@ -361,12 +354,10 @@ def test_nearest_other_centres_in_blocks_equals_numpy(spark, dataset, block_rows
     assert_approx_df_equality(got, expected, 1e-9, ignore_row_order=True, ignore_nullable=True)
 
 
-def test_stored_gamma_reused_only_with_the_settings_it_was_calibrated_with(spark, make_cfg, dataset) -> None:
-    """A changed score.target_far calibrates gamma again (the run says which setting changed); unchanged reuses it."""
-    cfg = make_cfg("score.target_far=0.05")
-    write_embeddings(spark, cfg, dataset["ids"], dataset["emb"], dataset["identities"])
-    uic_id = write_uic(spark, cfg, dataset["uic"], dataset["ui_members"])
-    first = run_score(spark, cfg)
+def test_stored_gamma_reused_only_with_the_settings_it_was_calibrated_with(spark, calibrated_lake) -> None:
+    """A changed score.target_far calibrates gamma again (the run says which setting changed); unchanged reuses it.
+    Last of the calibrated lake's tests: it stores a gamma for other settings."""
+    cfg, uic_id, first = calibrated_lake
     assert first["params"]["gamma_settings_changed"] == []
     version = table_version(spark, cfg, UI_CENTROIDS)
     again = run_score(spark, cfg)
@@ -376,3 +367,23 @@ def test_stored_gamma_reused_only_with_the_settings_it_was_calibrated_with(spark
     assert changed["params"]["gamma_settings_changed"] == ["target_far"]
     (row,) = _table(spark, cfg, UI_CENTROIDS).where(f"uic_id = '{uic_id}'").collect()
     assert json.loads(row.gamma_params)["target_far"] == 0.2 and row.gamma == changed["params"]["gamma"]
+
+
+def test_score_rerun_changes_nothing_and_new_uic_rescores(spark, fixed_gamma_lake, dataset) -> None:
+    """Last of the fixed-gamma lake's tests: it moves the lake to a new UIC."""
+    cfg = fixed_gamma_lake[0]
+    version = table_version(spark, cfg, SCORES)
+    again = run_score(spark, cfg)
+    assert again["counts"]["inserted"] == 0 and again["counts"]["rescored"] == 0
+    assert table_version(spark, cfg, SCORES) == version
+
+    rotated = ers_math.normalize_rows((dataset["uic"] + 0.3 * dataset["emb"][0])[None, :])[0]
+    new_uic = write_uic(spark, cfg, rotated, dataset["ui_members"][:3], minutes=5)
+    third = run_score(spark, cfg)
+    assert third["counts"]["rescored"] == len(dataset["ids"])
+    now = _table(spark, cfg, SCORES)
+    assert {r.uic_id for r in now.select("uic_id").distinct().collect()} == {new_uic}
+    old = spark.read.format("delta").option("versionAsOf", version).load(table_path(cfg, SCORES))
+    assert old.where(old.uic_id == new_uic).count() == 0 and old.count() == len(dataset["ids"])
+    props = spark.sql(f"SHOW TBLPROPERTIES delta.`{table_path(cfg, SCORES)}`").toPandas().set_index("key")["value"]
+    assert props["ers.uic_id"] == new_uic
