@@ -17,7 +17,7 @@ _db_counter = itertools.count()
 DEMO_INPUT = "demo_images.parquet"
 
 
-JVM_FIXTURES = frozenset({"spark", "demo_lake"})
+JVM_FIXTURES = frozenset({"spark", "demo_lake", "demo_first_run"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -92,50 +92,82 @@ def spark(spark_root: Path, tmp_path_factory: pytest.TempPathFactory):
     session.stop()
 
 
-@pytest.fixture(scope="session")
-def demo_lake(spark, tmp_path_factory, worker_id):
-    """The demo input run through every stage once per test run (local[2]); returns (cfg, records).
+# What the demo run of the tests sets besides a newcomer's defaults: its own catalog database (the workers'
+# metastores hold other tests' databases) and the multi-host tests' settings (four k-means cells, two shuffle
+# partitions), so that their stage scripts on the hosts can be compared with this lake row for row.
+DEMO_TEST_SETTINGS = ("storage.database=ers_demo_test", "spark.shuffle_partitions=2", "locate_ui.kmeans_cells=4")
 
-    The pipeline, report and cluster modules share it. Under pytest-xdist the first worker that needs
-    it builds it under a file lock in the run's common temp folder; the others wait, read the same
-    Delta tables and register them in their own catalog (each worker has its own metastore).
+
+def machine_cache_overrides() -> list[str]:
+    """The machine's model cache and Ivy cache for a process with another HOME (nothing is downloaded twice);
+    ``spark.conf`` is the defaults plus Ivy (an override replaces the whole mapping)."""
+    conf = {**load_config().spark.conf, "spark.jars.ivy": str(Path.home() / ".ivy2.5.2")}
+    return [f"embed.model_cache_dir={Path.home() / '.cache' / 'ers-spark' / 'models'}", f"spark.conf={json.dumps(conf)}"]
+
+
+@pytest.fixture(scope="session")
+def demo_first_run(tmp_path_factory, worker_id) -> dict:
+    """`ers-spark demo` run once per test run as a newcomer runs it: a fresh process and home (the machine's
+    caches and :data:`DEMO_TEST_SETTINGS` added). Returns its ``home``, ``stdout``, ``stderr``, the pipeline's
+    run ``records`` and the ``report`` record, parsed from its stdout.
+
+    Under pytest-xdist the first worker that needs it runs it under a file lock in the run's common temp
+    folder and leaves its output there; the others read that.
+    """
+    folder = (tmp_path_factory.mktemp("demo") if worker_id == "master"
+              else tmp_path_factory.getbasetemp().parent / "demo-first-run")
+    folder.mkdir(exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "demo.rc").is_file():
+            _run_first_demo(folder)
+    rc = int((folder / "demo.rc").read_text())
+    stdout, stderr = (folder / "demo.stdout").read_text(), (folder / "demo.stderr").read_text()
+    if rc != 0:
+        raise RuntimeError(f"`ers-spark demo` exited {rc}: {stderr[-3000:]}")
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {"home": folder / "home", "stdout": stdout, "stderr": stderr,
+            "records": [r for r in lines if r.get("stage") != "report"],
+            "report": next(r for r in lines if r.get("stage") == "report")}
+
+
+def _run_first_demo(folder: Path) -> None:
+    import subprocess
+    import sys
+
+    (folder / "cwd").mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "ers_spark.cli", "demo", *machine_cache_overrides(), *DEMO_TEST_SETTINGS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=folder / "cwd",
+                          env={**os.environ, "HOME": str(folder / "home")})
+    (folder / "demo.stdout").write_text(proc.stdout)
+    (folder / "demo.stderr").write_text(proc.stderr)
+    (folder / "demo.rc").write_text(str(proc.returncode))
+
+
+@pytest.fixture(scope="session")
+def demo_lake(spark, demo_first_run):
+    """The demo's lake (every stage run once on the demo input by :func:`demo_first_run`); returns (cfg, records).
+
+    The pipeline, report and multi-host modules share it; each worker registers its tables in its own
+    catalog (each worker has its own metastore).
     """
     from ers_spark.lake.contracts import ALL_TABLES
     from ers_spark.lake.tables import register_table, table_exists
 
-    if worker_id == "master":
-        return _build_demo_lake(tmp_path_factory.mktemp("demo"))
-    folder = tmp_path_factory.getbasetemp().parent / "demo-lake"
-    folder.mkdir(exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = folder / "records.json"
-        if not done.is_file():
-            cfg, records = _build_demo_lake(folder)
-            done.write_text(json.dumps(records, default=str))
-            return cfg, records
-    cfg = _demo_cfg(folder)
+    cfg = _demo_cfg(demo_first_run["home"] / ".ers-spark" / "demo")
     for contract in ALL_TABLES.values():
         if table_exists(spark, cfg, contract):
             register_table(spark, cfg, contract)
-    return cfg, json.loads(done.read_text())
+    return cfg, demo_first_run["records"]
 
 
 def _demo_cfg(folder: Path) -> ErsConfig:
+    """The demo's settings (ers_spark.demo.demo_overrides) for its folder, and the tests' additions."""
     return load_config(overrides=[
-        f"storage.root={folder / 'lake'}", "storage.database=ers_demo_test", "spark.shuffle_partitions=2",
-        f"spark.checkpoint_dir={folder / 'ckpt'}", f"ingest.input_path={folder / 'input' / DEMO_INPUT}", "ingest.input_format=parquet",
-        "ingest.path_column=path", "ingest.identity_column=identity", "locate_ui.kmeans_cells=4",
+        f"storage.root={folder / 'lake'}", f"spark.checkpoint_dir={folder / 'checkpoints'}",
+        f"ingest.input_path={folder / 'input' / DEMO_INPUT}", "ingest.input_format=parquet",
+        "ingest.path_column=path", "ingest.identity_column=identity", *DEMO_TEST_SETTINGS,
     ])
-
-
-def _build_demo_lake(folder: Path) -> tuple[ErsConfig, list[dict]]:
-    from ers_spark.demo import write_demo_input
-    from ers_spark.pipeline import run_pipeline
-
-    assert write_demo_input(folder / "input").name == DEMO_INPUT
-    cfg = _demo_cfg(folder)
-    return cfg, run_pipeline(cfg)
 
 
 @pytest.fixture

@@ -113,39 +113,24 @@ def _write_images(folder: Path, n: int = 3) -> None:
 DEMO_STDERR_LINES = 40  # what a newcomer's first `ers-spark demo` may print on stderr, at most
 
 
-def _fresh_process_commands(tmp_path: Path) -> dict[str, list[str]]:
-    """The quiet run is the demo as a newcomer types it; the verbose one a 3-image ingest."""
+@pytest.mark.spark
+def test_first_run_is_quiet_and_verbose_brings_the_noise_back(demo_first_run, tmp_path: Path) -> None:
+    """A first `ers-spark demo` in a fresh process and home (the run the demo lake of the tests comes from):
+    its summary on stdout, under 40 lines on stderr (progress and the stages' lines, no Ivy, Hive or Spark
+    WARN noise); `--verbose` on a 3-image ingest in a fresh process shows that noise."""
+    from conftest import machine_cache_overrides
+
     images = tmp_path / "images"
     _write_images(images)
-    cli = [sys.executable, "-m", "ers_spark.cli"]
-    # the demo's own home (its lake and input under ~/.ers-spark/demo), but the machine's Ivy and model caches
-    from ers_spark.config import load_config
-
-    conf = {**load_config().spark.conf, "spark.jars.ivy": str(Path.home() / ".ivy2.5.2")}  # the defaults, plus Ivy
-    caches = [f"embed.model_cache_dir={Path.home() / '.cache' / 'ers-spark' / 'models'}", f"spark.conf={json.dumps(conf)}"]
-    return {"quiet": [*cli, "demo", *caches],
-            "verbose": [*cli, "ingest", "--verbose", f"ingest.input_path={images}", f"storage.root={tmp_path / 'verbose'}",
-                        "spark.master=local[1]", "spark.shuffle_partitions=1", "spark.driver_memory=1g",
-                        f"spark.checkpoint_dir={tmp_path / 'verbose' / 'ckpt'}", *caches]}
-
-
-@pytest.mark.spark
-def test_first_run_is_quiet_and_verbose_brings_the_noise_back(tmp_path: Path) -> None:
-    """A first `ers-spark demo` in a fresh process and home: its summary on stdout, under 40 lines on stderr
-    (progress and the stages' lines, no Ivy, Hive or Spark WARN noise); `--verbose` shows that noise."""
-    procs = {}
-    for mode, cmd in _fresh_process_commands(tmp_path).items():  # side by side: each waits on its JVM's start
-        (tmp_path / mode).mkdir(exist_ok=True)
-        env = {**os.environ, "HOME": str(tmp_path / "home")} if mode == "quiet" else dict(os.environ)
-        procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                       cwd=tmp_path / mode)
-    outputs = {}
-    for mode, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
-        outputs[mode] = (stdout, stderr)
-    (demo_out, quiet), (ingest_out, verbose) = outputs["quiet"], outputs["verbose"]
-    assert "Open the report:" in demo_out and (tmp_path / "home" / ".ers-spark" / "demo" / "lake").is_dir()
+    verbose_cmd = [sys.executable, "-m", "ers_spark.cli", "ingest", "--verbose", f"ingest.input_path={images}",
+                   f"storage.root={tmp_path / 'verbose'}", "spark.master=local[1]", "spark.shuffle_partitions=1",
+                   "spark.driver_memory=1g", f"spark.checkpoint_dir={tmp_path / 'verbose' / 'ckpt'}",
+                   *machine_cache_overrides()]
+    proc = subprocess.run(verbose_cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ingest_out, verbose = proc.stdout, proc.stderr
+    demo_out, quiet = demo_first_run["stdout"], demo_first_run["stderr"]
+    assert "Open the report:" in demo_out and (demo_first_run["home"] / ".ers-spark" / "demo" / "lake").is_dir()
     assert len(quiet.splitlines()) < DEMO_STDERR_LINES, quiet
     assert "ers_spark.stages.locate_ui: locate-ui: chose eps=" in quiet
     for noise in (":: resolution report ::", ":: loading settings ::", "Hive SerDe", "found io.delta#",

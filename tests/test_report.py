@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 import re
 
 import numpy as np
@@ -138,14 +139,13 @@ def _assert_counts_match_tables(spark, cfg, html: str) -> None:
 
 
 @pytest.mark.spark
-def test_demo_report_shows_every_section_and_the_tables_counts(spark, demo_lake, tmp_path, capsys) -> None:
-    from ers_spark.stages.report import run_report
-
+def test_demo_report_shows_every_section_and_the_tables_counts(spark, demo_lake, demo_first_run) -> None:
+    """The report `ers-spark demo` wrote into its lake (the path its run record and its last line give)."""
     cfg, records = demo_lake
-    cfg = cfg.with_overrides([f"report.path={tmp_path / 'demo.html'}"])
-    record = run_report(spark, cfg)
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["path"] == str(tmp_path / "demo.html")
-    html = (tmp_path / "demo.html").read_text()
+    record = demo_first_run["report"]
+    assert record["path"] == str(Path(cfg.storage.root) / "report.html")
+    assert f"Open the report:      {Path(record['path']).as_uri()}" in demo_first_run["stdout"]
+    html = Path(record["path"]).read_text()
     page = PageElements(html)
     assert ALWAYS <= page.ids and "no-evaluation" in page.ids and not (EVAL_ONLY & page.ids)
     _assert_counts_match_tables(spark, cfg, html)
