@@ -110,6 +110,71 @@ def sweep_summary(rows: list[dict], chosen: float) -> dict:
             "eps_best_frr_reduction": best_frr["eps"], "best_frr_reduction": best_frr["frr_reduction"]}
 
 
+def _fnir_at_fpir(top: np.ndarray, hit: np.ndarray, mated: np.ndarray, rejected: np.ndarray, fpir: float) -> tuple:
+    """Rank-1 FNIR at FPIR <= ``fpir``, written out in numpy: a rejected probe returns no candidate (a miss when
+    mated, a correct non-match when not); the threshold is the (k+1)-th highest non-mated score, k = floor(fpir n)."""
+    nonmated_scores = np.sort(np.where(rejected[~mated], -np.inf, top[~mated]))[::-1]
+    k = int(np.floor(fpir * nonmated_scores.size))
+    threshold = nonmated_scores[k] if k < nonmated_scores.size else -np.inf
+    found = hit & (top > threshold) & ~rejected
+    return float(1.0 - found[mated].mean()), float(threshold)
+
+
+def open_set_reference(x: np.ndarray, identity: np.ndarray, ers: np.ndarray, gamma: float, degraded: np.ndarray, *,
+                       nonmated_share: float, enrolment: str, seeds: range, fpirs=(0.1, 0.01)) -> dict:
+    """The 1:N open-set protocol with ERS rejection (paper sec. 2.2.2) in numpy, on the bench's embeddings.
+
+    Per seed: a ``nonmated_share`` of the identities is left out of the gallery (their images are non-mated
+    probes); each other identity enrols one image (``best_ers``: its highest ERS, as evaluate's default;
+    ``random``: any, degraded copies included); every other image is a probe. Rejection: a probe with
+    ERS < gamma returns no candidate. Means over the seeds, and at FPIR 1e-1 what moves the figure: how many
+    mated probes rejection drops that baseline found, and how many non-mated false alarms it removes.
+    """
+    ids, counts = np.unique(identity, return_counts=True)
+    ids = ids[counts >= 2]
+    per_seed = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        left_out = set(rng.choice(ids, int(round(nonmated_share * ids.size)), replace=False))
+        gallery_rows, gallery_ids = [], []
+        for ident in ids:
+            if ident in left_out:
+                continue
+            rows = np.flatnonzero(identity == ident)
+            gallery_rows.append(rows[np.argmax(ers[rows])] if enrolment == "best_ers" else rng.choice(rows))
+            gallery_ids.append(ident)
+        in_eval = np.isin(identity, ids)
+        probe_rows = np.setdiff1d(np.flatnonzero(in_eval), gallery_rows)
+        sim = x[probe_rows] @ x[np.asarray(gallery_rows)].T
+        top = sim.max(axis=1)
+        mated = ~np.isin(identity[probe_rows], list(left_out))
+        hit = mated & (np.asarray(gallery_ids)[sim.argmax(axis=1)] == identity[probe_rows])
+        rejected = ers[probe_rows] < gamma
+        row = {}
+        for fpir in fpirs:
+            base, t_base = _fnir_at_fpir(top, hit, mated, np.zeros_like(rejected), fpir)
+            rej, t_rej = _fnir_at_fpir(top, hit, mated, rejected, fpir)
+            row[fpir] = {"baseline": base, "rejection": rej, "threshold_baseline": t_base, "threshold_rejection": t_rej}
+        t_base = row[fpirs[0]]["threshold_baseline"]
+        found_at_base = hit & (top > t_base)
+        row["mated_rejected"] = float(rejected[mated].mean())
+        row["mated_hits_lost"] = float((found_at_base & rejected)[mated].mean())
+        row["nonmated_rejected"] = float(rejected[~mated].mean())
+        row["false_alarms_removed"] = float(((top > t_base) & rejected)[~mated].mean())
+        row["degraded_probe_share"] = float(degraded[probe_rows].mean())
+        per_seed.append(row)
+    out = {"enrolment": enrolment, "seeds": len(per_seed)}
+    for fpir in fpirs:
+        tag = f"fpir{fpir:.0e}".replace("e-0", "e")
+        for key in ("baseline", "rejection"):
+            values = np.array([r[fpir][key] for r in per_seed])
+            out[f"fnir_{tag}_{key}"] = round(float(values.mean()), 4)
+            out[f"fnir_{tag}_{key}_std"] = round(float(values.std()), 4)
+    for key in ("mated_rejected", "mated_hits_lost", "nonmated_rejected", "false_alarms_removed", "degraded_probe_share"):
+        out[f"{key}_at_fpir1e1"] = round(float(np.mean([r[key] for r in per_seed])), 4)
+    return out
+
+
 def targets(result: dict) -> dict:
     sets = result["set_tar_far1e2"]
     return {
@@ -171,6 +236,14 @@ def main() -> None:
                       labelled.degraded.to_numpy(bool), cfg.locate_ui.eps_grid, cfg.score.target_far,
                       cfg.score.calibration_share, cfg.score.seed)
     result["eps_sweep"] = sweep
+    gamma = float(record["params"]["gamma"])
+    result["open_set_reference"] = {
+        enrol: open_set_reference(
+            np.stack(labelled.embedding.to_numpy()).astype(np.float64), labelled.identity.to_numpy(),
+            labelled.ers.to_numpy(float), gamma, labelled.degraded.to_numpy(bool),
+            nonmated_share=cfg.evaluate.nonmated_identity_share, enrolment=enrol, seeds=range(20))
+        for enrol in ("best_ers", "random")
+    }
     result["eps_rule"] = {**sweep_summary(sweep, ui["params"]["eps_used"]), "rule": ui["params"]["eps_source"]}
     result.update({
         "gamma_evaluate": round(float(record["params"]["gamma"]), 4),
