@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -43,7 +41,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from provenance import run_provenance  # noqa: E402  (bench/, beside this script)
+from provenance import run_provenance, write_result  # noqa: E402  (bench/, beside this script)
 
 from ers_spark.config import load_config  # noqa: E402
 from ers_spark.errors import ClusteringError  # noqa: E402
@@ -297,12 +295,8 @@ def main() -> None:
         "clean_defaults": {k: v for k, v in vars(load_config().clean).items()},
         "seconds": round(time.perf_counter() - t0, 1),
         **run_provenance(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps(result, indent=2, default=str))
+    write_result(args.out, result)
     holder["spark"].stop()
     Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
 import platform
 import shutil
 import sys
@@ -30,7 +28,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from provenance import run_provenance  # noqa: E402  (bench/, beside this script)
+from provenance import run_provenance, write_result  # noqa: E402  (bench/, beside this script)
 
 from ers_spark.config import load_config  # noqa: E402
 from ers_spark.lake.contracts import CROPS, EMBEDDINGS  # noqa: E402
@@ -223,8 +221,6 @@ def main() -> None:
         "targets_met": {"ratio_stage_vs_raw": largest["ratio_stage_vs_raw"] >= 0.85,
                         "ratio_stage_vs_pbu": largest["ratio_stage_vs_pbu"] >= 1.2},
         "machine": platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
         "pyspark": pyspark.__version__,
         "onnxruntime": onnxruntime.__version__,
         "gpu": None,
@@ -234,9 +230,7 @@ def main() -> None:
         "embeddings, decode, inference, MERGE, counts, run log); predict_batch_udf_ips decodes+embeds and "
         "overwrites a Delta table (no MERGE, no quarantine); all three paths warmed before timing, and each timed section starts after a 10 s pause",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     spark.stop()
     shutil.rmtree(work, ignore_errors=True)
 

@@ -13,9 +13,6 @@ holds 95 % of the rows), so ``eps_rule`` shows where locate-ui's rule landed aga
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -28,7 +25,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from provenance import run_provenance  # noqa: E402  (bench/, beside this script)
+from provenance import run_provenance, write_result  # noqa: E402  (bench/, beside this script)
 sys.path.insert(0, str(ROOT / "bench"))
 
 from quality import ORL, orl_with_degraded_copies  # noqa: E402
@@ -255,12 +252,8 @@ def main() -> None:
         "images": int(len(scored)),
         "evaluate_seconds": round(eval_seconds, 1),
         "seconds": round(time.perf_counter() - t0, 1),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
     })
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps(result, indent=2, default=str))
+    write_result(args.out, result)
     spark.stop()
     shutil.rmtree(work, ignore_errors=True)
 

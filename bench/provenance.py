@@ -25,3 +25,15 @@ def run_provenance() -> dict[str, Any]:
     when the script started)."""
     return {"commit": _git("rev-parse", "HEAD") or None,
             "tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "run_started": STARTED}
+
+
+def write_result(out: str | Path, result: dict[str, Any]) -> None:
+    """Write one run's ``result`` as JSON to ``out`` (the machine's cores and Python added) and print it."""
+    import json
+    import os
+    import platform
+
+    result = {**result, "cores": os.cpu_count(), "python": platform.python_version()}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps(result, indent=2, default=str))

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -31,7 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from provenance import run_provenance  # noqa: E402  (bench/, beside this script)
+from provenance import run_provenance, write_result  # noqa: E402  (bench/, beside this script)
 
 from ers_spark.core.calibration import calibrate_gamma_unlabelled  # noqa: E402
 from ers_spark.core.metrics import roc_auc  # noqa: E402
@@ -159,12 +156,8 @@ def main() -> None:
         "clean_counts": clean_record["counts"],
         "targets": {"auc": ">= 0.9", "quarantined_share_degraded": ">= 0.8", "quarantined_share_clean": "<= 0.1"},
         "seconds": round(time.perf_counter() - t0, 1),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps(result, indent=2, default=str))
+    write_result(args.out, result)
     spark.stop()
     shutil.rmtree(work, ignore_errors=True)
 

@@ -103,8 +103,15 @@ class Host:
 
     def argv(self, command: list[str]) -> list[str]:
         """``command`` as it runs on this host: in its namespace, behind its own /tmp (and repo)."""
-        setup = ["mount -t tmpfs -o size=4g ers-host-tmp /tmp", "mkdir -p /tmp/home /tmp/spark-local /tmp/work"]
-        if self.hide_repo:
+        # a clone under /tmp vanishes behind the host's own /tmp: hidden already where it must be, and carried
+        # through it (bound to /mnt first, moved back after) where the host runs the repository's code
+        repo_under_tmp = REPO.is_relative_to("/tmp")
+        keep_repo = repo_under_tmp and not self.hide_repo
+        setup = [f"mount --bind {REPO} /mnt"] if keep_repo else []
+        setup += ["mount -t tmpfs -o size=4g ers-host-tmp /tmp", "mkdir -p /tmp/home /tmp/spark-local /tmp/work"]
+        if keep_repo:
+            setup += [f"mkdir -p {REPO}", f"mount --move /mnt {REPO}"]
+        if self.hide_repo and not repo_under_tmp:
             setup.append(f"mount -t tmpfs -o size=1m,ro ers-no-repo {REPO}")
         for target, source in self.read_only_binds.items():
             setup += [f"mkdir -p {target}", f"mount --bind {source} {target}", f"mount -o remount,bind,ro {target}"]
