@@ -21,10 +21,12 @@ def _git(*args: str) -> str:
 
 
 def run_provenance() -> dict[str, Any]:
-    """``commit`` (HEAD), ``tree_dirty`` (tracked files changed since it) and ``run_started`` (UTC, ISO 8601:
+    """``commit`` (HEAD), ``tree_dirty`` (tracked files changed since it, other
+    than the results the scripts write) and ``run_started`` (UTC, ISO 8601:
     when the script started)."""
     return {"commit": _git("rev-parse", "HEAD") or None,
-            "tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "run_started": STARTED}
+            "tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")),
+            "run_started": STARTED}
 
 
 def write_result(out: str | Path, result: dict[str, Any]) -> None:
