@@ -1,7 +1,7 @@
 """Two lakes of the same input, compared table by table (a cluster run against the local[2] run).
 
 Exact columns with chispa; embeddings and ERS within 1e-5 (float sums in another order). Used by the
-one-host cluster tests, the multi-host tests and bench/cluster_s3.py.
+multi-host tests and bench/cluster_s3.py.
 """
 
 from __future__ import annotations
