@@ -89,10 +89,13 @@ def write_demo_input(folder: Path) -> Path:
     return table
 
 
-def demo_overrides(user_overrides: list[str]) -> list[str]:
-    """Demo settings first (its own lake and input), the user's overrides after them (they win)."""
-    home = Path(os.path.expanduser(DEMO_HOME))
-    defaults = [
+def demo_settings(home: Path) -> list[str]:
+    """The demo's own settings for its folder ``home``: its lake, checkpoints and Parquet input there.
+
+    >>> demo_settings(Path("/h"))[:2]
+    ['storage.root=/h/lake', 'ingest.input_path=/h/input/demo_images.parquet']
+    """
+    return [
         f"storage.root={home / 'lake'}",
         f"ingest.input_path={home / 'input' / 'demo_images.parquet'}",
         "ingest.input_format=parquet",
@@ -100,8 +103,13 @@ def demo_overrides(user_overrides: list[str]) -> list[str]:
         "ingest.identity_column=identity",
         f"spark.checkpoint_dir={home / 'checkpoints'}",
     ]
+
+
+def demo_overrides(user_overrides: list[str]) -> list[str]:
+    """Demo settings first (its own lake and input), the user's overrides after them (they win)."""
+    home = Path(os.path.expanduser(DEMO_HOME))
     write_demo_input(home / "input")
-    return defaults + list(user_overrides)
+    return demo_settings(home) + list(user_overrides)
 
 
 def demo_summary(spark, cfg: ErsConfig, records: list[dict]) -> str:

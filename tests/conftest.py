@@ -162,12 +162,10 @@ def demo_lake(spark, demo_first_run):
 
 
 def _demo_cfg(folder: Path) -> ErsConfig:
-    """The demo's settings (ers_spark.demo.demo_overrides) for its folder, and the tests' additions."""
-    return load_config(overrides=[
-        f"storage.root={folder / 'lake'}", f"spark.checkpoint_dir={folder / 'checkpoints'}",
-        f"ingest.input_path={folder / 'input' / DEMO_INPUT}", "ingest.input_format=parquet",
-        "ingest.path_column=path", "ingest.identity_column=identity", *DEMO_TEST_SETTINGS,
-    ])
+    """The demo's own settings for its folder (what `ers-spark demo` ran with), and the tests' additions."""
+    from ers_spark.demo import demo_settings
+
+    return load_config(overrides=[*demo_settings(folder), *DEMO_TEST_SETTINGS])
 
 
 @pytest.fixture
