@@ -7,8 +7,9 @@ plus the 25 deepface photos labelled in its master.csv (9 people, identities fro
 pairs; shrunk to 400 px on the long side). 5 % of these images (seeded) get the label of another identity; each image also gets one
 heavily degraded copy (blur, 6-10 px resolution, darkness, occlusion, motion blur, noise in turn)
 with its true label. The project's own stages run on local[2]: ingest -> embed -> locate-ui ->
-score -> clean, once with ``embed.align=true`` (dlib chips, small crops enlarged, centred resize
-where no face is found) and once with ``embed.align=false`` (crops resized as they are). The clean
+score -> clean, once with the defaults (``embed.align: auto``: the dlib spec's chips cut in the embed pass,
+small crops enlarged, centred resize where no face is found) and once with ``embed.align=false`` (crops
+resized as they are). The clean
 stage is then re-run with its defaults, with ``clean.max_angle_deg`` 60 / 75 / 90, and (aligned)
 with other ``clean.impostor_percentile`` and ``clean.genuine_percentile`` values.
 
@@ -139,7 +140,7 @@ def outcomes(spark, cfg, data: pd.DataFrame) -> pd.DataFrame:
     scored = read_table(spark, cfg, SCORES).select("image_id").toPandas()
     q = read_table(spark, cfg, QUARANTINE).where("stage = 'clean'").select("image_id", "reason").toPandas()
     table = scored.merge(crops, on="image_id").merge(q, on="image_id", how="left")
-    table["path"] = table.source_path.str.split("#").str[0]  # aligned chips: <photo>#face0 / #unaligned
+    table["path"] = table.source_path
     table = table.merge(data[["path", "identity", "true_identity", "degraded"]], on="path")
     table["swapped"] = table.identity != table.true_identity
     return table
@@ -220,7 +221,7 @@ def run_lake(spark_holder: dict, work: Path, data: pd.DataFrame, *, align: bool,
         f"storage.root={lake}", "spark.master=local[2]", "spark.shuffle_partitions=4",
         f"spark.checkpoint_dir={lake / 'ckpt'}", "spark.hive_metastore=false",
         f"ingest.input_path={work / 'in.parquet'}", "ingest.input_format=parquet", "ingest.identity_column=identity",
-        f"embed.align={'true' if align else 'false'}",
+        f"embed.align={'auto' if align else 'false'}",
         "locate_ui.kmeans_cells=4", "locate_ui.nprobe=2",
     ]
     cfg = load_config(overrides=base)
@@ -246,7 +247,6 @@ def run_lake(spark_holder: dict, work: Path, data: pd.DataFrame, *, align: bool,
         result["by_genuine_percentile"] = {
             str(q): clean_with(f"clean.genuine_percentile={q}") for q in GENUINE_PERCENTILES
         }
-    if sweep_percentiles:
         tables = {(i, g): clean_outcomes(f"clean.impostor_percentile={i}", f"clean.genuine_percentile={g}")[0]
                   for i, g in HELD_OUT_GRID}
         result["held_out"] = held_out_choice(tables, identity_folds(data))
@@ -275,8 +275,8 @@ def main() -> None:
         unaligned = {"error": str(exc)[:400]}
     defaults = {k: v for k, v in aligned.items() if not isinstance(v, dict) or k == "embed_counts"}
     result = {
-        "what": "default clean settings with embed.align=true; by_max_angle_deg: clean.max_angle_deg fixed; "
-                "unaligned: the same with embed.align=false",
+        "what": "the defaults (embed.align: auto, the dlib spec's chips); by_max_angle_deg: clean.max_angle_deg "
+                "fixed; unaligned: the same with embed.align=false",
         **defaults,
         "by_max_angle_deg": aligned["by_max_angle_deg"],
         "by_impostor_percentile": aligned["by_impostor_percentile"],

@@ -1,13 +1,18 @@
-"""Embed benchmark: raw ONNX Runtime vs our embed stage vs Spark's predict_batch_udf, side by side in one run.
+"""Embed benchmark: raw ONNX Runtime vs our embed stage vs Spark's predict_batch_udf, with and without the
+default alignment, and the image path (ingest + embed), side by side in one run on the same crops.
 
     python bench/embed.py [--crops 2000 8000 20000] [--out bench/results/embed.json]
 
 (a) raw ONNX Runtime over pre-decoded batches (one process, the same total thread count),
-(b) the embed stage end to end: crops Delta table -> embeddings Delta table,
+(b) the embed stage end to end, crops resized as they are (``embed.align=false``): crops Delta table ->
+    embeddings Delta table,
 (c) the same job written with ``pyspark.ml.functions.predict_batch_udf`` (decode + embed in its
-    predict function, result written to a Delta table).
-Same machine, model, batch size and thread count for all three. Images: the shared ORL crops
-(5 variants each) when ../shared/data is present, else the demo images with jitter.
+    predict function, result written to a Delta table),
+(d) the embed stage end to end with the defaults (``embed.align: auto``: each crop's largest face found by
+    dlib and cut into the spec's 150 px chip in the same pass), on the same crops table,
+(e) the image path: ingest of the crops' Parquet file (timed) plus (d), images per second per core.
+Same machine, model, batch size and thread count for all. Images: the shared ORL crops (5 variants
+each, JPEG quality 90) when ../shared/data is present, else the demo images with jitter.
 """
 
 from __future__ import annotations
@@ -45,9 +50,9 @@ BATCH = 64
 SPARK_CORES = 2
 
 
-def _png(img: Image.Image) -> bytes:
+def _jpeg(img: Image.Image) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -72,7 +77,7 @@ def make_images(n: int) -> tuple[list[bytes], str]:
         shift = variant // 2
         if shift:
             v = v.crop((shift, shift, w - shift, h - shift)).resize((w, h))
-        out.append(_png(v))
+        out.append(_jpeg(v))
         k += 1
     return out, source
 
@@ -137,8 +142,12 @@ def bench_size(spark, base_overrides: list[str], work: Path, n: int) -> dict:
         work / f"in{n}.parquet"
     )
     overrides = [*base_overrides, f"storage.root={work / f'lake{n}'}", f"ingest.input_path={work / f'in{n}.parquet'}"]
-    cfg = load_config(overrides=overrides)
+    cfg = load_config(overrides=[*overrides, "embed.align=false"])
+    aligned_cfg = load_config(overrides=overrides)  # the defaults: embed.align: auto
+    settle()
+    t0 = time.perf_counter()
     run_ingest(spark, cfg)
+    ingest_s = time.perf_counter() - t0
     params = resolve_model(cfg.embed)
 
     # warm the Python workers of both Spark paths (each loads its model once per worker) on a
@@ -147,11 +156,11 @@ def bench_size(spark, base_overrides: list[str], work: Path, n: int) -> dict:
     pd.DataFrame({"path": [f"warm/{i}.png" for i in range(len(warm_rows))], "bytes": warm_rows}).to_parquet(
         work / f"warm{n}.parquet"
     )
-    warm = load_config(
-        overrides=[*overrides, f"storage.root={work / f'warm{n}'}", f"ingest.input_path={work / f'warm{n}.parquet'}"]
-    )
+    warm_overrides = [*overrides, f"storage.root={work / f'warm{n}'}", f"ingest.input_path={work / f'warm{n}.parquet'}"]
+    warm = load_config(overrides=[*warm_overrides, "embed.align=false"])
     run_ingest(spark, warm)
     run_embed(spark, warm)
+    run_embed(spark, load_config(overrides=warm_overrides))  # aligned: dlib's models loaded in each worker
     bench_pbu(spark, warm, params, str(work / f"warm_pbu{n}"))
 
     raw_ips = bench_raw(images, params, threads=SPARK_CORES)
@@ -167,7 +176,12 @@ def bench_size(spark, base_overrides: list[str], work: Path, n: int) -> dict:
     t0 = time.perf_counter()
     embed_dataframe(crops, params, cfg.embed).write.format("noop").mode("overwrite").save()
     infer_only_ips = len(images) / (time.perf_counter() - t0)
-    assert spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).count() == len(images)
+    settle()
+    t0 = time.perf_counter()
+    aligned_record = run_embed(spark, aligned_cfg)  # the same crops again, under the aligned model version
+    aligned_s = time.perf_counter() - t0
+    aligned_ips = aligned_record["counts"]["written"] / aligned_s
+    assert spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).count() == 2 * len(images)
     return {
         "crops": len(images),
         "images": source,
@@ -181,6 +195,16 @@ def bench_size(spark, base_overrides: list[str], work: Path, n: int) -> dict:
         "ratio_stage_vs_raw": round(stage_ips / raw_ips, 3),
         "ratio_stage_vs_pbu": round(stage_ips / pbu_ips, 3),
         "stage_seconds": record["seconds"],
+        "stage_aligned_ips": round(aligned_ips, 1),
+        "alignment_cost_ratio": round(stage_ips / aligned_ips, 3),
+        "aligned_counts": {k: aligned_record["counts"][k] for k in ("aligned", "embedded_unaligned", "several_faces")},
+        "image_path": {
+            "ingest_s": round(ingest_s, 1),
+            "ingest_images_per_s_per_core": round(len(images) / ingest_s / SPARK_CORES, 1),
+            "embed_aligned_images_per_s_per_core": round(aligned_ips / SPARK_CORES, 1),
+            "embed_unaligned_images_per_s_per_core": round(stage_ips / SPARK_CORES, 1),
+            "ingest_plus_embed_images_per_s_per_core": round(len(images) / (ingest_s + aligned_s) / SPARK_CORES, 1),
+        },
     }
 
 
@@ -226,9 +250,12 @@ def main() -> None:
         "gpu": None,
         "gpu_note": "this script measures the CPU paths only (no gpu_* keys)",
         "notes": "top-level figures are for the largest table (by_size has each); raw_ips excludes image "
-        "decoding (pre-decoded batches); stage_ips is end to end (Delta read, anti-join with existing "
-        "embeddings, decode, inference, MERGE, counts, run log); predict_batch_udf_ips decodes+embeds and "
-        "overwrites a Delta table (no MERGE, no quarantine); all three paths warmed before timing, and each timed section starts after a 10 s pause",
+        "decoding (pre-decoded batches); stage_ips is end to end with embed.align=false (Delta read, anti-join "
+        "with existing embeddings, decode, inference, MERGE, counts, run log); stage_aligned_ips the same with "
+        "the defaults (dlib detection + 150 px chip per crop in the same pass); alignment_cost_ratio = "
+        "stage_ips / stage_aligned_ips; predict_batch_udf_ips decodes+embeds (unaligned) and "
+        "overwrites a Delta table (no MERGE, no quarantine); image_path: ingest of the Parquet file + the "
+        "aligned stage, per core (2); every path warmed before timing, and each timed section starts after a 10 s pause",
     }
     write_result(args.out, result)
     spark.stop()

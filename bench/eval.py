@@ -2,9 +2,9 @@
 
     python bench/eval.py [--out bench/results/eval.json]
 
-Data as bench/quality.py (every ORL crop aligned to a 150x150 dlib chip plus one heavily degraded
-copy, both labelled with the person). One run on local[2]: ingest -> embed -> locate-ui -> score ->
-evaluate, with the embedded defaults of `evaluate:`. The figures are read back from the
+Data as bench/quality.py (every ORL crop as it is plus one heavily degraded copy, both labelled with
+the person). One run on local[2]: ingest -> embed (the default alignment: dlib chips cut in the embed
+pass) -> locate-ui -> score -> evaluate, with the embedded defaults of `evaluate:`. The figures are read back from the
 eval_metrics table of that run; targets from issue 11. ``eps_sweep`` then recomputes, in numpy on
 the same embeddings, the UI, ERS AUC and held-out FRR reduction at every grid eps (until one cluster
 holds 95 % of the rows), so ``eps_rule`` shows where locate-ui's rule landed against the best eps.
@@ -209,7 +209,7 @@ def main() -> None:
     from ers_spark.stages.score import run_score
 
     run_ingest(spark, cfg)
-    run_embed(spark, cfg)
+    embed_record = run_embed(spark, cfg)
     ui = run_locate_ui(spark, cfg)
     score = run_score(spark, cfg)
     t_eval = time.perf_counter()
@@ -222,7 +222,8 @@ def main() -> None:
     scores = spark.read.format("delta").load(table_path(cfg, SCORES)).select("image_id", "ers").toPandas()
     scored = crops.merge(scores, on="image_id").merge(
         data[["path", "degraded"]].rename(columns={"path": "source_path"}), on="source_path")
-    result = {**run_provenance(), **figures(table)}
+    result = {**run_provenance(), "model_version": embed_record["params"]["model_version"],
+              "embed_counts": embed_record["counts"], **figures(table)}
     result["auc_ers_clean_vs_degraded"] = round(
         roc_auc(scored["ers"].to_numpy(), ~scored["degraded"].to_numpy(bool)), 4)
     result["targets_met"] = targets(result)

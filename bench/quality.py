@@ -2,11 +2,11 @@
 
     python bench/quality.py [--out bench/results/quality.json]
 
-Data: the shared ORL crops (../shared/data/orl_faces), each aligned into a 150x150 dlib chip
-(HOG detector + 5 landmarks; a plain resize when no face is found), plus one heavily degraded copy
-of each chip (blur, 6-10 px resolution, darkness, occlusion, motion blur, noise in turn). Both
-keep the person's label. The whole pipeline runs on local[2]: ingest -> embed -> locate-ui ->
-score -> clean. Reported: AUC of ERS and of the raw embedding norm (the free baseline) for clean
+Data: the shared ORL crops (../shared/data/orl_faces, 92x112 grey) as they are, plus one heavily
+degraded copy of each crop (blur, 6-10 px resolution, darkness, occlusion, motion blur, noise in turn).
+Both keep the person's label. The whole pipeline runs on local[2] with the defaults' embedding (the
+dlib spec's alignment: every crop cut into a 150 px dlib chip in the embed pass, a centred resize
+where no face is found): ingest -> embed -> locate-ui -> score -> clean. Reported: AUC of ERS and of the raw embedding norm (the free baseline) for clean
 vs degraded, gamma, and the share of degraded / clean crops that gamma quarantines, for gamma
 calibrated with identity labels (the default when labels exist) and without labels.
 """
@@ -50,19 +50,15 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def orl_with_degraded_copies(seed: int = 0) -> pd.DataFrame:
-    """Rows (path, identity, bytes, degraded) for every ORL image and one degraded copy of it."""
-    from ers_spark.models.align import align_faces
-
+    """Rows (path, identity, bytes, degraded) for every ORL crop, as it is, and one degraded copy of it."""
     rng = np.random.default_rng(seed)
     rows = []
     for k, path in enumerate(sorted(ORL.glob("s*/*.pgm"), key=lambda p: (int(p.parent.name[1:]), int(p.stem)))):
         rgb = np.asarray(Image.open(path).convert("RGB"))
-        chips = align_faces(rgb, size=150)
-        chip = chips[0] if chips else np.asarray(Image.fromarray(rgb).resize((150, 150)))
         kind = DEGRADATIONS[k % len(DEGRADATIONS)]
         person = path.parent.name
-        rows.append((f"orl/{person}/{path.stem}.png", person, _png(chip), False, "clean"))
-        rows.append((f"orl_degraded/{person}/{path.stem}_{kind}.png", person, _png(degrade(chip, kind, rng)), True, kind))
+        rows.append((f"orl/{person}/{path.stem}.png", person, _png(rgb), False, "clean"))
+        rows.append((f"orl_degraded/{person}/{path.stem}_{kind}.png", person, _png(degrade(rgb, kind, rng)), True, kind))
     return pd.DataFrame(rows, columns=["path", "identity", "bytes", "degraded", "kind"])
 
 
@@ -111,7 +107,7 @@ def main() -> None:
     from ers_spark.stages.score import run_score
 
     run_ingest(spark, cfg)
-    run_embed(spark, cfg)
+    embed_record = run_embed(spark, cfg)
     ui = run_locate_ui(spark, cfg)
     score_record = run_score(spark, cfg)
     clean_record = run_clean(spark, cfg)
@@ -136,6 +132,8 @@ def main() -> None:
         "clean": int((~degraded).sum()),
         "degraded": int(degraded.sum()),
         "model": f"{emb.shape[0]} embeddings, dlib_resnet_v1",
+        "model_version": embed_record["params"]["model_version"],
+        "embed_counts": embed_record["counts"],
         "auc_ers_clean_vs_degraded": round(roc_auc(table["ers"].to_numpy(), ~degraded), 4),
         "auc_norm_clean_vs_degraded": round(roc_auc(table["raw_norm"].to_numpy(), ~degraded), 4),
         **evaluate(table, gamma_labelled),

@@ -155,13 +155,15 @@ class EmbedConfig:
     batch_size: int
     intra_op_threads: int
     fp16: bool
-    align: bool
+    align: bool | str
     model_cache_dir: str
     max_failed_share: float
     no_face: str
     align_min_side: int
 
     def validate(self, source: str) -> None:
+        if self.align not in (True, False, "auto"):
+            raise ConfigError(f"embed.align must be auto, true or false, got {self.align!r} (in {source})")
         if self.no_face not in ("embed_unaligned", "quarantine"):
             raise ConfigError(
                 f"embed.no_face must be 'embed_unaligned' or 'quarantine', got {self.no_face!r} (in {source})"

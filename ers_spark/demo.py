@@ -145,6 +145,7 @@ def demo_summary(spark, cfg: ErsConfig, records: list[dict]) -> str:
         "",
         "ers-spark demo: summary",
         f"  crops:            {crops}",
+        f"  embedded:         {embedded_line(records)}",
         f"  unrecognizable:   {unrecognizable}{share}",
         f"  UIC:              {uic_id} ({members} members)",
         f"  gamma:            {gamma:.4f} ({gamma_method})" if isinstance(gamma, (int, float)) else f"  gamma:            {gamma}",
@@ -155,6 +156,25 @@ def demo_summary(spark, cfg: ErsConfig, records: list[dict]) -> str:
         f"storage.root={cfg.storage.root}",
     ]
     return "\n".join(lines)
+
+
+def embedded_line(records: list[dict]) -> str:
+    """How the crops reached the model: as aligned chips (the spec's alignment), or resized as they are.
+
+    >>> embedded_line([{"stage": "embed", "counts": {"written": 5, "aligned": 4, "embedded_unaligned": 1},
+    ...                 "params": {"alignment": {"method": "dlib_chip", "padding": 0.25}}}])
+    '5, aligned as the model was trained (dlib_chip, padding 0.25): 4 chips of a detected face, 1 resized as is (no face found)'
+    >>> embedded_line([{"stage": "embed", "counts": {"written": 5}, "params": {"alignment": None}}])
+    '5, resized as they are (embed.align=false)'
+    """
+    embed = next((r for r in reversed(records) if r.get("stage") == "embed"), {})
+    counts, alignment = embed.get("counts", {}), embed.get("params", {}).get("alignment")
+    written = counts.get("written", 0)
+    if not alignment:
+        return f"{written}, resized as they are (embed.align=false)"
+    how = alignment["method"] + (f", padding {alignment['padding']:g}" if alignment["method"] == "dlib_chip" else "")
+    return (f"{written}, aligned as the model was trained ({how}): {counts.get('aligned', 0)} chips of a detected face, {counts.get('embedded_unaligned', 0)} resized "
+            "as is (no face found)")
 
 
 def report_link(path: str) -> str:

@@ -170,7 +170,13 @@ def _demo_cfg(folder: Path) -> ErsConfig:
 
 @pytest.fixture
 def make_cfg(tmp_path: Path):
-    """Build a config whose tables live in this test's own folder and catalog database."""
+    """Build a config whose tables live in this test's own folder and catalog database.
+
+    Crops are embedded as they are (``embed.align=false``): the stage tests' inputs are synthetic images,
+    24 px crops and the demo's non-faces, whose pinned figures were made that way, and dlib's detector costs
+    about 15 ms a crop on this machine. Alignment, the default, has its own tests (``embed.align=auto``
+    there) and the demo run (``demo_first_run``) runs every default.
+    """
 
     def _make(*overrides: str) -> ErsConfig:
         database = f"ers_t{os.getpid()}_{next(_db_counter)}"
@@ -179,6 +185,7 @@ def make_cfg(tmp_path: Path):
             f"storage.database={database}",
             "spark.shuffle_partitions=2",
             f"spark.checkpoint_dir={tmp_path / 'checkpoints'}",
+            "embed.align=false",
         ]
         return load_config(overrides=base + list(overrides))
 

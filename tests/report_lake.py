@@ -51,7 +51,7 @@ def write_scored_lake(spark, cfg, *, identities: bool, seed: int = 3) -> dict:
     idents = [f"p{y}" if identities and y >= 0 else None for y in labels]
     write_embeddings(spark, cfg, ids, emb, with_crops=False)
     crops = [
-        (i, None, None, f"/data/{p or 'unknown'}/{i}.png", p, 40, 48, "png", crop_png(k, y < 0), T0)
+        (i, f"/data/{p or 'unknown'}/{i}.png", p, 40, 48, "png", crop_png(k, y < 0), T0)
         for k, (i, p, y) in enumerate(zip(ids, idents, labels))
     ]
     merge_insert_new(spark, cfg, CROPS, spark.createDataFrame(crops, CROPS.schema))

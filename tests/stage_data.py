@@ -21,7 +21,7 @@ def write_embeddings(spark, cfg, ids, emb, identities=None, model=("synthetic", 
     merge_insert_new(spark, cfg, EMBEDDINGS, spark.createDataFrame(rows, EMBEDDINGS.schema))
     if with_crops:
         idents = identities if identities is not None else [None] * len(ids)
-        crops = [(i, None, None, f"/data/{p or 'none'}/{i}.png", p, 1, 1, "png", b"x", T0) for i, p in zip(ids, idents)]
+        crops = [(i, f"/data/{p or 'none'}/{i}.png", p, 1, 1, "png", b"x", T0) for i, p in zip(ids, idents)]
         merge_insert_new(spark, cfg, CROPS, spark.createDataFrame(crops, CROPS.schema))
 
 

@@ -98,8 +98,8 @@ def test_undecodable_crop_goes_to_quarantine(spark, make_cfg, demo_rows, tmp_pat
     good = demo_rows.iloc[0]
     now = datetime(2026, 1, 1)
     rows = [
-        ("good", None, None, "a.png", "astronaut", 160, 160, "png", good["bytes"], now),
-        ("broken", None, None, "b.png", None, 10, 10, "png", b"\x89PNG broken", now),
+        ("good", "a.png", "astronaut", 160, 160, "png", good["bytes"], now),
+        ("broken", "b.png", None, 10, 10, "png", b"\x89PNG broken", now),
     ]
     merge_insert_new(spark, cfg, CROPS, spark.createDataFrame(rows, CROPS.schema))
     record = run_embed(spark, cfg)
@@ -146,12 +146,12 @@ def test_pending_work_is_found_from_ids_only(spark, make_cfg, demo_rows) -> None
     cfg = make_cfg()
     now = datetime(2026, 1, 1)
     good = demo_rows.iloc[0]
-    rows = [("a", None, None, "a.png", "astronaut", 160, 160, "png", good["bytes"], now),
-            ("b", None, None, "b.png", None, 10, 10, "png", b"\x89PNG broken", now)]
+    rows = [("a", "a.png", "astronaut", 160, 160, "png", good["bytes"], now),
+            ("b", "b.png", None, 10, 10, "png", b"\x89PNG broken", now)]
     merge_insert_new(spark, cfg, CROPS, spark.createDataFrame(rows, CROPS.schema))
     run_embed(spark, cfg)  # writes embeddings (a) and quarantine (b): both anti-joins take part
     merge_insert_new(spark, cfg, CROPS, spark.createDataFrame(
-        [("c", None, None, "c.png", "astronaut", 160, 160, "png", good["bytes"] + b"\0", now)], CROPS.schema))
+        [("c", "c.png", "astronaut", 160, 160, "png", good["bytes"] + b"\0", now)], CROPS.schema))
     previous = {k: spark.conf.get(k) for k in ("spark.sql.adaptive.enabled", "spark.sql.autoBroadcastJoinThreshold")}
     spark.conf.set("spark.sql.adaptive.enabled", "false")  # plan the exchanges up front ...
     spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")  # ... as shuffles, as on a big table
@@ -197,26 +197,27 @@ def test_model_exception_is_a_job_failure_not_bad_data(demo_rows) -> None:
             norms[1] = np.nan
             return unit, norms
 
-    unit, norms, reasons = embed_images(images, _model(), _embed_cfg(), NanForSecond())
-    assert reasons == [None, "model returned a zero or non-finite embedding", None, "empty image (0 bytes)"]
-    assert np.isnan(unit[3]).all() and np.isfinite(norms[[0, 2]]).all()
+    out = embed_images(images, _model(), _embed_cfg(), NanForSecond())
+    assert out.reasons == [None, "model returned a zero or non-finite embedding", None, "empty image (0 bytes)"]
+    assert np.isnan(out.unit[3]).all() and np.isfinite(out.norms[[0, 2]]).all()
+    assert out.aligned is None and out.faces is None  # the model file declares no alignment here
 
 
 def test_missing_dlib_fails_alignment_instead_of_quarantining(monkeypatch, demo_rows) -> None:
-    """Without dlib on an executor, alignment raises (a broken job), never 'no face' for every photo."""
+    """Without dlib on an executor, alignment raises (a broken job), never 'no face' for every crop."""
+    from ers_spark.distributed.align import align_images
     from ers_spark.models import align
-    from ers_spark.distributed.align import make_align_batches
+    from ers_spark.models.spec import FaceAlignment
 
-    def no_dlib():
-        raise ModelError("face alignment needs dlib: pip install 'ers-spark[align]' (dlib-bin)")
+    def no_dlib(landmarks=5):
+        raise ModelError("face alignment needs dlib: pip install dlib-bin (a dependency of ers-spark)")
 
     monkeypatch.setattr(align, "_dlib_models", no_dlib)
-    batch = pd.DataFrame({"image_id": ["a", "b"], "bytes": list(demo_rows["bytes"].iloc[:2])})
     with pytest.raises(ModelError, match="face alignment needs dlib"):
-        list(make_align_batches(150, 150, True)(iter([batch])))
-    undecodable = pd.DataFrame({"image_id": ["x"], "bytes": [b"not an image"]})
-    (out,) = list(make_align_batches(150, 150, True)(iter([undecodable])))
-    assert out.detail[0].startswith("undecodable photo")
+        align_images(list(demo_rows["bytes"].iloc[:2]), FaceAlignment("dlib_chip"), 150, 150, True)
+    out = align_images([b"not an image", None], FaceAlignment("dlib_chip"), 150, 150, True)
+    assert out.reasons[0].startswith("undecodable image") and out.reasons[1] == "missing image (null bytes)"
+    assert out.chips == [None, None] and not out.aligned.any()
 
 
 @pytest.mark.parametrize(
@@ -299,10 +300,8 @@ def _table_or_empty(spark, cfg, contract):
     return spark.read.format("delta").load(table_path(cfg, contract))
 
 
-def test_align_cuts_one_crop_per_face(spark, make_cfg, tmp_path) -> None:
-    """Raw photos: one aligned chip per face (parent id + face index); a photo without a face is embedded
-    as a centred resize (null face index), the default `embed.no_face: embed_unaligned`."""
-    pytest.importorskip("dlib", reason="alignment needs dlib-bin (the dev extra)")
+def _photos() -> list[tuple[str, bytes]]:
+    """The astronaut (one face), coffee (none) and, with the shared data, a couple's photo (two faces)."""
     import io
 
     import skimage.data
@@ -319,25 +318,48 @@ def test_align_cuts_one_crop_per_face(spark, make_cfg, tmp_path) -> None:
     couple = SHARED_DATA / "deepface_photos" / "couple.jpg"
     if couple.is_file():
         photos.append(("couple.jpg", couple.read_bytes()))
+    return photos
+
+
+def test_default_alignment_embeds_each_crops_largest_face_in_one_pass(spark, make_cfg, tmp_path) -> None:
+    """The default (`embed.align: auto`): the dlib spec's 150 px chip of each crop's largest face is what the
+    model sees, in the embed pass itself: crops gains no row, the embedding equals the model run on
+    `align_faces`' chip outside Spark, and a crop without a face is embedded as a centred resize
+    (`aligned = false`). The version names the alignment, so `embed.align=false` embeds the crops again."""
+    from ers_spark.distributed.align import decode_photo
+    from ers_spark.models.align import align_faces, centred_resize
+    from ers_spark.models.preprocess import prepare_arrays
+
+    photos = _photos()
     src = tmp_path / "photos.parquet"
     pd.DataFrame({"path": [p for p, _ in photos], "bytes": [b for _, b in photos]}).to_parquet(src)
-    cfg = make_cfg(f"ingest.input_path={src}", "ingest.input_format=parquet", "embed.align=true")
+    cfg = make_cfg(f"ingest.input_path={src}", "ingest.input_format=parquet", "ingest.path_column=path",
+                   "embed.align=auto")
     run_ingest(spark, cfg)
     record = run_embed(spark, cfg)
-    crops = spark.read.format("delta").load(table_path(cfg, CROPS)).toPandas()
-    chips = crops[crops.parent_image_id.notna()]
-    by_photo = chips.groupby(chips.source_path.str.split("#").str[0]).face_index.apply(sorted).to_dict()
-    assert by_photo["astronaut.png"][0] == 0
-    assert len(by_photo["coffee.png"]) == 1 and pd.isna(by_photo["coffee.png"][0])
-    if couple.is_file():
-        assert by_photo["couple.jpg"] == [0, 1]
-    assert (chips.width == 150).all() and (chips.height == 150).all()
-    assert record["counts"]["chips_written"] == len(chips)
-    assert record["counts"]["photos_without_face"] == 0 and record["counts"]["photos_embedded_unaligned"] == 1
-    assert record["counts"]["written"] == len(chips)  # only the chips are embedded, not the photos
-    assert _table_or_empty(spark, cfg, QUARANTINE).where("stage = 'align'").count() == 0
-    again = run_embed(spark, cfg)
-    assert again["counts"]["chips_written"] == 0 and again["counts"]["to_embed"] == 0
+    several = 1 + int(len(photos) == 3)  # the astronaut's badge is a second (smaller) box; the couple
+    assert record["counts"] == {"crops": len(photos), "already_embedded": 0, "to_embed": len(photos),
+                                "written": len(photos), "quarantined": 0, "aligned": len(photos) - 1,
+                                "embedded_unaligned": 1, "no_face": 0, "several_faces": several}
+    assert record["params"]["model_version"].endswith("+dlib_chip150p0.25") and record["params"]["align"] == "auto"
+    assert spark.read.format("delta").load(table_path(cfg, CROPS)).count() == len(photos)
+
+    params = resolve_model(cfg.embed)
+    table = (spark.read.format("delta").load(table_path(cfg, EMBEDDINGS))
+             .join(spark.read.format("delta").load(table_path(cfg, CROPS)), "image_id").toPandas())
+    model = OnnxEmbedder(params.model_path, params.spec)
+    for path, data in photos:
+        row = table[table.source_path == path].iloc[0]
+        rgb, _ = decode_photo(data, 150)
+        chips = align_faces(rgb, size=150, min_side=150)
+        assert bool(row.aligned) == bool(chips), path
+        chip = chips[0] if chips else centred_resize(rgb, 150)
+        direct, _ = model.embed(prepare_arrays([chip], params.spec))
+        assert float(np.dot(row.embedding, direct[0])) > 0.99999, path
+
+    assert run_embed(spark, cfg)["counts"]["to_embed"] == 0
+    unaligned = run_embed(spark, make_cfg(f"storage.root={cfg.storage.root}", "embed.align=false"))
+    assert unaligned["counts"]["to_embed"] == len(photos) and "+dlib" not in unaligned["params"]["model_version"]
 
 
 def test_torch_backend_in_spark_matches_onnx(spark, make_cfg, demo_rows, tmp_path) -> None:
@@ -382,10 +404,10 @@ def tiny_orl_crops() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "identity", "bytes"])
 
 
-def _embedded_by_photo(spark, cfg) -> pd.DataFrame:
-    crops = spark.read.format("delta").load(table_path(cfg, CROPS)).where("parent_image_id is not null")
+def _embedded_crops(spark, cfg) -> pd.DataFrame:
+    crops = spark.read.format("delta").load(table_path(cfg, CROPS))
     emb = spark.read.format("delta").load(table_path(cfg, EMBEDDINGS))
-    return crops.join(emb, "image_id").select("parent_image_id", "face_index", "aligned").toPandas()
+    return crops.join(emb, "image_id").select("image_id", "source_path", "aligned").toPandas()
 
 
 def test_align_keeps_24x28_crops_and_records_aligned(spark, make_cfg, tiny_orl_crops, tmp_path) -> None:
@@ -394,15 +416,13 @@ def test_align_keeps_24x28_crops_and_records_aligned(spark, make_cfg, tiny_orl_c
     cfg = _parquet_cfg(make_cfg, src, "embed.align=true")
     _ingest(spark, cfg)
     record = run_embed(spark, cfg)
-    photos = spark.read.format("delta").load(table_path(cfg, CROPS)).where("parent_image_id is null").count()
-    table = _embedded_by_photo(spark, cfg)
-    assert photos == len(tiny_orl_crops)
-    assert table.parent_image_id.nunique() == photos  # none lost
+    table = _embedded_crops(spark, cfg)
+    assert len(table) == len(tiny_orl_crops)  # none lost
     assert table.aligned.notna().all()
-    assert (table.aligned == table.face_index.notna()).all()
-    assert int((~table.aligned.astype(bool)).sum()) == record["counts"]["photos_embedded_unaligned"] >= 1  # the grey one
-    assert table.aligned.astype(bool).sum() >= 0.8 * (photos - 1)  # faces found again after enlarging
-    assert record["counts"]["photos_without_face"] == 0
+    assert int((~table.aligned.astype(bool)).sum()) == record["counts"]["embedded_unaligned"] >= 1  # the grey one
+    assert not table[table.source_path == "grey/flat.png"].aligned.iloc[0]
+    assert table.aligned.astype(bool).sum() == record["counts"]["aligned"] >= 0.8 * (len(table) - 1)  # found after enlarging
+    assert record["counts"]["no_face"] == 0
     assert record["counts"]["to_embed"] == record["counts"]["written"] == len(table)
 
 
@@ -413,9 +433,13 @@ def test_no_face_policy_quarantine(spark, make_cfg, tiny_orl_crops, tmp_path) ->
     _ingest(spark, cfg)
     record = run_embed(spark, cfg)
     quarantine = spark.read.format("delta").load(table_path(cfg, QUARANTINE)).toPandas()
-    assert record["counts"]["photos_without_face"] >= 1 and record["counts"]["photos_embedded_unaligned"] == 0
-    assert set(quarantine.reason) == {"no_face"} and "grey/flat.png" in set(quarantine.source_path)
-    assert _embedded_by_photo(spark, cfg).aligned.astype(bool).all()
+    counts = record["counts"]
+    assert counts["no_face"] >= 1 and counts["embedded_unaligned"] == 0
+    assert counts["quarantined"] == counts["no_face"] and counts["written"] == counts["aligned"] == 3 - counts["no_face"]
+    assert set(quarantine.reason) == {"no_face"} and set(quarantine.stage) == {"embed"}
+    assert "grey/flat.png" in set(quarantine.source_path)
+    assert set(quarantine.model_version) == {record["params"]["model_version"]}
+    assert _embedded_crops(spark, cfg).aligned.astype(bool).all()
 
 
 def test_old_embeddings_table_gains_the_aligned_column(spark, make_cfg) -> None:
@@ -429,3 +453,19 @@ def test_old_embeddings_table_gains_the_aligned_column(spark, make_cfg) -> None:
     ensure_table(spark, cfg, EMBEDDINGS)
     rows = spark.read.format("delta").load(table_path(cfg, EMBEDDINGS)).collect()
     assert [(r.image_id, r.aligned) for r in rows] == [("a", None)]
+
+
+def test_old_crops_table_keeps_its_retired_columns(spark, make_cfg) -> None:
+    """A crops table from when alignment wrote chips as crops (``parent_image_id``, ``face_index``): new rows
+    are inserted with those columns null, the old rows keep theirs."""
+    cfg = make_cfg()
+    old_schema = ("image_id string, parent_image_id string, face_index int, source_path string, identity string, "
+                  "width int, height int, format string, bytes binary, ingested_at timestamp")
+    now = datetime(2026, 1, 1)
+    spark.createDataFrame([("chip", "photo", 0, "p.png#face0", None, 150, 150, "png", b"x", now)], old_schema).write.format(
+        "delta").save(table_path(cfg, CROPS))
+    new = spark.createDataFrame([("new", "n.png", "someone", 1, 1, "png", b"y", now)], CROPS.schema)
+    assert merge_insert_new(spark, cfg, CROPS, new) == 1
+    rows = sorted(spark.read.format("delta").load(table_path(cfg, CROPS)).select(
+        "image_id", "parent_image_id", "face_index").collect())
+    assert [tuple(r) for r in rows] == [("chip", "photo", 0), ("new", None, None)]

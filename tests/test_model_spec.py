@@ -157,11 +157,12 @@ def test_decode_pgm(arc_spec):
 
 
 def _photo_decoders():
-    from ers_spark.distributed.align import align_one
+    from ers_spark.distributed.align import align_images
     from ers_spark.distributed.images import probe_image
+    from ers_spark.models.spec import FaceAlignment
 
     return {"embed": lambda data, spec: decode_batch([data], spec), "ingest": lambda data, spec: probe_image(data),
-            "align": lambda data, spec: align_one(data, 150, 40, True)}
+            "align": lambda data, spec: align_images([data], FaceAlignment("dlib_chip"), 150, 40, True)}
 
 
 @pytest.mark.parametrize("step", ["embed", "ingest", "align"])

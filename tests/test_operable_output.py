@@ -131,6 +131,11 @@ def test_first_run_is_quiet_and_verbose_brings_the_noise_back(demo_first_run, tm
     ingest_out, verbose = proc.stdout, proc.stderr
     demo_out, quiet = demo_first_run["stdout"], demo_first_run["stderr"]
     assert "Open the report:" in demo_out and (demo_first_run["home"] / ".ers-spark" / "demo" / "lake").is_dir()
+    # the default model's spec aligns: every crop reached the model as a dlib chip or, without a face, resized
+    embed = next(r for r in demo_first_run["records"] if r["stage"] == "embed")
+    assert embed["params"]["model_version"].endswith("+dlib_chip150p0.25") and embed["counts"]["aligned"] > 0
+    assert (f"  embedded:         {embed['counts']['written']}, aligned as the model was trained (dlib_chip, "
+            f"padding 0.25): {embed['counts']['aligned']} chips of a detected face") in demo_out
     assert len(quiet.splitlines()) < DEMO_STDERR_LINES, quiet
     assert "ers_spark.stages.locate_ui: locate-ui: chose eps=" in quiet
     for noise in (":: resolution report ::", ":: loading settings ::", "Hive SerDe", "found io.delta#",

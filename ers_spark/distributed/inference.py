@@ -4,9 +4,11 @@ the model resolved on the driver and shipped through Spark, one model per Python
 
 Each Python worker opens the model once (ONNX Runtime, or torch) from the copy Spark shipped to its
 executor, decodes a whole batch, and runs it in sub-batches of ``embed.batch_size``. When Spark gave
-the task a GPU (``TaskContext`` resources ``gpu``), that device is used; otherwise the CPU. A crop whose
-bytes do not decode, or whose embedding comes out zero or non-finite, gets a reason; an exception of
-the model itself, or a partition where most crops fail, fails the task.
+the task a GPU (``TaskContext`` resources ``gpu``), that device is used; otherwise the CPU. When the model's
+spec declares an alignment (``embed.align: auto``), each crop is aligned in the same pass
+(:mod:`ers_spark.distributed.align`). A crop whose bytes do not decode, or whose embedding comes out zero or
+non-finite, gets a reason; an exception of the model itself, or a partition where most crops fail, fails
+the task.
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+from pyspark.sql.types import ArrayType, BooleanType, FloatType, IntegerType, StringType, StructField, StructType
 
 from ers_spark.config import EmbedConfig
-from ers_spark.errors import ModelError
-from ers_spark.lake.contracts import BYTES, DETAIL, EMBEDDING, IMAGE_ID, RAW_NORM
+from ers_spark.distributed.align import NO_FACE_DETAIL, align_images
+from ers_spark.errors import ConfigError, ModelError
+from ers_spark.lake.contracts import ALIGNED, BYTES, DETAIL, EMBEDDING, IMAGE_ID, RAW_NORM
 from ers_spark.models.devices import task_cuda_index
-from ers_spark.models.spec import ModelSpec, file_sha256, load_model_spec, resolve_model_file
+from ers_spark.models.spec import FaceAlignment, ModelSpec, file_sha256, load_model_spec, resolve_model_file
 
 log = logging.getLogger(__name__)
 
 TASK_RUNTIME = "task_runtime"
+FACES_FOUND = "faces_found"
 
 EMBED_OUTPUT_SCHEMA = StructType(
     [
@@ -42,6 +46,8 @@ EMBED_OUTPUT_SCHEMA = StructType(
         StructField(RAW_NORM, FloatType(), True),
         StructField(DETAIL, StringType(), True),
         StructField(TASK_RUNTIME, StringType(), True),
+        StructField(ALIGNED, BooleanType(), True),
+        StructField(FACES_FOUND, IntegerType(), True),
     ]
 )
 
@@ -65,14 +71,33 @@ class ModelFile:
     model_sha256: str
     model_version: str
     shipped_name: str | None = None
+    alignment: FaceAlignment | None = None
+
+
+def resolve_alignment(spec: ModelSpec, emb: EmbedConfig) -> FaceAlignment | None:
+    """The alignment embed applies: the spec's under ``embed.align: auto`` (or ``true``), none under ``false``."""
+    if emb.align is False:
+        return None
+    if spec.alignment is None and emb.align is True:
+        raise ConfigError(
+            f"embed.align=true but model {spec.name!r} declares no alignment: add `alignment: {{method: dlib_chip}}` "
+            "(or five_point_template) to its spec, or use embed.align=auto"
+        )
+    return spec.alignment
 
 
 def resolve_model(emb: EmbedConfig) -> ModelFile:
-    """Resolve the model on the driver, so a missing file or bad checksum fails before any Spark work."""
+    """Resolve the model on the driver, so a missing file or bad checksum fails before any Spark work.
+
+    The model version names the file (its sha256) and the alignment, so embeddings of aligned chips and
+    of whole crops never share a version (switching ``embed.align`` embeds again).
+    """
     spec = load_model_spec(emb.model)
     path = resolve_model_file(spec, os.path.expanduser(emb.model_cache_dir))
     digest = file_sha256(path)
-    return ModelFile(spec=spec, model_path=str(path), model_sha256=digest, model_version=f"{spec.version}+{digest[:12]}")
+    alignment = resolve_alignment(spec, emb)
+    version = f"{spec.version}+{digest[:12]}" + (f"+{alignment.tag(spec.input_width)}" if alignment else "")
+    return ModelFile(spec=spec, model_path=str(path), model_sha256=digest, model_version=version, alignment=alignment)
 
 
 def ship_model(spark: SparkSession, params: ModelFile) -> ModelFile:
@@ -199,24 +224,43 @@ def get_embedder(params: ModelFile, emb: EmbedConfig, device_id: int | None) -> 
     return embedder
 
 
-def embed_images(
-    images: list[bytes | None], params: ModelFile, emb: EmbedConfig, embedder: Any
-) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    """Decode and embed one batch of encoded images.
+@dataclass
+class EmbeddedBatch:
+    """One batch's results, row for row: unit embeddings and raw norms (NaN where it failed), the reason a
+    row failed (None when it worked), and, when aligning, whether a face was found and how many."""
 
-    Returns unit embeddings and raw norms for every input row (NaN rows where it
-    failed) and one failure reason per row (None when it worked). Only per-image
-    problems become reasons: bytes that do not decode, or an embedding that comes
-    out zero or non-finite. An exception of the model itself is a broken job, not
-    bad data, and propagates.
+    unit: np.ndarray
+    norms: np.ndarray
+    reasons: list[str | None]
+    aligned: np.ndarray | None = None
+    faces: np.ndarray | None = None
+
+
+def decode_or_align(images: list[bytes | None], params: ModelFile, emb: EmbedConfig):
+    """Per row a uint8 image ready for the model (None where there is none), its reason, and alignment facts."""
+    from ers_spark.models.preprocess import decode_images
+
+    if params.alignment is None:
+        decoded, reasons = decode_images(images, params.spec)
+        return decoded, reasons, None, None
+    batch = align_images(images, params.alignment, params.spec.input_width, emb.align_min_side,
+                         emb.no_face == "embed_unaligned")
+    return batch.chips, batch.reasons, batch.aligned, batch.faces
+
+
+def embed_images(images: list[bytes | None], params: ModelFile, emb: EmbedConfig, embedder: Any) -> EmbeddedBatch:
+    """Decode (and align) and embed one batch of encoded images.
+
+    Only per-image problems become reasons: bytes that do not decode, no face under
+    ``embed.no_face: quarantine``, or an embedding that comes out zero or non-finite. An exception
+    of the model itself is a broken job, not bad data, and propagates.
     """
-    from ers_spark.models.preprocess import decode_images, prepare_arrays
+    from ers_spark.models.preprocess import prepare_arrays
 
     n = len(images)
-    dim = params.spec.embedding_dim
-    unit = np.full((n, dim), np.nan, dtype=np.float32)
+    unit = np.full((n, params.spec.embedding_dim), np.nan, dtype=np.float32)
     norms = np.full(n, np.nan, dtype=np.float32)
-    decoded, reasons = decode_images(images, params.spec)
+    decoded, reasons, aligned, faces = decode_or_align(images, params, emb)
     rows = np.array([i for i, arr in enumerate(decoded) if arr is not None], dtype=np.int64)
     for start in range(0, len(rows), emb.batch_size):
         chunk = rows[start : start + emb.batch_size]
@@ -226,7 +270,7 @@ def embed_images(
     bad = ~np.isfinite(norms) | (norms <= 0)
     for row in np.flatnonzero(bad & np.array([r is None for r in reasons])):
         reasons[row] = "model returned a zero or non-finite embedding"
-    return unit, norms, reasons
+    return EmbeddedBatch(unit, norms, reasons, aligned, faces)
 
 
 def check_failed_share(failed: int, rows: int, first_reason: str | None, emb: EmbedConfig) -> None:
@@ -256,14 +300,19 @@ EMBED_ARROW_SCHEMA = pa.schema(
         pa.field(RAW_NORM, pa.float32()),
         pa.field(DETAIL, pa.string()),
         pa.field(TASK_RUNTIME, pa.string()),
+        pa.field(ALIGNED, pa.bool_()),
+        pa.field(FACES_FOUND, pa.int32()),
     ]
 )
 
 
 def make_embed_batches(params: ModelFile, emb: EmbedConfig):
-    """The mapInArrow function: Arrow batches of (image_id, bytes) -> (image_id, embedding, raw_norm, detail, task_runtime).
+    """The mapInArrow function: Arrow batches of (image_id, bytes) -> (image_id, embedding, raw_norm, detail,
+    task_runtime, aligned, faces_found).
 
-    ``task_runtime`` is set on the first row of each task only (where it ran), null elsewhere.
+    ``task_runtime`` is set on the first row of each task only (where it ran), null elsewhere; ``aligned`` and
+    ``faces_found`` are null when embed does not align. A crop without a face under ``no_face: quarantine``
+    is the data's verdict, not a failure: it does not count towards ``embed.max_failed_share``.
     """
 
     def embed_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -274,18 +323,22 @@ def make_embed_batches(params: ModelFile, emb: EmbedConfig):
         first_reason = None
         for batch in batches:
             ids = batch.column(0)
-            unit, norms, reasons = embed_images(batch.column(1).to_pylist(), params, emb, embedder)
-            failed = np.array([r is not None for r in reasons], dtype=bool)
-            rows, failed_rows = rows + len(reasons), failed_rows + int(failed.sum())
-            first_reason = first_reason or next((r for r in reasons if r is not None), None)
-            flat = pa.array(unit.reshape(-1), type=pa.float32())
-            offsets = pa.array(np.arange(0, (len(unit) + 1) * dim, dim, dtype=np.int32))
+            out = embed_images(batch.column(1).to_pylist(), params, emb, embedder)
+            failed = np.array([r is not None for r in out.reasons], dtype=bool)
+            broken = [r for r in out.reasons if r is not None and r != NO_FACE_DETAIL]
+            rows, failed_rows = rows + len(out.reasons), failed_rows + len(broken)
+            first_reason = first_reason or next(iter(broken), None)
+            flat = pa.array(out.unit.reshape(-1), type=pa.float32())
+            offsets = pa.array(np.arange(0, (len(out.unit) + 1) * dim, dim, dtype=np.int32))
             embeddings = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(failed))
-            runtimes = [runtime] + [None] * (len(reasons) - 1) if len(reasons) else []
-            runtime = None if len(reasons) else runtime
+            runtimes = [runtime] + [None] * (len(out.reasons) - 1) if len(out.reasons) else []
+            runtime = None if len(out.reasons) else runtime
+            nulls = pa.nulls(len(out.reasons))
             yield pa.RecordBatch.from_arrays(
-                [ids, embeddings, pa.array(norms, mask=failed), pa.array(reasons, type=pa.string()),
-                 pa.array(runtimes, type=pa.string())],
+                [ids, embeddings, pa.array(out.norms, mask=failed), pa.array(out.reasons, type=pa.string()),
+                 pa.array(runtimes, type=pa.string()),
+                 nulls.cast(pa.bool_()) if out.aligned is None else pa.array(out.aligned, mask=failed),
+                 nulls.cast(pa.int32()) if out.faces is None else pa.array(out.faces, type=pa.int32())],
                 schema=EMBED_ARROW_SCHEMA,
             )
         check_failed_share(failed_rows, rows, first_reason, emb)

@@ -29,8 +29,6 @@ from ers_spark.errors import ContractError
 
 # column names shared by several tables
 IMAGE_ID = "image_id"
-PARENT_IMAGE_ID = "parent_image_id"
-FACE_INDEX = "face_index"
 SOURCE_PATH = "source_path"
 IDENTITY = "identity"
 WIDTH = "width"
@@ -122,8 +120,6 @@ CROPS = TableContract(
     "crops",
     _fields(
         (IMAGE_ID, StringType(), False),
-        (PARENT_IMAGE_ID, StringType(), True),
-        (FACE_INDEX, IntegerType(), True),
         (SOURCE_PATH, StringType(), True),
         (IDENTITY, StringType(), True),
         (WIDTH, IntegerType(), False),

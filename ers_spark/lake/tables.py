@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, TypeVar
 from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
 
 from ers_spark.config import ErsConfig
 from ers_spark.lake.contracts import (
@@ -264,6 +265,18 @@ def retry_on_conflict(write: Callable[[], T], what: str, retries: int = WRITE_CO
     raise AssertionError("unreachable")
 
 
+def with_retired_columns(source: DataFrame, target_schema: StructType) -> DataFrame:
+    """``source`` with a null for each column the table holds but its contract no longer has.
+
+    A table written by an older ers-spark keeps columns this version stopped writing (crops'
+    ``parent_image_id`` and ``face_index``, from when alignment wrote chips as crops); Delta's
+    ``INSERT *`` needs every one of them in the source.
+    """
+    present = set(source.columns)
+    retired = [f for f in target_schema.fields if f.name not in present]
+    return source.select("*", *[F.lit(None).cast(f.dataType).alias(f.name) for f in retired]) if retired else source
+
+
 def merge_insert_new(spark: SparkSession, cfg: ErsConfig, contract: TableContract, df: DataFrame) -> int:
     """Insert the rows whose key is not in the table yet; return how many were inserted.
 
@@ -275,7 +288,8 @@ def merge_insert_new(spark: SparkSession, cfg: ErsConfig, contract: TableContrac
 
     def attempt() -> int:
         target = ensure_table(spark, cfg, contract)
-        merge = target.alias("t").merge(source.alias("s"), _merge_condition(contract)).whenNotMatchedInsertAll()
+        rows = with_retired_columns(source, target.toDF().schema)
+        merge = target.alias("t").merge(rows.alias("s"), _merge_condition(contract)).whenNotMatchedInsertAll()
         return _inserted(merge.execute())
 
     return retry_on_conflict(attempt, f"MERGE into {contract.name}")

@@ -37,6 +37,48 @@ SPECS_DIR = resources.files("ers_spark").joinpath("conf", "models")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
+#: How a network's training faces were cut, by name (see :mod:`ers_spark.models.align`).
+ALIGNMENT_METHODS = ("dlib_chip", "five_point_template")
+
+
+@dataclass(frozen=True)
+class FaceAlignment:
+    """The alignment a network was trained on, declared by its spec (``alignment:``).
+
+    ``dlib_chip``: dlib's 5-point landmarks and ``dlib.get_face_chip`` with ``padding`` (the dlib
+    ResNet: 150 px, 0.25). ``five_point_template``: eye centres, nose tip and mouth corners moved
+    onto InsightFace's 112 px ArcFace template by a similarity transform (scaled to the chip size).
+    The chip is square, as large as the spec's input.
+    """
+
+    method: str
+    padding: float = 0.25
+
+    def tag(self, size: int) -> str:
+        """A short name of this alignment at ``size`` px, part of the model version it embeds under.
+
+        >>> FaceAlignment("dlib_chip").tag(150), FaceAlignment("five_point_template").tag(112)
+        ('dlib_chip150p0.25', 'five_point_template112')
+        """
+        if self.method == "dlib_chip":
+            return f"dlib_chip{size}p{self.padding:g}"
+        return f"{self.method}{size}"
+
+    @classmethod
+    def from_value(cls, value: Any, where: str) -> "FaceAlignment | None":
+        if value is None or isinstance(value, FaceAlignment):
+            return value
+        if not isinstance(value, Mapping) or set(value) - {"method", "padding"} or "method" not in value:
+            raise ConfigError(f"{where}: model.alignment must be null or a mapping with method (and padding), "
+                              f"got {value!r}")
+        if value["method"] not in ALIGNMENT_METHODS:
+            raise ConfigError(f"{where}: model.alignment.method must be one of {', '.join(ALIGNMENT_METHODS)}, "
+                              f"got {value['method']!r}")
+        padding = value.get("padding", 0.25)
+        if isinstance(padding, bool) or not isinstance(padding, (int, float)) or not 0 <= padding <= 1:
+            raise ConfigError(f"{where}: model.alignment.padding must be a number in [0, 1], got {padding!r}")
+        return cls(method=value["method"], padding=float(padding))
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -60,6 +102,7 @@ class ModelSpec:
     layout: str = "NCHW"
     sha256: str | None = None
     input_name: str | None = None
+    alignment: FaceAlignment | None = None
 
     def validate(self) -> "ModelSpec":
         """Check every field; raise ConfigError naming the first bad one. Returns self."""
@@ -99,6 +142,9 @@ class ModelSpec:
             )
         if self.input_name is not None and (not isinstance(self.input_name, str) or not self.input_name):
             raise ConfigError(f"{where}: model.input_name must be a non-empty string or null, got {self.input_name!r}")
+        if self.alignment is not None and self.input_height != self.input_width:
+            raise ConfigError(f"{where}: model.alignment cuts square chips; the input is "
+                              f"{self.input_width}x{self.input_height}")
         return self
 
     @classmethod
@@ -127,6 +173,7 @@ class ModelSpec:
         for key in ("version",):
             if isinstance(values.get(key), (int, float)) and not isinstance(values.get(key), bool):
                 values[key] = str(values[key])
+        values["alignment"] = FaceAlignment.from_value(values.get("alignment"), source)
         if isinstance(values.get("sha256"), str):
             values["sha256"] = values["sha256"].strip().lower()
         return cls(**values).validate()

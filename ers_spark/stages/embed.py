@@ -5,9 +5,12 @@ Inference runs on the executors that hold the crops, in Arrow batches
 torch) from the copy Spark shipped to its executor, decodes a whole batch, and
 runs it in sub-batches of ``embed.batch_size``. When Spark gave the task a GPU
 (``TaskContext`` resources ``gpu``), that device is used; otherwise the CPU.
-Only crops without an embedding for the current model version are embedded, so
-re-runs embed nothing. A crop whose bytes do not decode, or whose embedding comes
-out zero or non-finite, goes to quarantine tagged with the model version; a
+When the model's spec declares the alignment its network was trained on (the
+default dlib model: dlib's 150 px chips), each crop's largest face is cut that
+way in the same pass, before inference (``embed.align: auto``); no chip is
+written anywhere. Only crops without an embedding for the current model version are embedded, so
+re-runs embed nothing. A crop whose bytes do not decode, whose embedding comes
+out zero or non-finite, or (``embed.no_face: quarantine``) with no face, goes to quarantine tagged with the model version; a
 broken model or executor fails the job instead (see :func:`plan_embed`).
 
 The executors' side (the model shipped through Spark, the ``mapInArrow`` function, alignment) is in
@@ -26,8 +29,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ers_spark.config import EmbedConfig, ErsConfig
-from ers_spark.distributed.align import ALIGN_OUTPUT_SCHEMA, make_align_batches
+from ers_spark.distributed.align import NO_FACE_DETAIL
 from ers_spark.distributed.inference import (
+    FACES_FOUND,
     TASK_RUNTIME,
     ModelFile,
     embed_dataframe,
@@ -37,30 +41,20 @@ from ers_spark.distributed.inference import (
 )
 from ers_spark.lake.contracts import (
     ALIGNED,
-    BYTES,
     CROPS,
     DETAIL,
     EMBEDDED_AT,
     EMBEDDING,
     EMBEDDINGS,
-    FACE_INDEX,
-    FORMAT,
-    HEIGHT,
-    IDENTITY,
     IMAGE_ID,
-    INGESTED_AT,
     MODEL_NAME,
     MODEL_VERSION,
-    PARENT_IMAGE_ID,
     QUARANTINE,
     RAW_NORM,
-    REASON,
     REASON_EMBED_FAILED,
     REASON_NO_FACE,
-    REASON_UNDECODABLE,
     SOURCE_PATH,
     STAGE,
-    WIDTH,
 )
 from ers_spark.errors import ConfigError
 from ers_spark.lake.tables import (
@@ -74,7 +68,6 @@ from ers_spark.lake.tables import (
     table_version,
 )
 from ers_spark.models.devices import check_onnxruntime, onnxruntime_report
-from ers_spark.models.spec import ModelSpec
 
 STAGE_NAME = "embed"
 log = logging.getLogger(__name__)
@@ -105,70 +98,6 @@ def pending_crops(spark: SparkSession, cfg: ErsConfig, crops: DataFrame, params:
     return crops if ids is None else crops.join(ids, IMAGE_ID, "left_semi")
 
 
-def photos_to_align(spark: SparkSession, cfg: ErsConfig) -> DataFrame:
-    """Photos (crops rows without a parent) that have no chip yet and, under ``no_face: quarantine``, no no_face row.
-
-    Under ``embed_unaligned`` a photo once quarantined as no_face is tried again (it gets a centred resize).
-    """
-    crops = read_table(spark, cfg, CROPS)
-    photos = crops.where(F.col(PARENT_IMAGE_ID).isNull())
-    done = crops.where(F.col(PARENT_IMAGE_ID).isNotNull()).select(F.col(PARENT_IMAGE_ID).alias(IMAGE_ID))
-    if cfg.embed.no_face == "quarantine" and table_exists(spark, cfg, QUARANTINE):
-        no_face = (
-            read_table(spark, cfg, QUARANTINE)
-            .where((F.col(STAGE) == "align") & (F.col(REASON) == REASON_NO_FACE))
-            .select(IMAGE_ID)
-        )
-        done = done.unionByName(no_face)
-    return photos.join(done.distinct(), IMAGE_ID, "left_anti")
-
-
-def align_photos(spark: SparkSession, cfg: ErsConfig, spec: ModelSpec) -> dict[str, int]:
-    """Cut aligned chips out of photos not aligned yet; chips become crops rows (parent id + face index).
-
-    Photos are the crops rows without a parent; each face becomes a new crop whose
-    image_id is the sha256 of the chip's PNG bytes. A photo with no face becomes one crop
-    holding its centred resize with a null face index (``embed.no_face: embed_unaligned``, the
-    default; embedded with ``aligned = false``) or goes to quarantine with reason ``no_face``
-    (``embed.no_face: quarantine``). Small photos are enlarged before detection
-    (``embed.align_min_side``). Already-aligned photos are skipped on re-runs.
-    """
-    todo = photos_to_align(spark, cfg)
-    batches = make_align_batches(spec.input_width, cfg.embed.align_min_side, cfg.embed.no_face == "embed_unaligned")
-    aligned = (
-        todo.select(IMAGE_ID, BYTES)
-        .mapInPandas(batches, ALIGN_OUTPUT_SCHEMA)
-        .join(todo.select(F.col(IMAGE_ID).alias(PARENT_IMAGE_ID), SOURCE_PATH, IDENTITY), PARENT_IMAGE_ID)
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
-    try:
-        chips = aligned.where(F.col(DETAIL).isNull()).select(
-            F.sha2(F.col(BYTES), 256).alias(IMAGE_ID),
-            PARENT_IMAGE_ID,
-            FACE_INDEX,
-            F.concat(F.col(SOURCE_PATH), F.coalesce(F.concat(F.lit("#face"), F.col(FACE_INDEX).cast("string")),
-                                                    F.lit("#unaligned"))).alias(SOURCE_PATH),
-            IDENTITY,
-            F.lit(spec.input_width).alias(WIDTH),
-            F.lit(spec.input_height).alias(HEIGHT),
-            F.lit("png").alias(FORMAT),
-            BYTES,
-            F.current_timestamp().alias(INGESTED_AT),
-        )
-        failed = quarantine_rows(
-            aligned.where(F.col(DETAIL).isNotNull()).withColumnRenamed(PARENT_IMAGE_ID, IMAGE_ID),
-            "align",
-            F.when(F.col(DETAIL).startswith("undecodable"), F.lit(REASON_UNDECODABLE)).otherwise(F.lit(REASON_NO_FACE)),
-            F.col(DETAIL),
-        )
-        unaligned = aligned.where(F.col(DETAIL).isNull() & F.col(FACE_INDEX).isNull()).count()
-        new_chips = merge_insert_new(spark, cfg, CROPS, chips)
-        no_faces = merge_insert_new(spark, cfg, QUARANTINE, failed)
-    finally:
-        aligned.unpersist()
-    return {"chips_written": new_chips, "photos_without_face": no_faces, "photos_embedded_unaligned": unaligned}
-
-
 def plan_embed(spark: SparkSession, cfg: ErsConfig) -> ModelFile:
     """Check everything a job-level failure could come from before any Spark work, then ship the model."""
     emb = cfg.embed
@@ -181,18 +110,19 @@ def plan_embed(spark: SparkSession, cfg: ErsConfig) -> ModelFile:
     if emb.backend == "onnx":
         check_onnxruntime(require_cuda=False)
         log.info("embed: ONNX Runtime on the driver: %s", onnxruntime_report())
-    if emb.align:
+    if params.alignment is not None:
         from ers_spark.models.align import require_dlib
 
-        require_dlib()
+        require_dlib(params.alignment)
     preflight_model(params, emb)
     return ship_model(spark, params)
 
 
 def run_params(params: ModelFile, emb: EmbedConfig) -> dict[str, Any]:
     """The run record's params: the model that ran (its spec by name) and the ``embed.*`` settings the executors use."""
-    executors = ("backend", "device", "batch_size", "intra_op_threads", "fp16", "max_failed_share")
-    return {**asdict(params), "spec": params.spec.name, **{key: getattr(emb, key) for key in executors}}
+    executors = ("backend", "device", "batch_size", "intra_op_threads", "fp16", "max_failed_share", "align")
+    aligning = ("no_face", "align_min_side") if params.alignment is not None else ()
+    return {**asdict(params), "spec": params.spec.name, **{key: getattr(emb, key) for key in executors + aligning}}
 
 
 def runtime_summary(embedded: DataFrame) -> dict[str, Any]:
@@ -210,22 +140,21 @@ def runtime_summary(embedded: DataFrame) -> dict[str, Any]:
 
 
 def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
-    """Run the embed stage; counts: to_embed = written + quarantined, crops = to_embed + already_embedded."""
+    """Run the embed stage; counts: to_embed = written + quarantined, crops = to_embed + already_embedded.
+
+    When the model's alignment applies, ``aligned + embedded_unaligned + no_face + undecodable = to_embed``
+    (``no_face`` crops are quarantined; the others that fail are ``embed_failed``).
+    """
     params = plan_embed(spark, cfg)
     run = StageRun(STAGE_NAME, params=run_params(params, cfg.embed))
-    align_counts: dict[str, int] = {}
     crops = read_table(spark, cfg, CROPS, hint="run `ers-spark ingest` first")
-    if cfg.embed.align:
-        align_counts = align_photos(spark, cfg, params.spec)
-        # with alignment on, the model sees the aligned chips, not the whole photos
-        crops = read_table(spark, cfg, CROPS).where(F.col(PARENT_IMAGE_ID).isNotNull())
     run.input_versions = {CROPS.name: table_version(spark, cfg, CROPS)}
     total = crops.count()
     pending = pending_crops(spark, cfg, crops, params)
     embedded = embed_dataframe(pending, params, cfg.embed).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        totals = embedded.agg(F.count(F.lit(1)).alias("n"), F.count(DETAIL).alias("bad")).first()
-        to_embed, quarantined = int(totals["n"]), int(totals["bad"])
+        totals = embedded.agg(*embed_totals(params)).first().asDict()
+        to_embed, quarantined = int(totals.pop("to_embed")), int(totals.pop("quarantined"))
         run.runtime = runtime_summary(embedded)
         if cfg.embed.backend == "onnx":
             run.runtime["onnxruntime_on_driver"] = onnxruntime_report()
@@ -238,25 +167,33 @@ def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
         "to_embed": to_embed,
         "written": written,
         "quarantined": quarantined,
-        **align_counts,
+        **{key: int(value) for key, value in totals.items()},
     }
-    log.info("embed: %d new crops to embed (%d already embedded with %s %s); tasks by device: %s",
-             to_embed, total - to_embed, params.spec.name, params.model_version, run.runtime["tasks_by_device"])
+    alignment = params.alignment.tag(params.spec.input_width) if params.alignment else "none (resized as they are)"
+    log.info("embed: %d new crops to embed (%d already embedded with %s %s); alignment: %s; tasks by device: %s",
+             to_embed, total - to_embed, params.spec.name, params.model_version, alignment,
+             run.runtime["tasks_by_device"])
     return run.finish(spark, cfg, outputs=(EMBEDDINGS, QUARANTINE))
 
 
-def aligned_flag(cfg: ErsConfig) -> Any:
-    """The ``aligned`` column of a crop: a detected face chip (true), a centred resize (false), or null (align off)."""
-    if cfg.embed.align:
-        return F.col(FACE_INDEX).isNotNull().alias(ALIGNED)
-    return F.lit(None).cast("boolean").alias(ALIGNED)
+def embed_totals(params: ModelFile) -> list[Any]:
+    """The run record's counts, in one aggregate over the embedded rows; alignment's own counts when aligning."""
+    totals = [F.count(F.lit(1)).alias("to_embed"), F.count(DETAIL).alias("quarantined")]
+    if params.alignment is None:
+        return totals
+    return totals + [
+        F.count_if(F.col(ALIGNED)).alias("aligned"),
+        F.count_if(~F.col(ALIGNED)).alias("embedded_unaligned"),
+        F.count_if(F.col(DETAIL) == NO_FACE_DETAIL).alias("no_face"),
+        F.count_if(F.col(FACES_FOUND) > 1).alias("several_faces"),
+    ]
 
 
 def write_embeddings(spark: SparkSession, cfg: ErsConfig, params: ModelFile, embedded: DataFrame,
                      pending: DataFrame, to_embed: int, quarantined: int) -> int:
     """MERGE the good rows into embeddings and the failed ones into quarantine (tagged with the model version)."""
     now = F.current_timestamp()
-    good = embedded.where(F.col(DETAIL).isNull()).join(pending.select(IMAGE_ID, aligned_flag(cfg)), IMAGE_ID).select(
+    good = embedded.where(F.col(DETAIL).isNull()).select(
         IMAGE_ID,
         EMBEDDING,
         RAW_NORM,
@@ -268,7 +205,7 @@ def write_embeddings(spark: SparkSession, cfg: ErsConfig, params: ModelFile, emb
     bad = quarantine_rows(
         embedded.where(F.col(DETAIL).isNotNull()).join(pending.select(IMAGE_ID, SOURCE_PATH), IMAGE_ID),
         STAGE_NAME,
-        F.lit(REASON_EMBED_FAILED),
+        F.when(F.col(DETAIL) == NO_FACE_DETAIL, F.lit(REASON_NO_FACE)).otherwise(F.lit(REASON_EMBED_FAILED)),
         F.col(DETAIL),
         model_version=F.lit(params.model_version),
     )

@@ -30,13 +30,11 @@ from ers_spark.lake.contracts import (
     BYTES,
     CROPS,
     DETAIL,
-    FACE_INDEX,
     FORMAT,
     HEIGHT,
     IDENTITY,
     IMAGE_ID,
     INGESTED_AT,
-    PARENT_IMAGE_ID,
     QUARANTINE,
     REASON,
     REASON_EMPTY,
@@ -203,7 +201,7 @@ def _with_stored(spark: SparkSession, cfg: ErsConfig, ranked: DataFrame) -> Data
     """
     if not table_exists(spark, cfg, CROPS):
         return ranked.withColumn("_stored", F.lit(False))
-    stored = read_table(spark, cfg, CROPS).where(F.col(PARENT_IMAGE_ID).isNull()).select(
+    stored = read_table(spark, cfg, CROPS).select(
         IMAGE_ID, F.col(SOURCE_PATH).alias("_stored_path"), F.col(IDENTITY).alias("_stored_identity"),
         F.lit(True).alias("_stored"),
     ).dropDuplicates([IMAGE_ID])
@@ -228,8 +226,6 @@ def new_crops(source: DataFrame, keep: DataFrame, broadcast: bool) -> DataFrame:
     joined = stream.join(F.broadcast(kept) if broadcast else kept.hint("merge"), condition)
     return joined.select(
         stream[IMAGE_ID],
-        F.lit(None).cast("string").alias(PARENT_IMAGE_ID),
-        F.lit(None).cast("int").alias(FACE_INDEX),
         SOURCE_PATH,
         IDENTITY,
         WIDTH,
