@@ -47,7 +47,7 @@ def test_five_point_template_puts_the_landmarks_on_arcfaces_template():
     alignment = FaceAlignment("five_point_template")
     photo = skimage.data.astronaut()
     chip, faces = aligned_chip(photo, alignment, 112)
-    assert chip.shape == (112, 112, 3) and faces == 2  # her face, and the badge on her suit (a smaller box)
+    assert chip.shape == (112, 112, 3) and faces == 1
     source = five_points(detected_faces(photo, alignment)[0])
     matrix = similarity_transform(source, ARCFACE_TEMPLATE_112)
     expected = source @ matrix[:, :2].T + matrix[:, 2]
@@ -67,10 +67,10 @@ def test_dlib_chip_is_dlibs_own_face_chip():
     img = skimage.data.astronaut()
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
-    rect = max(detector(img, 1), key=lambda r: r.area())
+    (rect,) = detector(img, 0)  # upsampled once, dlib also finds the badge on her suit: found without first
     expected = dlib.get_face_chip(img, predictor(img, rect), size=150, padding=0.25)
     chip, faces = aligned_chip(img, FaceAlignment("dlib_chip"), 150)
-    assert faces == 2 and np.array_equal(chip, expected)
+    assert faces == 1 and np.array_equal(chip, expected)
 
 
 def test_specs_declare_the_alignment_their_network_was_trained_on():
