@@ -18,7 +18,7 @@ from ers_spark.distributed.subcentres import (
     calibrate_threshold, capped_rows, label_noise_flags, nearest_other_centres, whole_identity_frames,
 )
 from ers_spark.stages.clean import run_clean
-from ers_spark.lake.tables import seeded_sample
+from ers_spark.distributed.sampling import seeded_sample
 from ers_spark.lake.contracts import CLEANED, EMBEDDINGS, QUARANTINE, SCORES, UI_CENTROIDS
 from ers_spark.errors import ContractError
 from ers_spark.lake.tables import read_table, table_path, table_version
@@ -182,17 +182,6 @@ def test_clean_counts_add_up_and_label_noise(spark, fixed_gamma_lake, dataset) -
     # re-run: no row changes
     again = run_clean(spark, cfg)
     assert again["counts"]["cleaned_changed"] == 0 and again["counts"]["quarantine_changed"] == 0
-
-
-def test_seeded_sample_is_random_capped_and_deterministic(spark) -> None:
-    """Not the first rows: a seeded choice that survives repartitioning and changes with the seed."""
-    df = spark.range(1000).selectExpr("cast(id as string) as image_id")
-    first = [r.image_id for r in df.limit(100).collect()]
-    picked = sorted(r.image_id for r in seeded_sample(df, "image_id", 100, seed=0).collect())
-    assert len(picked) == 100 and picked != sorted(first)
-    assert sorted(r.image_id for r in seeded_sample(df.repartition(7), "image_id", 100, seed=0).collect()) == picked
-    assert sorted(r.image_id for r in seeded_sample(df, "image_id", 100, seed=1).collect()) != picked
-    assert 30 < sum(int(i) < 500 for i in picked) < 70  # spread over the whole range
 
 
 def _labelled(spark, dataset):

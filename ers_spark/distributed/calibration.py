@@ -10,9 +10,9 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from ers_spark.config import ErsConfig, EvaluateConfig, ScoreConfig
-from ers_spark.distributed.sampling import seeded_hash
 from ers_spark.lake.contracts import EMBEDDING, IDENTITY, IMAGE_ID, LABEL_TABLES
-from ers_spark.lake.tables import image_labels, seeded_sample, table_exists
+from ers_spark.distributed.sampling import seeded_hash, seeded_sample
+from ers_spark.lake.tables import image_labels, table_exists
 
 # the columns of identity_roles
 CALIBRATION = "calibration"

@@ -15,7 +15,7 @@ from ers_spark.config import EvaluateConfig
 from ers_spark.core import metrics
 from ers_spark.distributed.calibration import CALIBRATION, NONMATED
 from ers_spark.distributed.pairs import SIM, dot
-from ers_spark.distributed.sampling import seeded_hash
+from ers_spark.distributed.sampling import seeded_hash, seeded_sample
 from ers_spark.lake.contracts import EMBEDDING, ERS, IDENTITY, IMAGE_ID
 
 TEMPLATE = "template"
@@ -33,8 +33,8 @@ def identification_probes(images: DataFrame, params: EvaluateConfig) -> pd.DataF
     enrol_rank = F.row_number().over(Window.partitionBy(IDENTITY).orderBy(*key, IMAGE_ID))
     ev = ev.withColumn("_enrol", ~F.col(NONMATED) & (enrol_rank == 1))
     gallery = ev.where("_enrol").select(F.col(IDENTITY).alias("g_identity"), F.col(EMBEDDING).alias("g_embedding"))
-    probes = ev.where(~F.col("_enrol")).orderBy(seeded_hash(params.seed, F.lit("probe"), IMAGE_ID), IMAGE_ID)
-    probes = probes.limit(params.max_probes).select(IMAGE_ID, IDENTITY, EMBEDDING, ERS, NONMATED)
+    probes = seeded_sample(ev.where(~F.col("_enrol")), IMAGE_ID, params.max_probes, params.seed, salt="probe")
+    probes = probes.select(IMAGE_ID, IDENTITY, EMBEDDING, ERS, NONMATED)
     compared = probes.crossJoin(F.broadcast(gallery)).withColumn(SIM, dot(EMBEDDING, "g_embedding"))
     per_probe = compared.groupBy(IMAGE_ID, IDENTITY, ERS, NONMATED).agg(
         F.max(SIM).alias("top"),

@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 from ers_spark.config import CleanConfig
 from ers_spark.core import subcentres
 from ers_spark.lake.contracts import EMBEDDING, IDENTITY, IMAGE_ID, SUBCENTER_ANGLE
-from ers_spark.lake.tables import seeded_sample
+from ers_spark.distributed.sampling import seeded_sample
 
 log = logging.getLogger(__name__)
 

@@ -380,11 +380,6 @@ def _and_all(conditions: list) -> "F.Column":
     return combined
 
 
-def seeded_sample(df: DataFrame, key: str, cap: int, seed: int) -> DataFrame:
-    """At most ``cap`` rows, a pseudo-random choice fixed by ``seed`` and the rows' keys (not their order or partitioning)."""
-    return df.orderBy(F.xxhash64(F.col(key).cast("string"), F.lit(seed))).limit(cap)
-
-
 def of_model(model: tuple[str, str]) -> Column:
     """Rows of one (model_name, model_version): embedding spaces of two models never mix."""
     from ers_spark.lake.contracts import MODEL_NAME, MODEL_VERSION

@@ -25,6 +25,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, LongType, StringType, StructField, StructType, TimestampType
 
 from ers_spark.config import ErsConfig
+from ers_spark.distributed.sampling import seeded_sample
 from ers_spark.errors import ContractError
 from ers_spark.lake.contracts import (
     ALL_TABLES, BYTES, CENTROID, CLEANED, CROPS, EMBEDDING, EMBEDDINGS, EPS, ERS, GAMMA, GAMMA_METHOD, IDENTITY,
@@ -157,7 +158,7 @@ def read_map_sample(
     rows: int, seed: int, scored: int,
 ) -> MapSample:
     """A seeded sample of at most ``rows`` scored embeddings, with their flag and UI membership."""
-    sample = scores.select(IMAGE_ID, RECOGNIZABLE).orderBy(F.rand(seed)).limit(rows)
+    sample = seeded_sample(scores.select(IMAGE_ID, RECOGNIZABLE), IMAGE_ID, rows, seed, n_rows=scored)
     member_ids = members.select(IMAGE_ID, F.lit(True).alias("ui_member"))
     joined = (
         embeddings.select(IMAGE_ID, EMBEDDING).join(F.broadcast(sample), IMAGE_ID)

@@ -52,6 +52,7 @@ from ers_spark.lake.contracts import (
     UIC_ID,
 )
 from ers_spark.errors import ContractError
+from ers_spark.distributed.sampling import seeded_sample
 from ers_spark.lake.tables import (
     StageRun,
     changed_settings,
@@ -59,7 +60,6 @@ from ers_spark.lake.tables import (
     latest_model,
     merge_sync,
     of_model,
-    seeded_sample,
     read_table,
     settings_json,
     table_exists,
