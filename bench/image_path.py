@@ -91,7 +91,9 @@ def run(n: int, data: Path, root: Path) -> dict:
     run_ingest(spark, _config(root / "warm", warm_data))
     run_embed(spark, _config(root / "warm", warm_data))
     cfg = _config(root, data)
-    out: dict = {"crops": n}
+    # per core = per Spark task slot (CORES); the machine's own count says whether JVM threads had more cores
+    # to run on than that (a run on a bigger machine gave more images/s "per core" than one core can embed)
+    out: dict = {"crops": n, "machine_cores": os.cpu_count()}
     for stage, fn in (("ingest", run_ingest), ("embed", run_embed)):
         start = time.perf_counter()
         record = fn(spark, cfg)
