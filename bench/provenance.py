@@ -20,13 +20,16 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
+# the code the run runs: read as the script starts too (a commit made while it runs is not its code)
+COMMIT = _git("rev-parse", "HEAD") or None
+TREE_DIRTY = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"))
+
+
 def run_provenance() -> dict[str, Any]:
     """``commit`` (HEAD), ``tree_dirty`` (tracked files changed since it, other
-    than the results the scripts write) and ``run_started`` (UTC, ISO 8601:
-    when the script started)."""
-    return {"commit": _git("rev-parse", "HEAD") or None,
-            "tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")),
-            "run_started": STARTED}
+    than the results the scripts write) and ``run_started`` (UTC, ISO 8601), all as
+    the script started."""
+    return {"commit": COMMIT, "tree_dirty": TREE_DIRTY, "run_started": STARTED}
 
 
 def write_result(out: str | Path, result: dict[str, Any]) -> None:
