@@ -127,3 +127,12 @@ def test_the_version_names_the_alignment():
     aligned = resolve_model(load_config().embed)
     plain = resolve_model(load_config(overrides=["embed.align=false"]).embed)
     assert aligned.model_version == plain.model_version + "+dlib_chip150p0.25"
+
+
+def test_the_version_names_backend_and_precision():
+    """Embeddings of one model run two ways never share a version (they differ a little)."""
+    onnx = resolve_model(load_config().embed).model_version
+    torch16 = resolve_model(load_config(overrides=["embed.backend=torch", "embed.fp16=true"]).embed).model_version
+    torch32 = resolve_model(load_config(overrides=["embed.backend=torch"]).embed).model_version
+    assert "+onnx-fp32+" in onnx and "+torch-fp16+" in torch16 and "+torch-fp32+" in torch32
+    assert len({onnx, torch16, torch32}) == 3

@@ -96,8 +96,25 @@ def resolve_model(emb: EmbedConfig) -> ModelFile:
     path = resolve_model_file(spec, os.path.expanduser(emb.model_cache_dir))
     digest = file_sha256(path)
     alignment = resolve_alignment(spec, emb)
-    version = f"{spec.version}+{digest[:12]}" + (f"+{alignment.tag(spec.input_width)}" if alignment else "")
-    return ModelFile(spec=spec, model_path=str(path), model_sha256=digest, model_version=version, alignment=alignment)
+    return ModelFile(spec=spec, model_path=str(path), model_sha256=digest,
+                     model_version=model_version(spec, digest, emb, alignment), alignment=alignment)
+
+
+def model_version(spec: ModelSpec, digest: str, emb: EmbedConfig, alignment: FaceAlignment | None) -> str:
+    """What made an embedding, so embeddings of two ways of running one model never share a version: the spec's
+    version, the file's sha256, the backend and its precision, and the alignment.
+
+    >>> from ers_spark.config import load_config
+    >>> from ers_spark.models.spec import load_model_spec
+    >>> spec, emb = load_model_spec("dlib_resnet_v1"), load_config().embed
+    >>> model_version(spec, "ab" * 32, emb, spec.alignment)
+    '1+abababababab+onnx-fp32+dlib_chip150p0.25'
+    >>> model_version(spec, "ab" * 32, load_config(overrides=["embed.backend=torch", "embed.fp16=true"]).embed, None)
+    '1+abababababab+torch-fp16'
+    """
+    precision = "fp16" if emb.fp16 else "fp32"
+    return (f"{spec.version}+{digest[:12]}+{emb.backend}-{precision}"
+            + (f"+{alignment.tag(spec.input_width)}" if alignment else ""))
 
 
 def ship_model(spark: SparkSession, params: ModelFile) -> ModelFile:
@@ -168,8 +185,8 @@ def preflight_model(params: ModelFile, emb: EmbedConfig) -> None:
         raise ModelError(f"model {params.model_path} returns non-finite embeddings for a blank image; it is broken")
 
 
-# one model per Python worker process, keyed by what makes it different
-_EMBEDDERS: dict[tuple[Any, ...], Any] = {}
+# the model this Python worker holds: (what makes it different, the embedder); one at a time
+_EMBEDDER: list[tuple[tuple[Any, ...], Any]] = []
 
 
 def task_device(emb: EmbedConfig) -> int | None:
@@ -214,13 +231,19 @@ def _torch_cuda_available() -> bool:
 
 
 def get_embedder(params: ModelFile, emb: EmbedConfig, device_id: int | None) -> Any:
-    """Load the model once per worker process (like predict_batch_udf's make_predict_fn)."""
+    """Load the model once per worker process (like predict_batch_udf's make_predict_fn), and hold one only.
+
+    Spark reuses a Python worker for later tasks, which may get another GPU (or another model): the worker
+    keeps the model of its current task's device and drops the one it held before loading the next, so it
+    never holds sessions (and their memory) on several devices.
+    """
     key = (params.shipped_name or params.model_path, params.model_sha256, emb.backend, device_id,
            emb.intra_op_threads, emb.fp16, emb.device)
-    embedder = _EMBEDDERS.get(key)
-    if embedder is None:
-        embedder = open_embedder(params, emb, local_model_path(params), device_id)
-        _EMBEDDERS[key] = embedder
+    if _EMBEDDER and _EMBEDDER[0][0] == key:
+        return _EMBEDDER[0][1]
+    _EMBEDDER.clear()  # free the old session before the new one takes memory
+    embedder = open_embedder(params, emb, local_model_path(params), device_id)
+    _EMBEDDER.append((key, embedder))
     return embedder
 
 
