@@ -28,6 +28,7 @@ from ers_spark.errors import ConfigError
 from ers_spark.versions import PACKAGES
 
 EMBEDDED_CONFIG_NAME = "local.yaml"
+MIN_SAMPLE_ROWS_PER_CELL = 16  # the quantiser's driver sample per coarse cell (fewer: k-means cells of noise)
 
 
 def embedded_config() -> Any:
@@ -200,6 +201,7 @@ class LocateUiConfig:
     grid_sample_rows: int
     sample_hac_rows: int
     kmeans_cells: int | None
+    max_top_cells: int
     kmeans_sample_rows: int
     nprobe: int
     max_cell_rows: int
@@ -242,7 +244,8 @@ class LocateUiConfig:
             )
         if not 0 <= self.min_share <= 1:
             raise ConfigError(f"locate_ui.min_share must be in [0, 1], got {self.min_share} (in {source})")
-        for name in ("grid_sample_rows", "sample_hac_rows", "kmeans_cells", "kmeans_sample_rows", "nprobe", "block_size"):
+        for name in ("grid_sample_rows", "sample_hac_rows", "kmeans_cells", "max_top_cells", "kmeans_sample_rows",
+                     "nprobe", "block_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"locate_ui.{name} must be >= 1, got {getattr(self, name)} (in {source})")
         if self.cc_one_task_max_links < 0:
@@ -251,6 +254,13 @@ class LocateUiConfig:
             )
         if self.max_cell_rows < 2:
             raise ConfigError(f"locate_ui.max_cell_rows must be >= 2, got {self.max_cell_rows} (in {source})")
+        cells = self.kmeans_cells if self.kmeans_cells is not None else self.max_top_cells
+        if self.kmeans_sample_rows < MIN_SAMPLE_ROWS_PER_CELL * cells:
+            name = "kmeans_cells" if self.kmeans_cells is not None else "max_top_cells"
+            raise ConfigError(
+                f"locate_ui.kmeans_sample_rows ({self.kmeans_sample_rows}) must be at least {MIN_SAMPLE_ROWS_PER_CELL} x "
+                f"locate_ui.{name} ({cells}): k-means needs that many sampled rows per coarse cell (in {source})"
+            )
         if self.kmeans_cells is not None and self.nprobe > self.kmeans_cells:
             raise ConfigError(
                 f"locate_ui.nprobe ({self.nprobe}) cannot exceed locate_ui.kmeans_cells ({self.kmeans_cells}) (in {source})"

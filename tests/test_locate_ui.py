@@ -99,40 +99,39 @@ def test_params_from_config(make_cfg):
 @pytest.mark.parametrize(
     ("n_rows", "overrides", "cells"),
     [
-        (10_000_000, ("locate_ui.kmeans_sample_rows=100000",), 4883),  # the 1e7 benchmark: 20 sample rows a cell
-        (1_000, ("locate_ui.kmeans_sample_rows=1000", "locate_ui.max_cell_rows=4"), 1000),  # sample = all rows
-        (1_000, ("locate_ui.kmeans_sample_rows=10", "locate_ui.kmeans_cells=10"), 10),  # one sampled row a cell
+        (1_000_000, (), 489),  # an average cell fills half of max_cell_rows
+        (10_000_000, (), 4096),  # the 1e7 benchmark: bounded by max_top_cells ...
+        (1_000_000_000, (), 4096),  # ... and so is 1e9: more sub-cells, the same cells
+        (1_000, ("locate_ui.max_cell_rows=4",), 1000),
+        (1_000, ("locate_ui.kmeans_sample_rows=160", "locate_ui.kmeans_cells=10"), 10),  # the configured count
     ],
 )
-def test_cell_count_when_the_sample_can_train_the_cells(make_cfg, n_rows, overrides, cells):
+def test_cell_count_is_bounded_whatever_the_rows(make_cfg, n_rows, overrides, cells):
     params = make_cfg("locate_ui.nprobe=2", "locate_ui.max_cell_rows=8192", *overrides).locate_ui
     assert cell_count(n_rows, params) == cells
 
 
 @pytest.mark.parametrize(
-    ("n_rows", "overrides", "message"),
+    ("overrides", "message"),
     [
         (
-            1_000_000_000,
-            (),
-            "locate_ui: 1000000000 rows need 488282 quantiser cells but locate_ui.kmeans_sample_rows is 100000, "
-            "fewer than one sampled row per cell; raise locate_ui.kmeans_sample_rows to at least 488282 (the driver "
-            "holds the sample) or raise locate_ui.max_cell_rows to at least 40000",
+            ("locate_ui.kmeans_sample_rows=159", "locate_ui.kmeans_cells=10"),
+            "locate_ui.kmeans_sample_rows (159) must be at least 16 x locate_ui.kmeans_cells (10): k-means needs "
+            "that many sampled rows per coarse cell (in {src})",
         ),
         (
-            1_000,
-            ("locate_ui.kmeans_sample_rows=10", "locate_ui.kmeans_cells=11"),
-            "locate_ui: 1000 rows need 11 quantiser cells but locate_ui.kmeans_sample_rows is 10, fewer than one "
-            "sampled row per cell; raise locate_ui.kmeans_sample_rows to at least 11 (the driver holds the sample) "
-            "or lower locate_ui.kmeans_cells to at most 10",
+            ("locate_ui.kmeans_sample_rows=50000",),
+            "locate_ui.kmeans_sample_rows (50000) must be at least 16 x locate_ui.max_top_cells (4096): k-means needs "
+            "that many sampled rows per coarse cell (in {src})",
         ),
     ],
 )
-def test_cell_count_refuses_more_cells_than_sampled_rows(make_cfg, n_rows, overrides, message):
-    params = make_cfg("locate_ui.nprobe=2", "locate_ui.max_cell_rows=8192", *overrides).locate_ui
+def test_config_refuses_a_sample_too_small_for_the_cells(make_cfg, overrides, message):
+    from ers_spark.config import embedded_config_path
+
     with pytest.raises(ConfigError) as err:
-        cell_count(n_rows, params)
-    assert str(err.value) == message
+        make_cfg(*overrides)
+    assert str(err.value) == message.format(src=embedded_config_path())
 
 
 def test_check_dominance():
@@ -230,17 +229,21 @@ def graph_run(spark, vmf, tmp_path_factory):
     return cfg, run_locate_ui(spark, cfg)
 
 
-@pytest.mark.parametrize("cells", ["4", "null"])
+@pytest.mark.parametrize("cells", [("locate_ui.kmeans_cells=4",),
+                                   ("locate_ui.kmeans_cells=null", "locate_ui.max_top_cells=25",
+                                    "locate_ui.kmeans_sample_rows=400")])
 def test_graph_with_a_cut_ui_cell_matches_exact_single_linkage(spark, make_cfg, cells):
     """The UI's oversized cell is cut into sub-cells (capped work per group); the members stay exact.
 
-    cells=4: the coarse quantiser puts the whole UI in one cell; null: cells sized from the rows.
+    kmeans_cells=4: the coarse quantiser puts the whole UI in one cell, trained, counted and cut on a driver
+    sample that holds every row; null: cells sized from the rows, and a driver sample smaller than the table,
+    so the cells' sizes are counted and their sub-centres trained on the executors' larger sample.
     """
     x, y = vmf_embeddings(n_identities=150, per_identity=10, ui_share=0.2, seed=5)
     ids = [f"cut{i:05d}" for i in range(x.shape[0])]
     exact = exact_single_linkage(x, 0.3)
     exact_ids = [ids[i] for i in np.flatnonzero(exact == np.bincount(exact).argmax())]
-    cfg = make_cfg(f"locate_ui.kmeans_cells={cells}", "locate_ui.nprobe=2", "locate_ui.max_cell_rows=300",
+    cfg = make_cfg(*cells, "locate_ui.nprobe=2", "locate_ui.max_cell_rows=300",
                    "locate_ui.eps=0.3", "locate_ui.dominance_ratio=5", "locate_ui.block_size=256")
     write_embeddings(spark, cfg, x, ids)
     rec = run_locate_ui(spark, cfg)
@@ -454,3 +457,31 @@ def test_uic_reused_only_with_the_settings_it_was_made_with(spark, make_cfg, vmf
     assert other["params"]["uic_id"] != first["params"]["uic_id"]
     row, _ = _stored(spark, cfg, other["params"]["uic_id"])
     assert json.loads(row["cluster_params"])["sample_hac_rows"] == 300
+
+
+def _points(spark, x: np.ndarray, partitions: int):
+    import pyarrow as pa
+
+    from ers_spark.distributed.arrow import arrow_lists
+
+    table = pa.table({IMAGE_ID: [f"p{i:05d}" for i in range(x.shape[0])], EMBEDDING: arrow_lists(x, pa.float32())})
+    return spark.createDataFrame(table).repartition(partitions)
+
+
+def test_plan_for_a_table_a_hundred_times_larger_cuts_every_cell_the_same_way_whatever_the_partitioning(spark, make_cfg):
+    """The 1e9 plan in small: the cells stay at max_top_cells, each gets the sub-cells its counted size asks for,
+    trained on the executors from a seeded sample: the same plan from 1 or 3 partitions."""
+    from ers_spark.core.cells import sub_cell_count
+    from ers_spark.distributed.cells import quantiser_plan
+
+    x, _ = vmf_embeddings(n_identities=200, per_identity=10, ui_share=0.1, seed=3)
+    params = make_cfg("locate_ui.max_top_cells=8", "locate_ui.kmeans_sample_rows=128", "locate_ui.nprobe=2",
+                      "locate_ui.max_cell_rows=8192").locate_ui
+    n, sizing = x.shape[0], x.shape[0] * 100
+    plans = [quantiser_plan(_points(spark, x, parts), n, params, sizing_rows=sizing) for parts in (1, 3)]
+    (centres, plan), (centres_again, plan_again) = plans
+    assert centres.shape[0] == 8 and np.array_equal(centres, centres_again)
+    assert sorted(plan.sub_centres) == list(range(8)) and plan.offsets == plan_again.offsets
+    assert all(np.array_equal(plan.sub_centres[c], plan_again.sub_centres[c]) for c in plan.sub_centres)
+    average = sub_cell_count(sizing * 2 / 8, max_cell_rows=8192, nprobe=2)
+    assert 0.5 * average * 8 <= plan.groups <= 2 * average * 8

@@ -16,6 +16,7 @@ from ers_spark.core.cells import (
     capped_single_linkage,
     expected_cell_rows,
     group_memberships,
+    plan_from_sub_centres,
     nearest_cells,
     plan_cells,
 )
@@ -403,3 +404,35 @@ def test_capped_single_linkage_is_exact_when_nothing_is_cut() -> None:
     same = {frozenset(np.flatnonzero(exact == c).tolist()) for c in np.unique(exact)}
     got = {frozenset(np.flatnonzero(capped == c).tolist()) for c in np.unique(capped)}
     assert got == same
+
+
+def _brute_force_groups(x: np.ndarray, centres: np.ndarray, plan: CellPlan, nprobe: int) -> set[tuple[int, int]]:
+    """Every (row, group) by full sorts of all inner products: the definition group_memberships must meet."""
+    out = set()
+    for i, row in enumerate(x):
+        for c in np.argsort(-(centres @ row), kind="stable")[:nprobe].tolist():
+            if c not in plan.sub_centres:
+                out.add((i, c))
+                continue
+            subs = plan.sub_centres[c]
+            out |= {(i, plan.offsets[c] + j) for j in np.argsort(-(subs @ row), kind="stable")[:nprobe].tolist()}
+    return out
+
+
+@pytest.mark.parametrize("n_cut", [0, 3, 12])
+@pytest.mark.parametrize("nprobe", [1, 2, 3])
+def test_group_memberships_equal_brute_force(n_cut: int, nprobe: int) -> None:
+    """Many cut cells in one batch (every cell cut at 1e9 rows): the same groups as full sorts give."""
+    rng = np.random.default_rng(n_cut * 10 + nprobe)
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    x, centres = unit(rng.normal(size=(500, 16))), unit(rng.normal(size=(12, 16)))
+    subs = {c: unit(rng.normal(size=(int(rng.integers(1, 9)), 16))) for c in range(n_cut)}
+    plan = plan_from_sub_centres(12, subs)
+    rows, groups = group_memberships(x, nearest_cells(x, centres, nprobe), plan, nprobe)
+    got = list(zip(rows.tolist(), groups.tolist()))
+    assert len(got) == len(set(got)) and set(got) == _brute_force_groups(x, centres, plan, nprobe)
+
+
+def test_plan_from_sub_centres_numbers_groups_after_the_cells() -> None:
+    plan = plan_from_sub_centres(5, {3: np.eye(2, dtype=np.float32), 1: np.eye(3, dtype=np.float32)})
+    assert plan.offsets == {1: 5, 3: 8} and plan.groups == 5 - 2 + 5 and list(plan.sub_centres) == [1, 3]

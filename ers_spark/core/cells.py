@@ -2,7 +2,9 @@
 
 Every point joins its ``nprobe`` nearest cells of a coarse quantiser (spherical k-means,
 :mod:`ers_spark.core.clustering`); a cell expected to exceed ``max_cell_rows`` is cut again
-into sub-cells (:class:`CellPlan`). Each group's eps-graph is then compressed by
+into sub-cells (:class:`CellPlan`). The coarse level is bounded (``locate_ui.max_top_cells``), so a
+larger table gets more sub-cells under the same cells, not more cells: finding a row's groups costs
+about ``cells + nprobe x sub-cells per cell`` inner products whatever the table's size. Each group's eps-graph is then compressed by
 :func:`~ers_spark.core.linkage.eps_spanning_links`; :func:`capped_single_linkage` runs the
 whole method in one process.
 """
@@ -19,7 +21,12 @@ from ers_spark.core.linkage import eps_spanning_links, links_to_labels
 
 __all__ = [
     "CellPlan",
+    "SUB_TRAIN_ROWS_PER_CENTRE",
+    "sub_cell_count",
+    "train_sub_centres",
     "plan_cells",
+    "plan_from_sub_centres",
+    "nearest_by_product",
     "group_memberships",
     "nearest_cells",
     "expected_cell_rows",
@@ -28,6 +35,7 @@ __all__ = [
 
 IntArray = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
+SUB_TRAIN_ROWS_PER_CENTRE = 8  # rows a second-level k-means gets per sub-centre (fewer: the sizes are noise)
 
 
 @dataclass(frozen=True)
@@ -53,12 +61,38 @@ class CellPlan:
         return self.n_cells - len(self.sub_centres) + sum(c.shape[0] for c in self.sub_centres.values())
 
 
+def sub_cell_count(expected_rows: float, *, max_cell_rows: int, nprobe: int) -> int:
+    """Sub-cells a cell expected to hold ``expected_rows`` is cut into: 1 (uncut) up to the cap, else enough
+    that each sub-cell holds about half the cap (each row joins ``nprobe`` of them).
+
+    >>> sub_cell_count(8000, max_cell_rows=8192, nprobe=2), sub_cell_count(20000, max_cell_rows=8192, nprobe=2)
+    (1, 10)
+    """
+    if expected_rows <= max_cell_rows:
+        return 1
+    return int(np.ceil(2 * nprobe * expected_rows / max_cell_rows))
+
+
+def train_sub_centres(rows: npt.ArrayLike, expected_rows: float, *, max_cell_rows: int, nprobe: int,
+                      seed: int) -> npt.NDArray[np.float32] | None:
+    """Sub-centres of one cell from its (sample) ``rows``, or None when the cell stays whole.
+
+    The same function cuts a cell on the driver (a sample that holds every row) and on the executors
+    (one group per cell of a larger sample), so both plans cut alike.
+    """
+    x = np.asarray(rows, dtype=np.float32)
+    k = sub_cell_count(expected_rows, max_cell_rows=max_cell_rows, nprobe=nprobe)
+    if k < 2 or x.shape[0] < 2:
+        return None
+    return spherical_kmeans(x, k, seed, threads=1)
+
+
 def plan_cells(sample: npt.ArrayLike, sample_cells: npt.ArrayLike, expected_rows: npt.ArrayLike, *,
                max_cell_rows: int, nprobe: int, seed: int) -> CellPlan:
     """Sub-centres for every cell whose ``expected_rows`` exceed ``max_cell_rows``.
 
     ``sample`` are unit rows and ``sample_cells`` their ``(n, nprobe)`` nearest cells; a cut cell
-    gets ``ceil(2 * nprobe * expected / max_cell_rows)`` sub-centres (at most its sample rows).
+    gets :func:`sub_cell_count` sub-centres (at most its sample rows).
     """
     if max_cell_rows < 2:
         raise ValueError(f"plan_cells: max_cell_rows must be >= 2, got {max_cell_rows}")
@@ -66,17 +100,23 @@ def plan_cells(sample: npt.ArrayLike, sample_cells: npt.ArrayLike, expected_rows
     cells = np.asarray(sample_cells, dtype=np.int64).reshape(x.shape[0], -1)
     expected = np.asarray(expected_rows, dtype=np.float64)
     subs: dict[int, npt.NDArray[np.float32]] = {}
-    offsets: dict[int, int] = {}
-    next_group = expected.size
     for c in np.flatnonzero(expected > max_cell_rows).tolist():
-        rows = np.flatnonzero((cells == c).any(axis=1))
-        k = int(np.ceil(2 * nprobe * expected[c] / max_cell_rows))
-        if rows.size < 2:
-            continue
-        subs[c] = spherical_kmeans(x[rows], k, seed + 1 + c)
+        centres = train_sub_centres(x[(cells == c).any(axis=1)], float(expected[c]), max_cell_rows=max_cell_rows,
+                                    nprobe=nprobe, seed=seed + 1 + c)
+        if centres is not None:
+            subs[c] = centres
+    return plan_from_sub_centres(int(expected.size), subs)
+
+
+def plan_from_sub_centres(n_cells: int, subs: dict[int, npt.NDArray[np.float32]]) -> CellPlan:
+    """The plan of ``n_cells`` cells where cell ``c`` in ``subs`` is cut into those sub-centres (group ids
+    after the cells', in cell order)."""
+    offsets: dict[int, int] = {}
+    next_group = n_cells
+    for c in sorted(subs):
         offsets[c] = next_group
         next_group += subs[c].shape[0]
-    return CellPlan(n_cells=int(expected.size), sub_centres=subs, offsets=offsets)
+    return CellPlan(n_cells=n_cells, sub_centres={c: subs[c] for c in sorted(subs)}, offsets=offsets)
 
 
 def group_memberships(x: npt.ArrayLike, cells: npt.ArrayLike, plan: CellPlan, nprobe: int) -> tuple[IntArray, IntArray]:
@@ -93,11 +133,17 @@ def group_memberships(x: npt.ArrayLike, cells: npt.ArrayLike, plan: CellPlan, np
     near = np.asarray(cells, dtype=np.int64).reshape(unit.shape[0], -1)
     rows = np.repeat(np.arange(unit.shape[0], dtype=np.int64), near.shape[1])
     flat = near.ravel()
+    if not plan.sub_centres:
+        return rows, flat
     cut = np.isin(flat, np.fromiter(plan.sub_centres, dtype=np.int64, count=len(plan.sub_centres)))
     out_rows, out_groups = [rows[~cut]], [flat[~cut]]
-    for c in np.unique(flat[cut]).tolist():
-        r = rows[flat == c]
-        sub = nearest_cells(unit[r], plan.sub_centres[c], nprobe)
+    cut_rows, cut_cells = rows[cut], flat[cut]
+    order = np.argsort(cut_cells, kind="stable")  # one slice per cut cell, not a scan of all entries per cell
+    cut_rows, cut_cells = cut_rows[order], cut_cells[order]
+    starts = np.flatnonzero(np.r_[True, cut_cells[1:] != cut_cells[:-1]])
+    for start, end in zip(starts.tolist(), np.r_[starts[1:], cut_cells.size].tolist()):
+        c, r = int(cut_cells[start]), cut_rows[start:end]
+        sub = nearest_by_product(unit[r], plan.sub_centres[c], nprobe)
         out_rows.append(np.repeat(r, sub.shape[1]))
         out_groups.append(plan.offsets[c] + sub.ravel())
     return np.concatenate(out_rows), np.concatenate(out_groups)
@@ -111,6 +157,20 @@ def nearest_cells(x: npt.ArrayLike, centres: npt.ArrayLike, nprobe: int) -> IntA
     index.add(c)
     _, nearest = index.search(q, min(nprobe, c.shape[0]))
     return nearest.astype(np.int64)
+
+
+def nearest_by_product(x: npt.ArrayLike, centres: npt.ArrayLike, nprobe: int) -> IntArray:
+    """The ``nprobe`` largest inner products of each row with ``centres`` (in no particular order), by one
+    matrix product: for a cut cell's few rows and sub-centres, where building a faiss index costs more.
+
+    >>> nearest_by_product(np.eye(3)[:2], np.eye(3), 1).tolist()
+    [[0], [1]]
+    """
+    sims = np.asarray(x, dtype=np.float32) @ np.asarray(centres, dtype=np.float32).T
+    k = min(nprobe, sims.shape[1])
+    if k == sims.shape[1]:
+        return np.broadcast_to(np.arange(k, dtype=np.int64), sims.shape).copy()
+    return np.argpartition(-sims, k - 1, axis=1)[:, :k].astype(np.int64)
 
 
 def expected_cell_rows(sample_cells: npt.ArrayLike, n_cells: int, n_rows: int) -> F64:

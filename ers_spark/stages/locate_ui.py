@@ -212,7 +212,7 @@ def cluster_settings(params: LocateUiConfig) -> dict[str, Any]:
     if params.eps is None:
         keys += ["eps_grid", "dominance_ratio", "min_share", "identity_min_size", "identity_tolerance", "grid_sample_rows"]
     if params.method == "graph":
-        keys += ["kmeans_cells", "kmeans_sample_rows", "kmeans_max_iter", "nprobe", "max_cell_rows"]
+        keys += ["kmeans_cells", "max_top_cells", "kmeans_sample_rows", "kmeans_max_iter", "nprobe", "max_cell_rows"]
     else:
         keys += ["sample_hac_rows"]
     recorded = run_params(params)
