@@ -22,6 +22,7 @@ __all__ = [
     "subcenter_label_noise",
     "impostor_angles",
     "nearest_other_centre",
+    "best_other_cosine",
     "impostor_angle_threshold",
 ]
 
@@ -176,19 +177,33 @@ def nearest_other_centre(
     >>> ang.round(1).tolist(), who.tolist()
     ([53.1, 36.9], ['b', 'b'])
     """
+    best_cos, who = best_other_cosine(embeddings, identity, centres, centre_identity)
+    found = np.isfinite(best_cos)
+    return np.where(found, _angle_deg(np.where(found, best_cos, 1.0)), np.inf), who
+
+
+def best_other_cosine(
+    embeddings: npt.ArrayLike, identity: npt.ArrayLike, entries: npt.ArrayLike, entry_identity: npt.ArrayLike
+) -> tuple[F64, npt.NDArray[Any]]:
+    """Per row: the largest cosine to an entry of *another* identity (``-inf`` and None when there is none).
+
+    The label-noise claim (entries: identities' centres) and 1:N search (entries: the gallery) both ask it.
+
+    >>> cos, who = best_other_cosine([[1, 0]], ["a"], [[1, 0], [0.6, 0.8], [0, 1]], ["a", "b", "c"])
+    >>> cos.round(2).tolist(), who.tolist()
+    ([0.6], ['b'])
+    """
     emb = normalize_rows(embeddings).astype(np.float64)
-    cent = normalize_rows(centres).astype(np.float64) if len(centre_identity) else np.zeros((0, emb.shape[1]))
-    cos = emb @ cent.T
-    own = np.asarray(identity, dtype=object)[:, None] == np.asarray(centre_identity, dtype=object)[None, :]
+    ent = normalize_rows(entries).astype(np.float64) if len(entry_identity) else np.zeros((0, emb.shape[1]))
+    cos = emb @ ent.T
+    own = np.asarray(identity, dtype=object)[:, None] == np.asarray(entry_identity, dtype=object)[None, :]
     cos[own] = -np.inf
     if cos.shape[1] == 0:
-        return np.full(emb.shape[0], np.inf), np.full(emb.shape[0], None, dtype=object)
+        return np.full(emb.shape[0], -np.inf), np.full(emb.shape[0], None, dtype=object)
     best = np.argmax(cos, axis=1)
     best_cos = cos[np.arange(emb.shape[0]), best]
-    found = np.isfinite(best_cos)
-    angles = np.where(found, _angle_deg(np.where(found, best_cos, 1.0)), np.inf)
-    who = np.where(found, np.asarray(centre_identity, dtype=object)[best], None)
-    return angles, who
+    who = np.where(np.isfinite(best_cos), np.asarray(entry_identity, dtype=object)[best], None)
+    return best_cos, who
 
 
 def impostor_angle_threshold(angles: npt.ArrayLike, percentile: float) -> float:

@@ -1,5 +1,5 @@
-"""Recognition protocols' Spark side, beside :mod:`ers_spark.core.metrics`: the 1:N gallery search (a broadcast
-cross join whose per-probe aggregates alone come back) and templates pooled per identity in the Python
+"""Recognition protocols' Spark side, beside :mod:`ers_spark.core.metrics`: the 1:N gallery search (a join for the
+mate, cells over the gallery for the best other identity; per-probe aggregates alone come back) and templates pooled per identity in the Python
 workers with every weighting of :func:`ers_spark.core.metrics.pool_template`.
 """
 
@@ -14,7 +14,8 @@ from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, Str
 from ers_spark.config import EvaluateConfig
 from ers_spark.core import metrics
 from ers_spark.distributed.calibration import CALIBRATION, NONMATED
-from ers_spark.distributed.pairs import SIM, dot
+from ers_spark.distributed.identity_index import OTHER_COS, nearest_other_entries
+from ers_spark.distributed.pairs import dot
 from ers_spark.distributed.sampling import seeded_hash, seeded_sample
 from ers_spark.lake.contracts import EMBEDDING, ERS, IDENTITY, IMAGE_ID
 
@@ -25,21 +26,23 @@ VECTOR = "vector"
 def identification_probes(images: DataFrame, params: EvaluateConfig) -> pd.DataFrame:
     """Per probe of the evaluation identities: mated?, rank-1 mate score (null if not first), top score, ERS.
 
-    Gallery: one enrolment image per non-left-out identity (highest ERS, or seeded random). Probes x gallery
-    is a broadcast cross join on Spark; only the per-probe aggregates come back, at most ``max_probes``.
+    Gallery: one enrolment image per non-left-out identity (highest ERS, or seeded random). A probe's mate
+    score is a join on its identity; its best score of another identity comes through cells over the
+    gallery (:mod:`ers_spark.distributed.identity_index`: exact up to 8,192 gallery identities, then each
+    probe searches its nearest cells), so nothing grows as probes x identities. Only the per-probe
+    aggregates come back, at most ``max_probes``.
     """
     ev = images.where(F.col(IDENTITY).isNotNull() & ~F.col(CALIBRATION))
     key = (F.col(ERS).desc(),) if params.enrolment == "best_ers" else (seeded_hash(params.seed, F.lit("enrol"), IMAGE_ID),)
     enrol_rank = F.row_number().over(Window.partitionBy(IDENTITY).orderBy(*key, IMAGE_ID))
     ev = ev.withColumn("_enrol", ~F.col(NONMATED) & (enrol_rank == 1))
-    gallery = ev.where("_enrol").select(F.col(IDENTITY).alias("g_identity"), F.col(EMBEDDING).alias("g_embedding"))
+    gallery = ev.where("_enrol").select(IDENTITY, EMBEDDING)
     probes = seeded_sample(ev.where(~F.col("_enrol")), IMAGE_ID, params.max_probes, params.seed, salt="probe")
     probes = probes.select(IMAGE_ID, IDENTITY, EMBEDDING, ERS, NONMATED)
-    compared = probes.crossJoin(F.broadcast(gallery)).withColumn(SIM, dot(EMBEDDING, "g_embedding"))
-    per_probe = compared.groupBy(IMAGE_ID, IDENTITY, ERS, NONMATED).agg(
-        F.max(SIM).alias("top"),
-        F.max(F.when(F.col("g_identity") == F.col(IDENTITY), F.col(SIM))).alias("mate"),
-    )
+    mates = probes.join(gallery.withColumnRenamed(EMBEDDING, "g_embedding"), IDENTITY, "left")
+    mates = mates.select(IMAGE_ID, NONMATED, ERS, dot(EMBEDDING, "g_embedding").alias("mate"))
+    others = nearest_other_entries(probes, IMAGE_ID, EMBEDDING, gallery, EMBEDDING, seed=params.seed)
+    per_probe = mates.join(others, IMAGE_ID, "left").withColumn("top", F.greatest("mate", OTHER_COS))
     rank1 = F.when(F.col("mate") >= F.col("top"), F.col("mate"))
     return per_probe.select(IMAGE_ID, NONMATED, rank1.alias("mate_rank1"), "top", ERS).toPandas().sort_values(IMAGE_ID)
 

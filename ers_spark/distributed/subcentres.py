@@ -3,8 +3,8 @@
 Per identity, sub-centres are fitted in the Python workers on frames of whole identities (many
 identities per call; an identity above ``clean.max_identity_rows`` is fitted on a capped seeded
 sample and its rows measured against that centre in parallel); the impostor-angle threshold is
-calibrated on capped seeded samples; the nearest clean centre of another identity is found by a
-blocked cross join. Only thresholds and the sampled centres reach the driver.
+calibrated on capped seeded samples; the nearest clean centre of another identity is found through
+cells over the centres (:mod:`ers_spark.distributed.identity_index`). Only thresholds and the sampled centres reach the driver.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pyspark.sql import functions as F
 from ers_spark.config import CleanConfig
 from ers_spark.core import subcentres
 from ers_spark.lake.contracts import EMBEDDING, IDENTITY, IMAGE_ID, SUBCENTER_ANGLE
+from ers_spark.distributed.identity_index import OTHER_COS, nearest_other_entries
+from ers_spark.distributed.identity_index import OTHER_IDENTITY as INDEX_OTHER_IDENTITY
 from ers_spark.distributed.sampling import seeded_sample
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,6 @@ CHECKED = "_checked"
 FAR_FROM_OWN = "_far_from_own"
 OTHER_ANGLE = "_other_angle_deg"
 OTHER_IDENTITY = "_other_identity"
-CENTRE_BLOCK_ROWS = 2048  # images or centres per block in the nearest-other-centre cross join (2048^2 cosines a task)
 PERCENTILE_ACCURACY = 10000  # percentile_approx: rank error <= 1/10000 of the sampled angles
 
 
@@ -119,43 +120,16 @@ def _flag_identity(params: CleanConfig, threshold: float) -> Callable[[pd.DataFr
     return per_frame
 
 
-def _block_rows(df: DataFrame, key: str, columns: list[str], block_rows: int) -> DataFrame:
-    """``df`` as rows of at most about ``block_rows`` structs each (rows hashed on ``key`` into blocks)."""
-    n_blocks = max(1, -(-df.count() // block_rows))
-    block = F.pmod(F.xxhash64(F.col(key)), F.lit(n_blocks))
-    return df.groupBy(block.alias("_block")).agg(F.collect_list(F.struct(*columns)).alias(key + "_block")).drop("_block")
-
-
-def _as_dicts(cell) -> list[dict]:
-    return [c if isinstance(c, dict) else c.asDict() for c in cell]
-
-
-def _nearest_in_block_pairs(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """mapInPandas function: for each (candidate block, centre block) row, each candidate's nearest other centre in it."""
-    for pdf in batches:
-        for images, centres in zip(pdf[IMAGE_ID + "_block"], pdf[IDENTITY + "_block"]):
-            images, centres = _as_dicts(images), _as_dicts(centres)
-            angles, who = subcentres.nearest_other_centre(
-                np.array([r[EMBEDDING] for r in images], dtype=np.float32), [r[IDENTITY] for r in images],
-                np.array([r[CENTRE] for r in centres], dtype=np.float32), [r[IDENTITY] for r in centres],
-            )
-            found = np.isfinite(angles)
-            yield pd.DataFrame({IMAGE_ID: np.array([r[IMAGE_ID] for r in images], dtype=object)[found],
-                                OTHER_ANGLE: angles[found], OTHER_IDENTITY: who[found]})
-
-
-def nearest_other_centres(candidates: DataFrame, centres: DataFrame, block_rows: int = CENTRE_BLOCK_ROWS) -> DataFrame:
+def nearest_other_centres(candidates: DataFrame, centres: DataFrame, seed: int) -> DataFrame:
     """Per candidate image: the angle to, and the name of, the nearest clean centre of another identity.
 
-    Candidates and centres are cut into blocks of about ``block_rows``; every pair of blocks is
-    one row of a cross join, so no task holds more than two blocks and nothing proportional to the
-    number of identities reaches the driver.
+    Through cells over the centres (:mod:`ers_spark.distributed.identity_index`): each candidate meets the
+    centres of its few nearest cells, so the shuffle grows as candidates x a constant, not candidates x
+    identities, and nothing proportional to the identities reaches the driver.
     """
-    pairs = _block_rows(candidates, IMAGE_ID, [IMAGE_ID, IDENTITY, EMBEDDING], block_rows).crossJoin(
-        _block_rows(centres, IDENTITY, [IDENTITY, CENTRE], block_rows))
-    nearest = pairs.mapInPandas(_nearest_in_block_pairs, f"{IMAGE_ID} string, {OTHER_ANGLE} double, {OTHER_IDENTITY} string")
-    return nearest.groupBy(IMAGE_ID).agg(F.min(OTHER_ANGLE).alias(OTHER_ANGLE),
-                                         F.min_by(OTHER_IDENTITY, OTHER_ANGLE).alias(OTHER_IDENTITY))
+    nearest = nearest_other_entries(candidates, IMAGE_ID, EMBEDDING, centres, CENTRE, seed=seed)
+    angle = F.degrees(F.acos(F.least(F.lit(1.0), F.greatest(F.lit(-1.0), F.col(OTHER_COS)))))
+    return nearest.select(IMAGE_ID, angle.alias(OTHER_ANGLE), F.col(INDEX_OTHER_IDENTITY).alias(OTHER_IDENTITY))
 
 
 def _impostor_angle_batches(centres: np.ndarray, centre_identity: np.ndarray):
@@ -301,7 +275,7 @@ def label_noise_flags(labelled: DataFrame, params: CleanConfig) -> LabelNoiseChe
     per_image, centres = _per_image_angles(labelled, params, threshold, sizes)
     claim = _claim_threshold(per_image, params)
     candidates = per_image.where(F.col(FAR_FROM_OWN)).select(IMAGE_ID, IDENTITY).join(labelled.select(IMAGE_ID, EMBEDDING), IMAGE_ID)
-    nearest = nearest_other_centres(candidates, centres)
+    nearest = nearest_other_centres(candidates, centres, params.seed)
     claimed = F.coalesce(F.col(OTHER_ANGLE) <= F.lit(claim if claim is not None else -1.0), F.lit(False))
     flags = (
         per_image.select(IMAGE_ID, SUBCENTER_ANGLE, FAR_FROM_OWN).join(nearest, IMAGE_ID, "left")
