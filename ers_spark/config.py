@@ -130,11 +130,6 @@ class IngestConfig:
         """The extensions lower-cased and without their dot (``.JPG`` -> ``jpg``)."""
         return tuple(e.lower().lstrip(".") for e in self.extensions)
 
-    def path_glob(self) -> str:
-        """One Hadoop glob matching every extension in either case, e.g. ``*.{jpg,JPG,png,PNG}``."""
-        variants = sorted({v for e in self.suffixes for v in (e.lower(), e.upper())})
-        return "*.{" + ",".join(variants) + "}"
-
     def require_input(self, source: str) -> str:
         """The input path, which the ingest stage needs (other stages do not)."""
         if not self.input_path:

@@ -68,7 +68,7 @@ class StorageError(ErsUserError):
     """A file or the object store went away under a running job; the tables are as before it (exit 2)."""
 
 
-_VANISHED_FILE = re.compile(r"java\.io\.FileNotFoundException: ([^\n]+)")
+_VANISHED_FILE = re.compile(r"(?:java\.io\.FileNotFoundException|FileNotFoundError): ([^\n]+)")  # JVM or Python reader
 _STORE_DOWN = re.compile(
     r"(Connection refused|Connect to \S+ failed[^\n]*|Unable to execute HTTP request[^\n]*|UnknownHostException[^\n]*)"
 )

@@ -191,7 +191,7 @@ def test_parquet_schema_mismatch_names_columns(spark, make_cfg, tmp_path: Path) 
 
 
 def test_pillow_decodes_each_file_once(spark, make_cfg, folder_50, monkeypatch) -> None:
-    """One decode per file with bytes (the empty one is never scanned), though the probe rows feed conflicts,
+    """One probe per file (the empty one is told empty without Pillow), though the probe rows feed conflicts,
     counts, quarantine and the keep-list; the crops get exactly the bytes of their files."""
     calls = spark.sparkContext.accumulator(0)
     real = ingest.probe_batch
@@ -205,7 +205,7 @@ def test_pillow_decodes_each_file_once(spark, make_cfg, folder_50, monkeypatch) 
     cfg = make_cfg(f"ingest.input_path={root}")
     record = run_ingest(spark, cfg)
     assert record["counts"] == {"read": 50, "written": 45, "already_present": 0, "quarantined": 5, "identity_conflicts": 0, "changed_after_probe": 0}
-    assert calls.value == 49
+    assert calls.value == 50
     crops = spark.read.format("delta").load(table_path(cfg, CROPS)).select("image_id", "source_path", BYTES).collect()
     assert len(crops) == 45
     for crop in crops:

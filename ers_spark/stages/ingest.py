@@ -1,7 +1,8 @@
 """Ingest stage: a folder of images or a Parquet table of image bytes -> the crops Delta table.
 
-Files are listed and read by Spark's ``binaryFile`` source and decoded on the
-executors in Arrow batches; the driver never holds the images. ``image_id`` is
+A folder is listed and read on the executors (:mod:`ers_spark.distributed.listing`: no list of every
+file on the driver), a Parquet table by Spark; images are decoded on the executors in Arrow batches;
+the driver never holds the images. ``image_id`` is
 the sha256 of the bytes, so the same bytes always get the same id and a re-run
 inserts nothing (MERGE on image_id). Files that cannot be decoded go to the
 quarantine table with their path and the reason; nothing is dropped silently.
@@ -26,6 +27,7 @@ from pyspark.sql.types import BinaryType, StringType
 
 from ers_spark.config import ErsConfig, IngestConfig
 from ers_spark.distributed.images import PROBE_SCHEMA, probe_batch
+from ers_spark.distributed.listing import CONTENT, PATH, StoreSettings, list_files, read_files, read_partitions
 from ers_spark.lake.contracts import (
     BYTES,
     CROPS,
@@ -37,7 +39,6 @@ from ers_spark.lake.contracts import (
     INGESTED_AT,
     QUARANTINE,
     REASON,
-    REASON_EMPTY,
     REASON_IDENTITY_CONFLICT,
     SOURCE_PATH,
     WIDTH,
@@ -70,20 +71,18 @@ KEEP_ROW_OVERHEAD = 128
 
 
 def _read_images(spark: SparkSession, params: IngestConfig) -> DataFrame:
-    raw = (
-        spark.read.format("binaryFile")
-        .option("pathGlobFilter", params.path_glob())
-        .option("recursiveFileLookup", str(params.recursive).lower())
-        .load(params.input_path)
-    )
+    """The image files under ``input_path``, listed and read on the executors (:mod:`ers_spark.distributed.listing`)."""
+    settings = StoreSettings.from_session(spark)
+    files = list_files(spark, params.input_path, params.suffixes, params.recursive, settings)
+    raw = read_files(files, settings, read_partitions(spark, files))
     identity = (
-        F.element_at(F.split(F.col("path"), "/"), -2) if params.identity_from_folder else F.lit(None).cast("string")
+        F.element_at(F.split(F.col(PATH), "/"), -2) if params.identity_from_folder else F.lit(None).cast("string")
     )
     return raw.select(
-        F.col("path").alias(ROW_KEY),
-        F.col("path").alias(SOURCE_PATH),
+        F.col(PATH).alias(ROW_KEY),
+        F.col(PATH).alias(SOURCE_PATH),
         identity.alias(IDENTITY),
-        F.col("content").alias(BYTES),
+        F.col(CONTENT).alias(BYTES),
     )
 
 
@@ -131,36 +130,12 @@ def probe(source: DataFrame) -> DataFrame:
     )
 
 
-def probe_once(spark: SparkSession, params: IngestConfig, source: DataFrame) -> DataFrame:
-    """Every input row probed, computed once into a reliable checkpoint, zero-length files included.
+def probe_once(source: DataFrame) -> DataFrame:
+    """Every input row probed, computed once into a reliable checkpoint (zero-length files are listed rows too).
 
-    Why a checkpoint: a cache evicted (or lost with an executor) would decode the images again. Spark's
-    file scan skips zero-length files (SPARK-26161), so they are added back from the listing.
+    Why a checkpoint: a cache evicted (or lost with an executor) would decode the images again.
     """
-    probed = materialize_source(probe(source))
-    if params.input_format == "images":
-        listed_count = len(source._jdf.inputFiles())
-        if listed_count > probed.count():
-            probed = probed.unionByName(_empty_files(spark, list(source.inputFiles()), probed))
-    return probed
-
-
-def _empty_files(spark: SparkSession, listed: list[str], probed: DataFrame) -> DataFrame:
-    """Probe rows for the files that were listed but never scanned (zero-length files)."""
-    listed_df = spark.createDataFrame([(p,) for p in listed], f"{SOURCE_PATH} string").select(
-        F.regexp_replace(SOURCE_PATH, "^file:///", "file:/").alias(SOURCE_PATH)
-    )
-    return listed_df.join(probed.select(SOURCE_PATH), SOURCE_PATH, "left_anti").select(
-        F.col(SOURCE_PATH).alias(ROW_KEY),
-        SOURCE_PATH,
-        F.lit(None).cast("string").alias(IDENTITY),
-        _image_id(F.lit(b"").cast("binary")).alias(IMAGE_ID),
-        F.lit(None).cast("int").alias(WIDTH),
-        F.lit(None).cast("int").alias(HEIGHT),
-        F.lit(None).cast("string").alias(FORMAT),
-        F.lit(REASON_EMPTY).alias(REASON),
-        F.lit("file has 0 bytes").alias(DETAIL),
-    )
+    return materialize_source(probe(source))
 
 
 def classify(spark: SparkSession, cfg: ErsConfig, probed: DataFrame) -> DataFrame:
@@ -288,7 +263,7 @@ def plan_ingest(spark: SparkSession, cfg: ErsConfig) -> IngestPlan:
     params = cfg.ingest
     params.require_input(cfg.source)
     source = read_source(spark, params)
-    decided = materialize_source(classify(spark, cfg, probe_once(spark, params, source)))
+    decided = materialize_source(classify(spark, cfg, probe_once(source)))
     new = F.col(STATUS) == NEW
     keep_size = F.length(ROW_KEY) + F.coalesce(F.length(SOURCE_PATH), F.lit(0)) + F.coalesce(
         F.length(IDENTITY), F.lit(0)) + F.coalesce(F.length(FORMAT), F.lit(0)) + F.lit(KEEP_ROW_OVERHEAD)
