@@ -1,9 +1,11 @@
-"""Scale benchmark: bring-your-own embeddings at 1e5 .. 1e7 rows through import, locate-ui, score, clean.
+"""Scale benchmark: bring-your-own embeddings at 1e5 .. 1e7 rows through import, locate-ui, score, clean, and the
+figures of the 1e9 design measured on the 1e7 rows.
 
 Usage::
 
-    python bench/scale.py                          # sizes 1e5, 1e6, 1e7
-    python bench/scale.py --sizes 100000,1000000   # a subset (the JSON keeps earlier sizes)
+    python bench/scale.py                          # sizes 1e5, 1e6, 1e7, then the 1e9-design figures on 1e7
+    ERS_BENCH_DIR=/tmp/try ERS_SCALE_OUT=/tmp/try.json python bench/scale.py --sizes 20000 --billion-of 20000 \
+        --plan-rows 2000000 --few-per-identity 100 --image-crops 0   # a quick trial of every step
 
 Each size runs in its own child process (``--one N``), so the driver's peak RSS is measured per
 size: the Python driver's ``ru_maxrss`` and the peak RSS of its JVM (Spark ``local[2]``, so the
@@ -16,11 +18,18 @@ kNN (k = 10, nprobe 8, nlist = 4 sqrt(n)) over all rows, links with cosine >= 1 
 connected components. At 1e5 the exact single linkage at eps (all pairs, blocked, one process)
 is the reference for Jaccard and UIC cosine; at every size the planted UI is too.
 
+The 1e9 design, on the rows of ``--billion-of`` (1e7): the plan a ``--plan-rows`` (1e9) table gets, built
+in its own child (its time and the Python driver's peak RSS: ``plan_s_1e9``, ``plan_peak_mib_1e9``); the
+assignment pass of locate-ui over the same persisted rows with the 1e7 table's plan and with that 1e9 plan
+(``assign_s_per_mrow_1e7``, ``assign_s_per_mrow_cells_1e9`` and their ratio); and the whole pipeline again on
+1e7 rows of 1e4 identities of 1,000 (``--few-per-identity``), whose clean time is set against the 1e7 size's
+(1e6 identities of 10): ``clean_ratio_many_identities``. ``targets`` says which figure meets its target.
+
 The image path (``bench/image_path.py``): ingest + embed of ``--image-crops`` JPEG crops (ORL
 variants) from one Parquet file, with today's code and with the code before issue 13 (a detached
 worktree of ``image_path.OLD_COMMIT``), each in its own child, images per second per core.
 
-Writes ``bench/results/scale.json`` after every size.
+Writes ``bench/results/scale.json`` after every step, every figure from this one run.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from provenance import run_provenance  # noqa: E402  (bench/, beside this script)
 
-OUT = ROOT / "bench" / "results" / "scale.json"
+OUT = Path(os.environ.get("ERS_SCALE_OUT", ROOT / "bench" / "results" / "scale.json"))  # a trial run writes elsewhere
 WORK = Path(os.environ.get("ERS_BENCH_DIR", "/tmp/ers-scale"))
 EPS = 0.4
 PER_IDENTITY = 10
@@ -99,19 +108,24 @@ def python_peak_mib() -> float:
 # --------------------------------------------------------------------------- input
 
 
-def write_input(n: int, path: Path) -> tuple[np.ndarray, float]:
+def size_root(n: int, per_identity: int = PER_IDENTITY) -> Path:
+    """The work folder of one size (input, lake, checkpoints); another identity size gets its own."""
+    return WORK / (str(n) if per_identity == PER_IDENTITY else f"{n}-per{per_identity}")
+
+
+def write_input(n: int, path: Path, per_identity: int = PER_IDENTITY) -> tuple[np.ndarray, float]:
     """The generator's rows as Parquet (id, vector, identity); returns the planted UI's unit sum direction."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ers_spark.core.synthetic import iter_vmf_chunks
 
-    n_identities = int(round(n * (1 - UI_SHARE) / PER_IDENTITY))
+    n_identities = int(round(n * (1 - UI_SHARE) / per_identity))
     ui_sum = None
     start = time.perf_counter()
     path.mkdir(parents=True, exist_ok=True)
     offset = 0
-    for part, (x, labels) in enumerate(iter_vmf_chunks(n_identities, PER_IDENTITY, ui_share=UI_SHARE, seed=0,
+    for part, (x, labels) in enumerate(iter_vmf_chunks(n_identities, per_identity, ui_share=UI_SHARE, seed=0,
                                                        chunk_rows=500_000)):
         ids = np.arange(offset, offset + x.shape[0])
         offset += x.shape[0]
@@ -128,11 +142,11 @@ def write_input(n: int, path: Path) -> tuple[np.ndarray, float]:
     return ui_sum / np.linalg.norm(ui_sum), time.perf_counter() - start
 
 
-def planted_ui_ids(n: int) -> np.ndarray:
+def planted_ui_ids(n: int, per_identity: int = PER_IDENTITY) -> np.ndarray:
     """Row numbers of the planted UI (label < 0), in generator order."""
     from ers_spark.core.synthetic import vmf_layout
 
-    labels = vmf_layout(int(round(n * (1 - UI_SHARE) / PER_IDENTITY)), PER_IDENTITY, UI_SHARE, 0)
+    labels = vmf_layout(int(round(n * (1 - UI_SHARE) / per_identity)), per_identity, UI_SHARE, 0)
     return np.flatnonzero(labels < 0)
 
 
@@ -247,51 +261,106 @@ def unit_mean(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return s / np.linalg.norm(s)
 
 
-def _quality(n: int, root: Path, result: dict[str, Any], members: np.ndarray, uic: np.ndarray) -> dict[str, Any]:
+def _quality(n: int, root: Path, result: dict[str, Any], members: np.ndarray, uic: np.ndarray,
+             per_identity: int = PER_IDENTITY) -> dict[str, Any]:
     """UI figures against the planted UI; members and UIC saved for the baselines' own process."""
     from ers_spark.core.linkage import jaccard
 
     np.save(root / "members.npy", members)
     np.save(root / "uic.npy", uic)
     result["ui_members"] = int(members.size)
-    result["jaccard_vs_planted"] = round(jaccard(members, planted_ui_ids(n)), 6)
+    result["jaccard_vs_planted"] = round(jaccard(members, planted_ui_ids(n, per_identity)), 6)
     result["uic_cos_vs_planted"] = round(float(uic @ np.load(root / "planted_uic.npy")), 6)
     result["pair_comparisons"] = int(result["locate_ui_counts"].get("pair_comparisons", 0))
     return result
 
 
-def one_size(n: int) -> dict[str, Any]:
+def one_size(n: int, per_identity: int = PER_IDENTITY) -> dict[str, Any]:
     """The Spark stages at size n (one JVM), then the UI they stored; the baselines run in another process."""
     from ers_spark.config import load_config
 
-    root = WORK / str(n)
-    result: dict[str, Any] = {"n": n, "generate_s": json.loads((root / "generate.json").read_text())["generate_s"]}
+    root = size_root(n, per_identity)
+    result: dict[str, Any] = {"n": n, "per_identity": per_identity,
+                              "generate_s": json.loads((root / "generate.json").read_text())["generate_s"]}
     with JvmPeakRss() as jvm:
         cfg = load_config(overrides=overrides(n, root, root / "input"))
         result.update(run_stages(cfg))
         result["driver_python_peak_mib"] = round(python_peak_mib(), 1)  # before the benchmark's own collects below
         result["driver_jvm_peak_mib"] = round(jvm.peak / 2**20, 1)
         members, uic = stored_ui(cfg, result.pop("uic_id"))
-    return _quality(n, root, result, members, uic)
+    return _quality(n, root, result, members, uic, per_identity)
 
 
-def recover_size(n: int) -> dict[str, Any]:
-    """The Spark part of size n from its progress file and the lake, when its child died after the stages.
+def _points(n: int) -> tuple[Any, Any, Any]:
+    """(session, config, the size's embeddings as locate-ui's points, persisted and counted)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
 
-    Driver peak RSS is not known then (it is printed only by a child that finishes), so it is None.
-    """
     from ers_spark.config import load_config
+    from ers_spark.distributed.cells import POINT_ID
+    from ers_spark.lake.contracts import EMBEDDING, EMBEDDINGS, IMAGE_ID
+    from ers_spark.lake.tables import read_table
+    from ers_spark.runtime.session import build_session
 
-    root = WORK / str(n)
-    result: dict[str, Any] = {"n": n, "generate_s": json.loads((root / "generate.json").read_text())["generate_s"]}
-    result.update(json.loads((WORK / "progress.json").read_text()))
-    missing = [f"{k}_s" for k in ("import", "locate_ui", "score", "clean") if f"{k}_s" not in result]
-    if missing:
-        raise SystemExit(f"size {n}: the progress file lacks {missing}; run the size again")
-    result.update(driver_python_peak_mib=None, driver_jvm_peak_mib=None,
-                  recovered="stage figures from the progress file: the child was killed after its Spark stages")
-    members, uic = stored_ui(load_config(overrides=overrides(n, root, root / "input")), result.pop("uic_id"))
-    return _quality(n, root, result, members, uic)
+    root = size_root(n)
+    cfg = load_config(overrides=overrides(n, root, root / "input"))
+    spark = build_session(cfg, "scale")
+    points = read_table(spark, cfg, EMBEDDINGS).select(F.monotonically_increasing_id().alias(POINT_ID), IMAGE_ID, EMBEDDING)
+    points = points.persist(StorageLevel.MEMORY_AND_DISK)
+    assert points.count() == n
+    return spark, cfg, points
+
+
+def plan_for(n: int, sizing: int) -> dict[str, Any]:
+    """The plan a ``sizing``-row table gets (cells, counted sizes, sub-centres trained on the executors), built
+    on the n rows of this size: its time and the driver's peak memory; the plan is saved for :func:`assign_pass`."""
+    import pickle
+
+    from ers_spark.distributed.cells import quantiser_plan, sub_sample_share
+
+    with JvmPeakRss() as jvm:
+        spark, cfg, points = _points(n)
+        before = python_peak_mib()
+        start = time.perf_counter()
+        centres, plan = quantiser_plan(points, n, cfg.locate_ui, sizing_rows=sizing)
+        seconds = time.perf_counter() - start
+        peak = python_peak_mib()
+        jvm_peak = jvm.peak
+    with open(size_root(n) / f"plan_{sizing}.pkl", "wb") as f:
+        pickle.dump((centres, plan), f)
+    spark.stop()
+    return {"n": n, "sizing_rows": sizing, "plan_s": round(seconds, 1), "plan_peak_mib": round(peak, 1),
+            "python_peak_mib_before_plan": round(before, 1), "jvm_peak_mib": round(jvm_peak / 2**20, 1),
+            "cells": int(centres.shape[0]), "cut_cells": len(plan.sub_centres), "groups": plan.groups,
+            "sub_sample_share": round(sub_sample_share(n, sizing, cfg.locate_ui), 6)}
+
+
+def assign_pass(n: int, sizing: int) -> dict[str, Any]:
+    """locate-ui's assignment pass (rows -> their groups, written nowhere) on the same n persisted rows, with the
+    plan of an n-row table and with the saved plan of a ``sizing``-row table: seconds per million rows."""
+    import pickle
+
+    from ers_spark.distributed.cells import assign_cells, quantiser_plan
+
+    spark, cfg, points = _points(n)
+    with open(size_root(n) / f"plan_{sizing}.pkl", "rb") as f:
+        plans = {sizing: pickle.load(f)}
+    plans[n] = quantiser_plan(points, n, cfg.locate_ui)
+    out: dict[str, Any] = {"n": n}
+    warm = spark.sparkContext.broadcast(plans[n])  # a first pass starts the Python workers: timed passes run warm
+    assign_cells(points, warm, cfg.locate_ui.nprobe).write.format("noop").mode("overwrite").save()
+    warm.destroy()
+    for label, rows in (("own", n), ("sizing", sizing)):
+        centres, plan = plans[rows]
+        plan_bc = spark.sparkContext.broadcast((centres, plan))
+        start = time.perf_counter()
+        assign_cells(points, plan_bc, cfg.locate_ui.nprobe).write.format("noop").mode("overwrite").save()
+        seconds = time.perf_counter() - start
+        plan_bc.destroy()
+        out[label] = {"cells_of_rows": rows, "seconds": round(seconds, 1), "s_per_mrow": round(seconds / (n / 1e6), 3),
+                      "cells": int(centres.shape[0]), "cut_cells": len(plan.sub_centres), "groups": plan.groups}
+    spark.stop()
+    return out
 
 
 def baselines_of_size(n: int) -> dict[str, Any]:
@@ -300,11 +369,11 @@ def baselines_of_size(n: int) -> dict[str, Any]:
     return baselines(n, root, np.load(root / "members.npy"), np.load(root / "uic.npy"))
 
 
-def generate(n: int) -> None:
+def generate(n: int, per_identity: int = PER_IDENTITY) -> None:
     """Write the input table in its own process, so its memory is not the driver's peak."""
-    root = WORK / str(n)
+    root = size_root(n, per_identity)
     shutil.rmtree(root, ignore_errors=True)
-    planted_uic, generate_s = write_input(n, root / "input")
+    planted_uic, generate_s = write_input(n, root / "input", per_identity)
     np.save(root / "planted_uic.npy", planted_uic)
     (root / "generate.json").write_text(json.dumps({"generate_s": round(generate_s, 1)}))
 
@@ -395,50 +464,95 @@ def image_path(n: int) -> dict[str, Any]:
     return out
 
 
+TARGETS = {  # key: (comparison, bound), from the issues that set them
+    "max_growth_exponent_1e6_1e7": ("<=", 1.15), "min_jaccard": (">=", 0.99), "min_uic_cos": (">=", 0.9999),
+    "ratio_vs_faiss_1e6": ("<=", 1.5), "assign_cost_ratio_1e9_cells": ("<=", 1.2), "plan_s_1e9": ("<=", 600),
+    "plan_peak_mib_1e9": ("<=", 4096), "clean_ratio_many_identities": ("<=", 1.5),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--image-crops", type=int, default=100_000, help="crops for the image path (0: skip it)")
+    parser.add_argument("--billion-of", type=int, default=SIZES[-1], help="the size whose rows get the plan of "
+                        "--plan-rows rows, its assignment pass, and the few-identities clean (0: skip them)")
+    parser.add_argument("--plan-rows", type=int, default=1_000_000_000, help="the table size the big plan is for")
+    parser.add_argument("--few-per-identity", type=int, default=1000, help="images per identity of the few-identities table")
+    parser.add_argument("--per-identity", type=int, default=PER_IDENTITY, help=argparse.SUPPRESS)
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--baselines", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--recover-child", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--recover", type=int, default=None, help="finish size N whose child was killed after its "
-                        "Spark stages: figures from the progress file and the lake, then the baselines")
+    parser.add_argument("--plan", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--assign", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--generate", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate is not None:
-        generate(args.generate)
+        generate(args.generate, args.per_identity)
         return
-    for flag, fn in ((args.one, one_size), (args.baselines, baselines_of_size), (args.recover_child, recover_size)):
+    children = ((args.one, lambda n: one_size(n, args.per_identity)), (args.baselines, baselines_of_size),
+                (args.plan, lambda a: plan_for(*a)), (args.assign, lambda a: assign_pass(*a)))
+    for flag, fn in children:
         if flag is not None:
             print("RESULT " + json.dumps(fn(flag)), flush=True)
             return
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    previous = json.loads(OUT.read_text()) if OUT.exists() else {}
-    sizes = {s["n"]: s for s in previous.get("sizes", [])}
-    if args.recover is not None:  # the run that measured the stages started earlier; keep its start time
-        n = args.recover
-        sizes[n] = {**_child_result([sys.executable, __file__, "--recover-child", str(n)]),
-                    "run_started": previous.get("run_started"), "baselines_started": started}
-        sizes[n].update(_child_result([sys.executable, __file__, "--baselines", str(n)]))
-        write_result(sizes, previous.get("image_path"), previous.get("run_started", started))
-        return
-    # a new run: nothing of an earlier run's file is kept (only --recover above continues the run it names)
-    sizes = {}
+    sizes: dict[int, dict[str, Any]] = {}  # a new run: nothing of an earlier run's file is kept
     images = {**image_path(args.image_crops), "run_started": started} if args.image_crops else None
-    write_result(sizes, images, started)
+    write_result(sizes, images, started, {})
     for n in (int(s) for s in args.sizes.split(",") if s):
         subprocess.run([sys.executable, __file__, "--generate", str(n)], check=True)
         sizes[n] = {**_child_result([sys.executable, __file__, "--one", str(n)]), "run_started": started}
         sizes[n].update(_child_result([sys.executable, __file__, "--baselines", str(n)]))
-        write_result(sizes, images, started)
+        write_result(sizes, images, started, {})
         print(json.dumps(sizes[n]), flush=True)
+    big = args.billion_of
+    if not big:
+        return
+    if big not in sizes:
+        raise SystemExit(f"--billion-of {big} is not among --sizes")
+    extra: dict[str, Any] = {"billion_of": big, "plan_rows": args.plan_rows}
+    extra["plan"] = _child_result([sys.executable, __file__, "--plan", str(big), str(args.plan_rows)])
+    extra["assign"] = _child_result([sys.executable, __file__, "--assign", str(big), str(args.plan_rows)])
+    write_result(sizes, images, started, extra)
+    few = ["--per-identity", str(args.few_per_identity)]
+    subprocess.run([sys.executable, __file__, "--generate", str(big), *few], check=True)
+    extra["few_identities"] = _child_result([sys.executable, __file__, "--one", str(big), *few])
+    write_result(sizes, images, started, extra)
+    print(json.dumps(extra), flush=True)
 
 
-def write_result(sizes: dict[int, dict[str, Any]], images: dict[str, Any] | None, started: str) -> None:
+def summarise_billion(sizes: dict[int, dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+    """The 1e9-design figures: assignment cost with 1e9's cells, the 1e9 plan, clean with many identities."""
+    out: dict[str, Any] = {}
+    if "assign" in extra:
+        own, big = extra["assign"]["own"]["s_per_mrow"], extra["assign"]["sizing"]["s_per_mrow"]
+        out.update(assign_s_per_mrow_1e7=own, assign_s_per_mrow_cells_1e9=big,
+                   assign_cost_ratio_1e9_cells=round(big / own, 3))
+    if "plan" in extra:
+        out.update(plan_s_1e9=extra["plan"]["plan_s"], plan_peak_mib_1e9=extra["plan"]["plan_peak_mib"])
+    if "few_identities" in extra:
+        many, few = sizes[extra["billion_of"]]["clean_s"], extra["few_identities"]["clean_s"]
+        out.update(clean_s_1e6_identities=many, clean_s_1e4_identities=few, clean_ratio_many_identities=round(many / few, 3))
+    return out
+
+
+def targets(summary: dict[str, Any]) -> dict[str, Any]:
+    """Each target with its figure and whether it is met (None: not measured in this run)."""
+    out = {}
+    for key, (op, bound) in TARGETS.items():
+        value = summary.get(key)
+        met = None if value is None else (value <= bound if op == "<=" else value >= bound)
+        out[key] = {"target": f"{op} {bound}", "value": value, "met": met}
+    return out
+
+
+def write_result(sizes: dict[int, dict[str, Any]], images: dict[str, Any] | None, started: str,
+                 extra: dict[str, Any]) -> None:
     ordered = [sizes[k] for k in sorted(sizes)]
-    OUT.write_text(json.dumps({**run_provenance(), "machine": machine(), "run_started": started, "eps": EPS, "ui_share": UI_SHARE,
-                               **summarise(ordered), "image_path": images, "sizes": ordered}, indent=2) + "\n")
+    summary = {**summarise(ordered), **summarise_billion(sizes, extra)} if ordered else {}
+    OUT.write_text(json.dumps({**run_provenance(), "machine": machine(), "run_started": started, "eps": EPS,
+                               "ui_share": UI_SHARE, **summary, "targets": targets(summary), "image_path": images,
+                               "sizes": ordered, "billion": extra}, indent=2) + "\n")
 
 
 def machine() -> dict[str, Any]:

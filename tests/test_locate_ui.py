@@ -352,14 +352,17 @@ def test_no_dominant_cluster_writes_nothing(spark, make_cfg, capsys):
     assert table_version(spark, cfg2, UI_CENTROIDS) is None and table_version(spark, cfg2, UI_MEMBERS) is None
 
 
-def test_an_undersampled_quantiser_fails_before_anything_is_written(spark, make_cfg, vmf):
-    x, _, ids, _ = vmf
-    cfg = make_cfg("locate_ui.eps=0.4", "locate_ui.kmeans_sample_rows=100", "locate_ui.max_cell_rows=8",
-                   "locate_ui.nprobe=1", "locate_ui.dominance_ratio=5")
+def test_a_table_far_larger_than_the_quantisers_sample_is_clustered_not_refused(spark, make_cfg, vmf):
+    """The 1e9 case in small (a 160-row driver sample, 10 cells for 1,667 rows that would want 105): it used to
+    stop with a config error; now every cell is counted and cut on the executors and the UI is found."""
+    x, _, ids, ui_exact = vmf
+    cfg = make_cfg("locate_ui.eps=0.4", "locate_ui.kmeans_sample_rows=160", "locate_ui.max_top_cells=10",
+                   "locate_ui.max_cell_rows=64", "locate_ui.nprobe=2", "locate_ui.dominance_ratio=5")
     write_embeddings(spark, cfg, x, ids)
-    with pytest.raises(ConfigError, match=r"^locate_ui: 1667 rows need 417 quantiser cells but .* at least 34$"):
-        run_locate_ui(spark, cfg)
-    assert table_version(spark, cfg, UI_CENTROIDS) is None and table_version(spark, cfg, UI_MEMBERS) is None
+    rec = run_locate_ui(spark, cfg)
+    _, members = _stored(spark, cfg, rec["params"]["uic_id"])
+    assert rec["counts"]["cells"] == 10 and rec["counts"]["cut_cells"] == 10
+    assert jaccard(members, [ids[i] for i in ui_exact]) >= 0.95
 
 
 def test_from_members_with_rotated_model(spark, vmf, graph_run):

@@ -359,8 +359,8 @@ def test_plan_cells_cuts_only_the_cells_above_the_cap() -> None:
     plan = plan_cells(x, near, expected, max_cell_rows=int(np.median(expected)), nprobe=2, seed=0)
     big = np.flatnonzero(expected > np.median(expected))
     assert sorted(plan.sub_centres) == big.tolist()
-    for c in big:  # about half the cap per sub-cell: ceil(2 * nprobe * expected / cap) sub-centres
-        assert plan.sub_centres[c].shape[0] == int(np.ceil(4 * expected[c] / int(np.median(expected))))
+    for c in big:  # about the cap per sub-cell: ceil(nprobe * expected / cap) sub-centres
+        assert plan.sub_centres[c].shape[0] == int(np.ceil(2 * expected[c] / int(np.median(expected))))
         assert np.allclose(np.linalg.norm(plan.sub_centres[c], axis=1), 1.0, atol=1e-5)
 
 
@@ -410,7 +410,12 @@ def _brute_force_groups(x: np.ndarray, centres: np.ndarray, plan: CellPlan, npro
     """Every (row, group) by full sorts of all inner products: the definition group_memberships must meet."""
     out = set()
     for i, row in enumerate(x):
-        for c in np.argsort(-(centres @ row), kind="stable")[:nprobe].tolist():
+        cells = np.argsort(-(centres @ row), kind="stable")[:nprobe].tolist()
+        if all(c in plan.sub_centres for c in cells):  # all cut: the nprobe nearest sub-cells of them together
+            leaves = [(float(s @ row), plan.offsets[c] + j) for c in cells for j, s in enumerate(plan.sub_centres[c])]
+            out |= {(i, g) for _, g in sorted(leaves, key=lambda t: -t[0])[:nprobe]}
+            continue
+        for c in cells:
             if c not in plan.sub_centres:
                 out.add((i, c))
                 continue
@@ -419,10 +424,11 @@ def _brute_force_groups(x: np.ndarray, centres: np.ndarray, plan: CellPlan, npro
     return out
 
 
-@pytest.mark.parametrize("n_cut", [0, 3, 12])
+@pytest.mark.parametrize("n_cut", [0, 3, 11, 12])
 @pytest.mark.parametrize("nprobe", [1, 2, 3])
 def test_group_memberships_equal_brute_force(n_cut: int, nprobe: int) -> None:
-    """Many cut cells in one batch (every cell cut at 1e9 rows): the same groups as full sorts give."""
+    """Some, almost all and all cells cut (all, at 1e9 rows), cells with fewer sub-cells than nprobe: the same
+    groups as full sorts give, and a row whose cells are all cut joins nprobe groups."""
     rng = np.random.default_rng(n_cut * 10 + nprobe)
     unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
     x, centres = unit(rng.normal(size=(500, 16))), unit(rng.normal(size=(12, 16)))
@@ -431,6 +437,8 @@ def test_group_memberships_equal_brute_force(n_cut: int, nprobe: int) -> None:
     rows, groups = group_memberships(x, nearest_cells(x, centres, nprobe), plan, nprobe)
     got = list(zip(rows.tolist(), groups.tolist()))
     assert len(got) == len(set(got)) and set(got) == _brute_force_groups(x, centres, plan, nprobe)
+    if n_cut == 12:
+        assert np.array_equal(np.bincount(rows, minlength=x.shape[0]), np.full(x.shape[0], nprobe))
 
 
 def test_plan_from_sub_centres_numbers_groups_after_the_cells() -> None:

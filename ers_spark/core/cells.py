@@ -26,7 +26,6 @@ __all__ = [
     "train_sub_centres",
     "plan_cells",
     "plan_from_sub_centres",
-    "nearest_by_product",
     "group_memberships",
     "nearest_cells",
     "expected_cell_rows",
@@ -44,9 +43,10 @@ class CellPlan:
 
     A cell expected to hold at most ``max_cell_rows`` rows is one group, clustered exactly. A
     larger cell is a dense region (a coarse quantiser puts the whole UI in one or two cells):
-    a second-level quantiser trained on that cell's sample rows cuts it into sub-cells of about
-    half the cap, and each of its points joins its ``nprobe`` nearest sub-cells, so neighbours
-    stay together and sub-cells overlap. Every group then costs about ``max_cell_rows^2``
+    a second-level quantiser trained on that cell's sample rows cuts it into sub-cells, and each of
+    its points joins its ``nprobe`` nearest sub-cells (of all its cells together when they are all
+    cut: a sub-cell then holds about ``max_cell_rows / nprobe`` rows, else about the cap), so
+    neighbours stay together and sub-cells overlap. Every group then costs about ``max_cell_rows^2``
     comparisons at most, and the total grows linearly with the rows however dense a region is.
     Group ids: cell ``c`` is group ``c`` when uncut, else groups ``offsets[c] + j``.
     """
@@ -63,14 +63,14 @@ class CellPlan:
 
 def sub_cell_count(expected_rows: float, *, max_cell_rows: int, nprobe: int) -> int:
     """Sub-cells a cell expected to hold ``expected_rows`` is cut into: 1 (uncut) up to the cap, else enough
-    that each sub-cell holds about half the cap (each row joins ``nprobe`` of them).
+    that each sub-cell holds about the cap when each of its rows joins ``nprobe`` of them.
 
     >>> sub_cell_count(8000, max_cell_rows=8192, nprobe=2), sub_cell_count(20000, max_cell_rows=8192, nprobe=2)
-    (1, 10)
+    (1, 5)
     """
     if expected_rows <= max_cell_rows:
         return 1
-    return int(np.ceil(2 * nprobe * expected_rows / max_cell_rows))
+    return int(np.ceil(nprobe * expected_rows / max_cell_rows))
 
 
 def train_sub_centres(rows: npt.ArrayLike, expected_rows: float, *, max_cell_rows: int, nprobe: int,
@@ -122,7 +122,9 @@ def plan_from_sub_centres(n_cells: int, subs: dict[int, npt.NDArray[np.float32]]
 def group_memberships(x: npt.ArrayLike, cells: npt.ArrayLike, plan: CellPlan, nprobe: int) -> tuple[IntArray, IntArray]:
     """``(row, group)`` for unit rows ``x`` with nearest ``cells`` ``(n, nprobe)``: one entry per group joined.
 
-    A row joins each uncut cell it is in, and its ``nprobe`` nearest sub-cells of each cut one.
+    A row joins each uncut cell it is in; in a cut one, its ``nprobe`` nearest sub-cells. A row whose
+    cells are all cut (every row, past about 1e7 rows) joins the ``nprobe`` nearest sub-cells of all of
+    them together, so it is sent ``nprobe`` times whatever the table's size, as below the cut.
 
     >>> plan = CellPlan(n_cells=2, sub_centres={1: np.eye(2, dtype=np.float32)}, offsets={1: 2})
     >>> rows, groups = group_memberships(np.eye(2), np.array([[0], [1]]), plan, nprobe=1)
@@ -131,22 +133,73 @@ def group_memberships(x: npt.ArrayLike, cells: npt.ArrayLike, plan: CellPlan, np
     """
     unit = np.asarray(x, dtype=np.float32)
     near = np.asarray(cells, dtype=np.int64).reshape(unit.shape[0], -1)
-    rows = np.repeat(np.arange(unit.shape[0], dtype=np.int64), near.shape[1])
-    flat = near.ravel()
     if not plan.sub_centres:
-        return rows, flat
-    cut = np.isin(flat, np.fromiter(plan.sub_centres, dtype=np.int64, count=len(plan.sub_centres)))
-    out_rows, out_groups = [rows[~cut]], [flat[~cut]]
-    cut_rows, cut_cells = rows[cut], flat[cut]
-    order = np.argsort(cut_cells, kind="stable")  # one slice per cut cell, not a scan of all entries per cell
-    cut_rows, cut_cells = cut_rows[order], cut_cells[order]
-    starts = np.flatnonzero(np.r_[True, cut_cells[1:] != cut_cells[:-1]])
-    for start, end in zip(starts.tolist(), np.r_[starts[1:], cut_cells.size].tolist()):
-        c, r = int(cut_cells[start]), cut_rows[start:end]
-        sub = nearest_by_product(unit[r], plan.sub_centres[c], nprobe)
-        out_rows.append(np.repeat(r, sub.shape[1]))
-        out_groups.append(plan.offsets[c] + sub.ravel())
+        return np.repeat(np.arange(unit.shape[0], dtype=np.int64), near.shape[1]), near.ravel()
+    is_cut = np.zeros(plan.n_cells, bool)
+    is_cut[list(plan.sub_centres)] = True
+    cut = is_cut[near]
+    uncut_rows, uncut_slots = np.nonzero(~cut)
+    out_rows, out_groups = [uncut_rows.astype(np.int64)], [near[uncut_rows, uncut_slots]]
+    entry_rows, entry_slots = np.nonzero(cut)  # (row, slot) of each cut cell a row is in
+    if entry_rows.size:
+        entry_cells = near[entry_rows, entry_slots]
+        sims = _sub_cell_sims(unit, entry_rows, entry_cells, plan)
+        offsets = np.zeros(plan.n_cells, np.int64)
+        offsets[list(plan.offsets)] = list(plan.offsets.values())
+        together = cut.all(axis=1)[entry_rows]
+        # rows with some uncut cell: the nprobe nearest sub-cells of each cut cell
+        apart = ~together
+        if apart.any():
+            r, j = _top_columns(sims if apart.all() else sims[apart], nprobe)
+            out_rows.append(entry_rows[apart][r])
+            out_groups.append(offsets[entry_cells[apart][r]] + j)
+        # rows whose cells are all cut: the nprobe nearest sub-cells of them all (entries are in row order)
+        if together.any():
+            width = near.shape[1]
+            stacked = (sims if together.all() else sims[together]).reshape(-1, width * sims.shape[1])
+            r, flat = _top_columns(stacked, nprobe)
+            first = np.flatnonzero(together)[::width]
+            slot, j = np.divmod(flat, sims.shape[1])
+            out_rows.append(entry_rows[first][r])
+            out_groups.append(offsets[entry_cells[first[r] + slot]] + j)
     return np.concatenate(out_rows), np.concatenate(out_groups)
+
+
+def _sub_cell_sims(unit: np.ndarray, entry_rows: IntArray, entry_cells: IntArray, plan: CellPlan) -> np.ndarray:
+    """``(entries, most sub-centres)``: each entry's row against its cell's sub-centres (-inf past their count).
+
+    One matrix product per cut cell over all of its entries (sorted by cell), so a cell's sub-centres are
+    read once per call, not once per row.
+    """
+    width = max(c.shape[0] for c in plan.sub_centres.values())
+    sims = np.full((entry_rows.size, width), -np.inf, np.float32)
+    order = np.argsort(entry_cells, kind="stable")
+    sorted_cells = entry_cells[order]
+    starts = np.flatnonzero(np.r_[True, sorted_cells[1:] != sorted_cells[:-1]])
+    ends = np.r_[starts[1:], sorted_cells.size]
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        idx = order[start:end]
+        subs = plan.sub_centres[int(sorted_cells[start])]
+        sims[idx, : subs.shape[0]] = unit[entry_rows[idx]] @ subs.T
+    return sims
+
+
+def _top_columns(work: np.ndarray, k: int) -> tuple[IntArray, IntArray]:
+    """``(row, column)`` of the ``k`` largest finite values of each row (by repeated argmax: k is small).
+
+    Overwrites the values it picks with -inf (``work`` is the caller's scratch, not copied: it can be large).
+    """
+    if work.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    rows_out, cols_out = [], []
+    every = np.arange(work.shape[0])
+    for _ in range(min(k, work.shape[1])):
+        best = work.argmax(axis=1)
+        found = np.isfinite(work[every, best])
+        rows_out.append(every[found])
+        cols_out.append(best[found])
+        work[every, best] = -np.inf
+    return np.concatenate(rows_out).astype(np.int64), np.concatenate(cols_out).astype(np.int64)
 
 
 def nearest_cells(x: npt.ArrayLike, centres: npt.ArrayLike, nprobe: int) -> IntArray:
@@ -157,20 +210,6 @@ def nearest_cells(x: npt.ArrayLike, centres: npt.ArrayLike, nprobe: int) -> IntA
     index.add(c)
     _, nearest = index.search(q, min(nprobe, c.shape[0]))
     return nearest.astype(np.int64)
-
-
-def nearest_by_product(x: npt.ArrayLike, centres: npt.ArrayLike, nprobe: int) -> IntArray:
-    """The ``nprobe`` largest inner products of each row with ``centres`` (in no particular order), by one
-    matrix product: for a cut cell's few rows and sub-centres, where building a faiss index costs more.
-
-    >>> nearest_by_product(np.eye(3)[:2], np.eye(3), 1).tolist()
-    [[0], [1]]
-    """
-    sims = np.asarray(x, dtype=np.float32) @ np.asarray(centres, dtype=np.float32).T
-    k = min(nprobe, sims.shape[1])
-    if k == sims.shape[1]:
-        return np.broadcast_to(np.arange(k, dtype=np.int64), sims.shape).copy()
-    return np.argpartition(-sims, k - 1, axis=1)[:, :k].astype(np.int64)
 
 
 def expected_cell_rows(sample_cells: npt.ArrayLike, n_cells: int, n_rows: int) -> F64:
