@@ -80,7 +80,10 @@ def run(n: int, data: Path, root: Path) -> dict:
     """Ingest then embed ``data`` into a fresh lake under ``root``; seconds and images/s/core for each."""
     import shutil
 
-    from ers_spark.runtime.session import build_session
+    try:
+        from ers_spark.runtime.session import build_session
+    except ImportError:  # the old code of the comparison (before the runtime/ package)
+        from ers_spark.lake.session import build_session  # type: ignore[no-redef]
     from ers_spark.stages.embed import run_embed
     from ers_spark.stages.ingest import run_ingest
 
