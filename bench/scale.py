@@ -3,7 +3,7 @@ figures of the 1e9 design measured on the 1e7 rows.
 
 Usage::
 
-    python bench/scale.py                          # sizes 1e5, 1e6, 1e7, then the 1e9-design figures on 1e7
+    python bench/scale.py                          # sizes 1e5, 1e6, 1e7, then the 1e9-design figures on 1e7 (~2 h)
     ERS_BENCH_DIR=/tmp/try ERS_SCALE_OUT=/tmp/try.json python bench/scale.py --sizes 20000 --billion-of 20000 \
         --plan-rows 2000000 --few-per-identity 100 --image-crops 0   # a quick trial of every step
 
@@ -25,9 +25,11 @@ assignment pass of locate-ui over the same persisted rows with the 1e7 table's p
 1e7 rows of 1e4 identities of 1,000 (``--few-per-identity``), whose clean time is set against the 1e7 size's
 (1e6 identities of 10): ``clean_ratio_many_identities``. ``targets`` says which figure meets its target.
 
-The image path (``bench/image_path.py``): ingest + embed of ``--image-crops`` JPEG crops (ORL
-variants) from one Parquet file, with today's code and with the code before issue 13 (a detached
-worktree of ``image_path.OLD_COMMIT``), each in its own child, images per second per core.
+With ``--image-crops N`` also issue 13's image path (``bench/image_path.py``): ingest + embed of N JPEG crops
+(ORL variants) from one Parquet file, with today's code and with the code before issue 13 (a detached worktree of
+``image_path.OLD_COMMIT``), each in its own child. Off by default: today's code aligns each crop (the default
+model's spec) where that old code resized it, so the two no longer do the same work; ``bench/embed.py`` measures
+the image path with and without alignment on the same crops (``embed.json``).
 
 Writes ``bench/results/scale.json`` after every step, every figure from this one run.
 """
@@ -474,7 +476,8 @@ TARGETS = {  # key: (comparison, bound), from the issues that set them
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
-    parser.add_argument("--image-crops", type=int, default=100_000, help="crops for the image path (0: skip it)")
+    parser.add_argument("--image-crops", type=int, default=0, help="crops for the old-vs-new image path of issue 13 "
+                        "(default 0: skipped; today's image-path figures are bench/embed.py's)")
     parser.add_argument("--billion-of", type=int, default=SIZES[-1], help="the size whose rows get the plan of "
                         "--plan-rows rows, its assignment pass, and the few-identities clean (0: skip them)")
     parser.add_argument("--plan-rows", type=int, default=1_000_000_000, help="the table size the big plan is for")
