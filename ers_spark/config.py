@@ -220,6 +220,16 @@ class LocateUiConfig:
         grid = np.arange(self.eps_grid_start, self.eps_grid_stop + self.eps_grid_step / 2, self.eps_grid_step)
         return tuple(float(round(g, 10)) for g in grid)
 
+    def _check_sample_covers_cells(self, source: str) -> None:
+        """The quantiser's driver sample must hold ``MIN_SAMPLE_ROWS_PER_CELL`` rows per coarse cell."""
+        cells = self.kmeans_cells if self.kmeans_cells is not None else self.max_top_cells
+        if self.kmeans_sample_rows < MIN_SAMPLE_ROWS_PER_CELL * cells:
+            name = "kmeans_cells" if self.kmeans_cells is not None else "max_top_cells"
+            raise ConfigError(
+                f"locate_ui.kmeans_sample_rows ({self.kmeans_sample_rows}) must be at least {MIN_SAMPLE_ROWS_PER_CELL} x "
+                f"locate_ui.{name} ({cells}): k-means needs that many sampled rows per coarse cell (in {source})"
+            )
+
     def validate(self, source: str) -> None:
         if self.method not in ("graph", "sample-hac"):
             raise ConfigError(f"locate_ui.method must be 'graph' or 'sample-hac', got {self.method!r} (in {source})")
@@ -249,13 +259,7 @@ class LocateUiConfig:
             )
         if self.max_cell_rows < 2:
             raise ConfigError(f"locate_ui.max_cell_rows must be >= 2, got {self.max_cell_rows} (in {source})")
-        cells = self.kmeans_cells if self.kmeans_cells is not None else self.max_top_cells
-        if self.kmeans_sample_rows < MIN_SAMPLE_ROWS_PER_CELL * cells:
-            name = "kmeans_cells" if self.kmeans_cells is not None else "max_top_cells"
-            raise ConfigError(
-                f"locate_ui.kmeans_sample_rows ({self.kmeans_sample_rows}) must be at least {MIN_SAMPLE_ROWS_PER_CELL} x "
-                f"locate_ui.{name} ({cells}): k-means needs that many sampled rows per coarse cell (in {source})"
-            )
+        self._check_sample_covers_cells(source)
         if self.kmeans_cells is not None and self.nprobe > self.kmeans_cells:
             raise ConfigError(
                 f"locate_ui.nprobe ({self.nprobe}) cannot exceed locate_ui.kmeans_cells ({self.kmeans_cells}) (in {source})"
