@@ -16,7 +16,7 @@ skipped, as Spark skips them.
 
 from __future__ import annotations
 
-import logging
+import functools
 import posixpath
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -28,8 +28,6 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ers_spark.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 PATH = "path"
 LENGTH = "length"
@@ -68,22 +66,31 @@ class StoreSettings:
 
 
 def open_store(uri: str, settings: StoreSettings) -> tuple[pafs.FileSystem, str, Callable[[str], str]]:
-    """(file system, the path in it, a function from a path in it back to a Spark-style URI)."""
+    """(file system, the path in it, a function from a path in it back to a Spark-style URI).
+
+    The file system of a scheme and host is made once per Python worker (:func:`_filesystem`), not per file.
+    """
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         local = parsed.path if parsed.scheme else uri
         return pafs.LocalFileSystem(), posixpath.abspath(local), lambda p: "file:" + p
-    if parsed.scheme in ("s3a", "s3"):
-        scheme = parsed.scheme
-        fs = pafs.S3FileSystem(**settings.s3_arguments())
-        return fs, (parsed.netloc + parsed.path).rstrip("/"), lambda p: f"{scheme}://{p}"
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs = _filesystem(parsed.scheme, parsed.netloc, settings)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
         raise ConfigError(f"ingest.input_path {uri}: the executors cannot open {parsed.scheme}:// paths ({err}); "
                           "use a local, s3a:// or hdfs:// path") from None
+    if parsed.scheme in ("s3a", "s3"):
+        scheme = parsed.scheme
+        return fs, (parsed.netloc + parsed.path).rstrip("/"), lambda p: f"{scheme}://{p}"
     prefix = f"{parsed.scheme}://{parsed.netloc}"
-    return fs, path, lambda p: prefix + (p if p.startswith("/") else "/" + p)
+    return fs, parsed.path, lambda p: prefix + (p if p.startswith("/") else "/" + p)
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(scheme: str, netloc: str, settings: StoreSettings) -> pafs.FileSystem:
+    if scheme in ("s3a", "s3"):
+        return pafs.S3FileSystem(**settings.s3_arguments())
+    return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")[0]
 
 
 def _hidden(name: str) -> bool:
@@ -176,12 +183,11 @@ def read_files(files: DataFrame, settings: StoreSettings, partitions: int) -> Da
     """
 
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        stores: dict[str, tuple[pafs.FileSystem, str]] = {}
         for batch in batches:
             uris = batch.column(0).to_pylist()
             for start in range(0, len(uris), READ_BATCH_ROWS):
                 chunk = uris[start:start + READ_BATCH_ROWS]
-                contents = [_read_one(uri, settings, stores) for uri in chunk]
+                contents = [_read_one(uri, settings) for uri in chunk]
                 yield pa.RecordBatch.from_arrays(
                     [pa.array(chunk, pa.string()), batch.column(1).slice(start, len(chunk)),
                      pa.array(contents, pa.binary())], names=[PATH, LENGTH, CONTENT])
@@ -190,15 +196,8 @@ def read_files(files: DataFrame, settings: StoreSettings, partitions: int) -> Da
     return spread.select(PATH, LENGTH).mapInArrow(read, f"{PATH} string, {LENGTH} long, {CONTENT} binary")
 
 
-def _read_one(uri: str, settings: StoreSettings, stores: dict[str, tuple[pafs.FileSystem, str]]) -> bytes:
-    parsed = urlparse(uri)
-    store_key = f"{parsed.scheme}://{parsed.netloc}"
-    if store_key not in stores:
-        fs, _, _ = open_store(uri, settings)
-        stores[store_key] = (fs, parsed.scheme)
-    fs, _ = stores[store_key]
-    path = parsed.path if parsed.scheme in ("", "file") else (
-        parsed.netloc + parsed.path if parsed.scheme in ("s3a", "s3") else parsed.path)
+def _read_one(uri: str, settings: StoreSettings) -> bytes:
+    fs, path, _ = open_store(uri, settings)
     try:
         with fs.open_input_stream(path) as stream:
             return stream.read()
