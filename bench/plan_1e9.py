@@ -68,7 +68,8 @@ def measured_shuffle(n: int) -> dict[str, dict[str, Any]]:
         generate(n)
     root = WORK / f"plan-shuffle-{n}"
     shutil.rmtree(root, ignore_errors=True)
-    cfg = load_config(overrides=overrides(n, root, data))
+    # bytes do not depend on memory: a smaller driver than scale.py's leaves room for a run beside it
+    cfg = load_config(overrides=[*overrides(n, root, data), "spark.driver_memory=4g"])
     spark = build_session(cfg, "plan-1e9")
     out: dict[str, dict[str, Any]] = {}
     seen: dict[tuple[int, int], int] = {}
