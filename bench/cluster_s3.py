@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from lake_compare import lakes_equal  # noqa: E402
+from provenance import run_provenance  # noqa: E402  (bench/, beside this script)
 from multi_host import REPO, MultiHostCluster, missing_requirements  # noqa: E402
 from test_multi_host import _config, _jars_dir, _model_dir, _store_conf, _submit_args, _submit_env, _upload  # noqa: E402
 
@@ -125,10 +125,6 @@ def main() -> None:
     reason = missing_requirements()
     if reason or not ORL.is_dir():
         sys.exit(f"cluster_s3: cannot run here: {reason or f'{ORL} is absent'}")
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip())
     jars, model_dir = _jars_dir(), _model_dir()
     work = Path(tempfile.mkdtemp(prefix="ers-bench-s3-"))
     shared = Path(f"/var/tmp/ers-bench-s3-{os.getpid()}")
@@ -178,7 +174,7 @@ def main() -> None:
                      "ratio_multi_host_to_local": round(remote_s[name] / local_s[name], 2) if local_s.get(name) else None}
               for name in remote_s}
     result = {
-        "benchmark": "cluster_s3", "commit": commit, "tree_dirty": dirty, "started_at": started_at,
+        "benchmark": "cluster_s3", **run_provenance(),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
         "input": {"source": "shared ORL crops and one degraded copy of each (unlabelled)", "rows": 800,
                   "identities": 40, "format": "parquet (png bytes)"},
