@@ -14,7 +14,7 @@ carry over to 1e9.
 
 Per stage at ``ROWS`` = 1e9: ``core_hours_linear`` = seconds at 1e7 x cores x 100 / 3600 (the cost per row measured at
 1e7 kept flat, what the design claims) and ``core_hours_at_measured_growth`` = the same with 100 raised to the stage's
-measured 1e6 -> 1e7 exponent (what the figures say if their growth continued); ``shuffle_gib`` = measured bytes per
+measured 1e6 -> 1e7 exponent where it is above 1 (what the figures say if their growth continued); ``shuffle_gib`` = measured bytes per
 row x 1e9. The plan's driver side: its seconds and Python peak, the centres every Python worker receives
 (``plan_broadcast_mib``: 4096 cells and the sub-centres, 128-D float32) and the rows of the executors' sizing sample.
 
@@ -96,7 +96,8 @@ def per_stage(scale: dict[str, Any], shuffle: dict[str, dict[str, Any]]) -> dict
         out[stage] = {
             "seconds_at_measured": seconds, "measured_rows": big["n"], "growth_exponent_1e6_1e7": growth,
             "core_hours_linear": round(seconds * cores * factor / 3600, 1),
-            "core_hours_at_measured_growth": round(seconds * cores * factor ** growth / 3600, 1),
+            # an exponent under 1 at these sizes is fixed cost being spread, not a cost per row that keeps falling
+            "core_hours_at_measured_growth": round(seconds * cores * factor ** max(growth, 1.0) / 3600, 1),
             "shuffle_bytes_per_row": shuffle[stage]["shuffle_bytes_per_row"],
             "shuffle_gib": round(shuffle[stage]["shuffle_bytes_per_row"] * ROWS / 2**30, 1),
         }
