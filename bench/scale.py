@@ -357,17 +357,17 @@ def assign_pass(n: int, sizing: int) -> dict[str, Any]:
     warm = spark.sparkContext.broadcast(plans[n])  # a first pass starts the Python workers: timed passes run warm
     assign_cells(points, warm, cfg.locate_ui.nprobe).write.format("noop").mode("overwrite").save()
     warm.destroy()
-    seconds: dict[str, list[float]] = {"own": [], "sizing": []}
+    rows_of = {"own": n, "sizing": sizing}
+    seconds: dict[str, list[float]] = {label: [] for label in rows_of}
     for order in range(ASSIGN_REPEATS):  # the plans alternate, each first in turn: drift and noise hit both alike
         labels = ("own", "sizing") if order % 2 == 0 else ("sizing", "own")
         for label in labels:
-            centres, plan = plans[n if label == "own" else sizing]
-            plan_bc = spark.sparkContext.broadcast((centres, plan))
+            plan_bc = spark.sparkContext.broadcast(plans[rows_of[label]])
             start = time.perf_counter()
             assign_cells(points, plan_bc, cfg.locate_ui.nprobe).write.format("noop").mode("overwrite").save()
             seconds[label].append(round(time.perf_counter() - start, 1))
             plan_bc.destroy()
-    for label, rows in (("own", n), ("sizing", sizing)):
+    for label, rows in rows_of.items():
         centres, plan = plans[rows]
         best = min(seconds[label])
         out[label] = {"cells_of_rows": rows, "seconds": best, "seconds_each": seconds[label],
