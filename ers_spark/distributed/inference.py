@@ -93,6 +93,9 @@ def resolve_model(emb: EmbedConfig) -> ModelFile:
     of whole crops never share a version (switching ``embed.align`` embeds again).
     """
     spec = load_model_spec(emb.model)
+    if spec.torch_path is not None and emb.backend != "torch":
+        raise ConfigError(f"model {spec.name!r} is a PyTorch file (model.torch_path={spec.torch_path}), which ONNX "
+                          "Runtime cannot run: set embed.backend=torch")
     path = resolve_model_file(spec, os.path.expanduser(emb.model_cache_dir))
     digest = file_sha256(path)
     alignment = resolve_alignment(spec, emb)

@@ -37,6 +37,9 @@ SPECS_DIR = resources.files("ers_spark").joinpath("conf", "models")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
+#: The PyTorch files a spec may name in ``torch_path`` (TorchScript, ``torch.export``); embed.backend=torch runs them.
+TORCH_SUFFIXES = (".pt", ".pt2")
+
 #: How a network's training faces were cut, by name (see :mod:`ers_spark.models.align`).
 ALIGNMENT_METHODS = ("dlib_chip", "five_point_template")
 
@@ -84,7 +87,8 @@ class FaceAlignment:
 class ModelSpec:
     """What a face embedding model expects and where it comes from.
 
-    Exactly one of ``builtin`` and ``onnx_path`` is set. Pixels are prepared as
+    Exactly one of ``builtin``, ``onnx_path`` and ``torch_path`` (a TorchScript ``.pt`` or ``torch.export``
+    ``.pt2`` file, run by ``embed.backend=torch``) is set. Pixels are prepared as
     ``(pixel - mean) / std`` per channel, in ``channel_order``, laid out as ``layout``.
     ``input_name`` is read from the model when None.
     """
@@ -98,6 +102,7 @@ class ModelSpec:
     version: str = "1"
     builtin: str | None = None
     onnx_path: str | None = None
+    torch_path: str | None = None
     channel_order: str = "RGB"
     layout: str = "NCHW"
     sha256: str | None = None
@@ -111,14 +116,18 @@ class ModelSpec:
             raise ConfigError(f"{where}: model.name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.version, str) or not self.version:
             raise ConfigError(f"{where}: model.version must be a non-empty string, got {self.version!r}")
-        if (self.builtin is None) == (self.onnx_path is None):
-            raise ConfigError(f"{where}: set exactly one of model.builtin or model.onnx_path")
+        if sum(v is not None for v in (self.builtin, self.onnx_path, self.torch_path)) != 1:
+            raise ConfigError(f"{where}: set exactly one of model.builtin, model.onnx_path or model.torch_path")
         if self.builtin is not None and self.builtin not in BUILTIN_MODELS:
             raise ConfigError(
                 f"{where}: model.builtin must be one of {', '.join(BUILTIN_MODELS)}, got {self.builtin!r}"
             )
         if self.onnx_path is not None and (not isinstance(self.onnx_path, str) or not self.onnx_path):
             raise ConfigError(f"{where}: model.onnx_path must be a non-empty string, got {self.onnx_path!r}")
+        if self.torch_path is not None and (not isinstance(self.torch_path, str)
+                                            or not self.torch_path.lower().endswith(TORCH_SUFFIXES)):
+            raise ConfigError(f"{where}: model.torch_path must name a TorchScript (.pt) or torch.export (.pt2) "
+                              f"file, got {self.torch_path!r}")
         for field in ("input_height", "input_width", "embedding_dim"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -250,12 +259,13 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def resolve_model_file(spec: ModelSpec, cache_dir: str | os.PathLike[str]) -> Path:
-    """Return the local ONNX file for a spec, converting builtins into cache_dir once.
+    """Return the local model file for a spec (ONNX, or PyTorch's ``torch_path``), converting builtins into
+    cache_dir once.
 
     Raises
     ------
     ModelError
-        The ONNX file is missing, or its sha256 differs from ``spec.sha256``.
+        The file is missing, or its sha256 differs from ``spec.sha256``.
 
     Example
     -------
@@ -270,13 +280,12 @@ def resolve_model_file(spec: ModelSpec, cache_dir: str | os.PathLike[str]) -> Pa
             raise ConfigError(f"model.builtin must be one of {', '.join(BUILTIN_MODELS)}, got {spec.builtin!r}")
         path, actual = ensure_builtin_onnx(cache_dir)
     else:
-        assert spec.onnx_path is not None
-        path = Path(spec.onnx_path).expanduser()
+        named, hint = ((spec.torch_path, "save the PyTorch file there or set model.torch_path")
+                       if spec.torch_path is not None else (spec.onnx_path, "download the ONNX file or set model.onnx_path"))
+        assert named is not None
+        path = Path(named).expanduser()
         if not path.is_file():
-            raise ModelError(
-                f"model file not found: {spec.onnx_path} (looked at {path.resolve()}); "
-                "download the ONNX file or set model.onnx_path"
-            )
+            raise ModelError(f"model file not found: {named} (looked at {path.resolve()}); {hint}")
         actual = file_sha256(path) if spec.sha256 is not None else ""
     if spec.sha256 is not None and actual != spec.sha256:
         raise ModelError(
