@@ -156,8 +156,15 @@ class EmbedConfig:
     max_failed_share: float
     no_face: str
     align_min_side: int
+    gpus_per_task: float | None
+    gpus_per_executor: int
 
     def validate(self, source: str) -> None:
+        if self.gpus_per_task is not None and not 0 < self.gpus_per_task <= max(self.gpus_per_executor, 1):
+            raise ConfigError(f"embed.gpus_per_task must be null or in (0, embed.gpus_per_executor="
+                              f"{self.gpus_per_executor}], got {self.gpus_per_task} (in {source})")
+        if self.gpus_per_executor < 1:
+            raise ConfigError(f"embed.gpus_per_executor must be >= 1, got {self.gpus_per_executor} (in {source})")
         if self.align not in (True, False, "auto"):
             raise ConfigError(f"embed.align must be auto, true or false, got {self.align!r} (in {source})")
         if self.no_face not in ("embed_unaligned", "quarantine"):

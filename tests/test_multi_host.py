@@ -118,6 +118,11 @@ def _submit_env(cluster: MultiHostCluster, jars: Path) -> dict[str, str]:
     return {"ERS_SPARK_JARS_DIR": str(jars), "ERS_SPARK_ZIP": str(cluster.shared / "ers_spark.zip")}
 
 
+def _mkdirs(spark, uri: str) -> None:
+    target = spark._jvm.org.apache.hadoop.fs.Path(uri)
+    target.getFileSystem(spark._jsc.hadoopConfiguration()).mkdirs(target)
+
+
 def _batch(stdout: str) -> list[dict]:
     return [json.loads(line[len("BATCH "):]) for line in stdout.splitlines() if line.startswith("BATCH ")]
 
@@ -134,8 +139,10 @@ JOB_SCRIPTS = [*STAGE_SCRIPTS, *RERUN_SCRIPTS]
 COUNTED = ("crops", "embeddings", "scores", "cleaned")
 BROKEN = {"corrupt_file": "cannot load ONNX model", "wrong_input_shape": "has shape", "wrong_output_dim": "-D embeddings"}
 FAULT_CASES = [*BROKEN, "cuda", "auto"]
-JOBS_CONF = {"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1",
-             "spark.task.maxFailures": "2", "spark.executor.cores": "1"}
+# executors carry one (fake) GPU each; only embed's tasks ask for it (embed.gpus_per_task, a task resource profile)
+JOBS_CONF = {"spark.executor.resource.gpu.amount": "1", "spark.task.maxFailures": "2", "spark.executor.cores": "1",
+             "spark.eventLog.enabled": "true", "spark.eventLog.compress": "false"}
+EMBED_GPUS = ["embed.gpus_per_task=1"]
 FAULT_FACES = 40
 
 
@@ -175,9 +182,10 @@ def _job_steps(cluster: MultiHostCluster, config: Path, bucket_root: str, faces:
     # explicit keys, not only --config: the demo's own defaults come after a config file and before these
     args = ["--config", str(config), f"storage.root={root}", f"spark.checkpoint_dir={bucket_root}/jobs/checkpoints",
             f"ingest.input_path={bucket_root}/input/{DEMO_INPUT}", "ingest.input_format=parquet",
-            "ingest.path_column=path", "ingest.identity_column=identity"]
+            "ingest.path_column=path", "ingest.identity_column=identity", *EMBED_GPUS]
     probe = {"probe": root, "tables": list(COUNTED)}
-    faults = ["--config", str(config), f"storage.root={bucket_root}/faults/lake", "spark.shuffle_partitions=2"]
+    faults = ["--config", str(config), f"storage.root={bucket_root}/faults/lake", "spark.shuffle_partitions=2",
+              *EMBED_GPUS]
     specs = _broken_models(cluster.shared / "broken-models")
     embeds = [[*faults, f"embed.model={specs[case]}"] for case in BROKEN]
     embeds += [[*faults, "embed.device=cuda"], [*faults, "embed.device=auto"]]
@@ -202,7 +210,7 @@ def store_inputs(spark, demo_lake, multi_host, tmp_path_factory) -> dict:
     config = cluster.shared / "store.yaml"
     config.write_text(yaml.safe_dump(_config(cluster, bucket_root)))
     return {"bucket_root": bucket_root, "local_input": local_input, "config": config,
-            "faces": f"{bucket_root}/faults/faces"}
+            "faces": f"{bucket_root}/faults/faces", "spark": spark}
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +218,10 @@ def jobs_run(multi_host, store_inputs) -> dict:
     """One spark-submit from the driver host (``tests/job_batch.py``) running every job script, then the faults."""
     cluster, jars = multi_host
     steps = _job_steps(cluster, store_inputs["config"], store_inputs["bucket_root"], store_inputs["faces"])
-    conf = [arg for key, value in JOBS_CONF.items() for arg in ("--conf", f"{key}={value}")]
+    event_log = f"{store_inputs['bucket_root']}/event-log"  # in the store: the driver host's disk is its own
+    _mkdirs(store_inputs["spark"], event_log)
+    settings = {**JOBS_CONF, **cluster.s3a_conf(), "spark.eventLog.dir": event_log}
+    conf = [arg for key, value in settings.items() for arg in ("--conf", f"{key}={value}")]
     argv = _submit_args(cluster, "driver", str(REPO / "tests" / "job_batch.py"), json.dumps(steps))
     proc = cluster.hosts["driver"].run([*argv[:-2], *conf, *argv[-2:]], env=_submit_env(cluster, jars))
     runs = _batch(proc.stdout)
@@ -220,7 +231,7 @@ def jobs_run(multi_host, store_inputs) -> dict:
     return {"root": f"{store_inputs['bucket_root']}/jobs/lake", "faults_lake": f"{store_inputs['bucket_root']}/faults/lake",
             "records": [r for run in stage_runs for r in run["records"]], "jobs": dict(zip(JOB_SCRIPTS, [*stage_runs, *reruns])),
             "before": before["counts"], "after": after["counts"], "faces": rest[len(RERUN_SCRIPTS) + 2],
-            "faults": dict(zip(FAULT_CASES, runs[-len(FAULT_CASES):]))}
+            "faults": dict(zip(FAULT_CASES, runs[-len(FAULT_CASES):])), "event_log": event_log}
 
 
 def _quarantined(spark, root: str, stage: str) -> int:
@@ -282,6 +293,25 @@ def test_auto_device_reports_the_fallback_per_task(jobs_run) -> None:
     devices = record["runtime"]["tasks_by_device"]
     assert devices and all(d.startswith("cpu CPUExecutionProvider (gpu ") for d in devices), devices
     assert record["counts"]["written"] == FAULT_FACES
+
+
+def test_only_embed_tasks_ask_for_gpus(spark, jobs_run) -> None:
+    """embed.gpus_per_task: embed's stages run under a resource profile that asks each task for a GPU, and its
+    tasks see their addresses; every other stage runs under the default profile, which asks for none, so the
+    executors' GPUs are free whenever embed is not running (Spark's event log, written to the store)."""
+    record = jobs_run["jobs"]["embed"]["records"][0]
+    by_gpus = record["runtime"]["tasks_by_gpus"]
+    assert by_gpus and set(by_gpus) <= {"0", "1"}, by_gpus
+    events = [json.loads(row.value) for row in spark.read.text(f"{jobs_run['event_log']}/*").collect()]
+    profiles = {e["Resource Profile Id"]: e["Task Resource Requests"] for e in events
+                if e["Event"] == "SparkListenerResourceProfileAdded"}
+    stages = [e["Stage Info"] for e in events if e["Event"] == "SparkListenerStageSubmitted"]
+    gpu_profiles = {pid for pid, tasks in profiles.items() if "gpu" in tasks}
+    assert gpu_profiles and 0 not in gpu_profiles, profiles
+    assert all(profiles[pid]["gpu"]["Amount"] == 1.0 for pid in gpu_profiles), profiles
+    on_gpu = [s for s in stages if s["Resource Profile Id"] in gpu_profiles]
+    assert on_gpu, [(s["Stage Name"], s["Resource Profile Id"]) for s in stages]
+    assert sum(s["Resource Profile Id"] == 0 for s in stages) > 5 * len(on_gpu), (len(stages), len(on_gpu))
 
 
 # ----------------------------------------------------------------------------- faults of hosts and the store

@@ -312,9 +312,11 @@ def task_runtime(embedder: Any, model_path: str) -> str:
     """One JSON line describing where this task ran: device, model copy, code origin, host."""
     import socket
 
+    from ers_spark.models.devices import task_gpu_addresses
+
     return json.dumps(
         {"device": embedder.runtime, "model_path": os.path.abspath(model_path), "code": os.path.abspath(__file__),
-         "host": socket.gethostname()},
+         "host": socket.gethostname(), "gpus": task_gpu_addresses() or []},
         sort_keys=True,
     )
 
@@ -372,6 +374,9 @@ def make_embed_batches(params: ModelFile, emb: EmbedConfig):
     return embed_batches
 
 
-def embed_dataframe(crops: DataFrame, params: ModelFile, emb: EmbedConfig) -> DataFrame:
-    """Embed a DataFrame with ``image_id`` and ``bytes`` columns on the executors."""
-    return crops.select(IMAGE_ID, BYTES).mapInArrow(make_embed_batches(params, emb), EMBED_OUTPUT_SCHEMA)
+def embed_dataframe(crops: DataFrame, params: ModelFile, emb: EmbedConfig, profile: Any = None) -> DataFrame:
+    """Embed a DataFrame with ``image_id`` and ``bytes`` columns on the executors; under ``profile`` (a Spark
+    ResourceProfile, :func:`~ers_spark.distributed.gpu_profile.embed_resource_profile`) when given, so only
+    these tasks ask for GPUs."""
+    return crops.select(IMAGE_ID, BYTES).mapInArrow(make_embed_batches(params, emb), EMBED_OUTPUT_SCHEMA,
+                                                    profile=profile)

@@ -30,6 +30,7 @@ from pyspark.sql import functions as F
 
 from ers_spark.config import EmbedConfig, ErsConfig
 from ers_spark.distributed.align import NO_FACE_DETAIL
+from ers_spark.distributed.gpu_profile import check_gpu_request, embed_resource_profile, gpu_settings
 from ers_spark.distributed.inference import (
     FACES_FOUND,
     TASK_RUNTIME,
@@ -56,7 +57,6 @@ from ers_spark.lake.contracts import (
     SOURCE_PATH,
     STAGE,
 )
-from ers_spark.errors import ConfigError
 from ers_spark.lake.tables import (
     StageRun,
     ensure_table,
@@ -102,11 +102,7 @@ def plan_embed(spark: SparkSession, cfg: ErsConfig) -> ModelFile:
     """Check everything a job-level failure could come from before any Spark work, then ship the model."""
     emb = cfg.embed
     params = resolve_model(emb)
-    if emb.device == "cuda" and spark.conf.get("spark.task.resource.gpu.amount", None) is None:
-        raise ConfigError(
-            "embed.device=cuda but Spark gives tasks no GPU: set spark.task.resource.gpu.amount "
-            "(and spark.executor.resource.gpu.amount) or use embed.device=auto"
-        )
+    check_gpu_request(gpu_settings(spark), emb)
     if emb.backend == "onnx":
         check_onnxruntime(require_cuda=False)
         log.info("embed: ONNX Runtime on the driver: %s", onnxruntime_report())
@@ -120,19 +116,25 @@ def plan_embed(spark: SparkSession, cfg: ErsConfig) -> ModelFile:
 
 def run_params(params: ModelFile, emb: EmbedConfig) -> dict[str, Any]:
     """The run record's params: the model that ran (its spec by name) and the ``embed.*`` settings the executors use."""
-    executors = ("backend", "device", "batch_size", "intra_op_threads", "fp16", "max_failed_share", "align")
+    executors = ("backend", "device", "batch_size", "intra_op_threads", "fp16", "max_failed_share", "align",
+                 "gpus_per_task")
     aligning = ("no_face", "align_min_side") if params.alignment is not None else ()
     return {**asdict(params), "spec": params.spec.name, **{key: getattr(emb, key) for key in executors + aligning}}
 
 
 def runtime_summary(embedded: DataFrame) -> dict[str, Any]:
-    """Tasks per device, and where executors found the model and the code (one row per task)."""
+    """Tasks per device and per GPU address Spark gave them ("none": no GPU), and where executors found the
+    model and the code (one row per task)."""
     rows = [json.loads(r[0]) for r in embedded.where(F.col(TASK_RUNTIME).isNotNull()).select(TASK_RUNTIME).collect()]
     tasks_by_device: dict[str, int] = {}
+    tasks_by_gpus: dict[str, int] = {}
     for row in rows:
         tasks_by_device[row["device"]] = tasks_by_device.get(row["device"], 0) + 1
+        gpus = ",".join(row.get("gpus") or []) or "none"
+        tasks_by_gpus[gpus] = tasks_by_gpus.get(gpus, 0) + 1
     return {
         "tasks_by_device": tasks_by_device,
+        "tasks_by_gpus": tasks_by_gpus,
         "model_copies": sorted({r["model_path"] for r in rows}),
         "code": sorted({r["code"] for r in rows}),
         "hosts": sorted({r["host"] for r in rows}),
@@ -151,7 +153,8 @@ def run_embed(spark: SparkSession, cfg: ErsConfig) -> dict:
     run.input_versions = {CROPS.name: table_version(spark, cfg, CROPS)}
     total = crops.count()
     pending = pending_crops(spark, cfg, crops, params)
-    embedded = embed_dataframe(pending, params, cfg.embed).persist(StorageLevel.MEMORY_AND_DISK)
+    profile = embed_resource_profile(gpu_settings(spark), cfg.embed)
+    embedded = embed_dataframe(pending, params, cfg.embed, profile).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         totals = embedded.agg(*embed_totals(params)).first().asDict()
         to_embed, quarantined = int(totals.pop("to_embed")), int(totals.pop("quarantined"))
