@@ -334,9 +334,12 @@ EMBED_ARROW_SCHEMA = pa.schema(
 )
 
 
-def make_embed_batches(params: ModelFile, emb: EmbedConfig):
+def make_embed_batches(params: ModelFile, emb: EmbedConfig, device_id: int | None = None):
     """The mapInArrow function: Arrow batches of (image_id, bytes) -> (image_id, embedding, raw_norm, detail,
     task_runtime, aligned, faces_found).
+
+    The device is the GPU Spark gave the task (:func:`task_device`); ``device_id`` names a CUDA device
+    instead, for running the function outside Spark (``bench/gpu.py`` on a machine without Java).
 
     ``task_runtime`` is set on the first row of each task only (where it ran), null elsewhere; ``aligned`` and
     ``faces_found`` are null when embed does not align. A crop without a face under ``no_face: quarantine``
@@ -344,7 +347,7 @@ def make_embed_batches(params: ModelFile, emb: EmbedConfig):
     """
 
     def embed_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        embedder = get_embedder(params, emb, task_device(emb))
+        embedder = get_embedder(params, emb, task_device(emb) if device_id is None else device_id)
         runtime: str | None = task_runtime(embedder, embedder.model_path)  # the copy it was opened from
         dim = params.spec.embedding_dim
         rows = failed_rows = 0
