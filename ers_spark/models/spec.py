@@ -116,18 +116,7 @@ class ModelSpec:
             raise ConfigError(f"{where}: model.name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.version, str) or not self.version:
             raise ConfigError(f"{where}: model.version must be a non-empty string, got {self.version!r}")
-        if sum(v is not None for v in (self.builtin, self.onnx_path, self.torch_path)) != 1:
-            raise ConfigError(f"{where}: set exactly one of model.builtin, model.onnx_path or model.torch_path")
-        if self.builtin is not None and self.builtin not in BUILTIN_MODELS:
-            raise ConfigError(
-                f"{where}: model.builtin must be one of {', '.join(BUILTIN_MODELS)}, got {self.builtin!r}"
-            )
-        if self.onnx_path is not None and (not isinstance(self.onnx_path, str) or not self.onnx_path):
-            raise ConfigError(f"{where}: model.onnx_path must be a non-empty string, got {self.onnx_path!r}")
-        if self.torch_path is not None and (not isinstance(self.torch_path, str)
-                                            or not self.torch_path.lower().endswith(TORCH_SUFFIXES)):
-            raise ConfigError(f"{where}: model.torch_path must name a TorchScript (.pt) or torch.export (.pt2) "
-                              f"file, got {self.torch_path!r}")
+        self._validate_source(where)
         for field in ("input_height", "input_width", "embedding_dim"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -155,6 +144,21 @@ class ModelSpec:
             raise ConfigError(f"{where}: model.alignment cuts square chips; the input is "
                               f"{self.input_width}x{self.input_height}")
         return self
+
+    def _validate_source(self, where: str) -> None:
+        """Exactly one place the network comes from: a builtin, an ONNX file or a PyTorch file."""
+        if sum(v is not None for v in (self.builtin, self.onnx_path, self.torch_path)) != 1:
+            raise ConfigError(f"{where}: set exactly one of model.builtin, model.onnx_path or model.torch_path")
+        if self.builtin is not None and self.builtin not in BUILTIN_MODELS:
+            raise ConfigError(
+                f"{where}: model.builtin must be one of {', '.join(BUILTIN_MODELS)}, got {self.builtin!r}"
+            )
+        if self.onnx_path is not None and (not isinstance(self.onnx_path, str) or not self.onnx_path):
+            raise ConfigError(f"{where}: model.onnx_path must be a non-empty string, got {self.onnx_path!r}")
+        if self.torch_path is not None and (not isinstance(self.torch_path, str)
+                                            or not self.torch_path.lower().endswith(TORCH_SUFFIXES)):
+            raise ConfigError(f"{where}: model.torch_path must name a TorchScript (.pt) or torch.export (.pt2) "
+                              f"file, got {self.torch_path!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "model spec") -> "ModelSpec":
