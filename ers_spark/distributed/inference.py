@@ -61,7 +61,8 @@ class ModelFile:
     """The model embed runs, resolved on the driver from ``embed.model``; small and picklable.
 
     The model travels through Spark itself: :func:`ship_model` registers the file with
-    ``SparkContext.addFile`` under ``shipped_name`` and every executor reads its own copy
+    ``SparkSession.addArtifacts(file=True)`` (classic and Spark Connect sessions alike) under ``shipped_name``
+    and every executor reads its own copy
     (checked against ``model_sha256``); ``model_path`` is the driver's file. How the executors run
     it (backend, device, batch size, ...) is ``embed.*`` itself (:class:`~ers_spark.config.EmbedConfig`).
     """
@@ -121,7 +122,8 @@ def model_version(spec: ModelSpec, digest: str, emb: EmbedConfig, alignment: Fac
 
 
 def ship_model(spark: SparkSession, params: ModelFile) -> ModelFile:
-    """Send the model file to every executor through Spark (``addFile``), under a content-addressed name.
+    """Send the model file to every executor through Spark, as a session artifact (``addArtifacts(file=True)``:
+    what a Spark Connect client can do too, unlike ``SparkContext.addFile``), under a content-addressed name.
 
     The name carries the sha256, so a changed model never collides with a copy an
     executor already holds; executors fetch it once into their own work directory.
@@ -140,7 +142,7 @@ def ship_model(spark: SparkSession, params: ModelFile) -> ModelFile:
                 f"cannot stage the model for shipping: neither {beside_model} nor {fallback.parent} is writable "
                 f"({again.strerror}); set TMPDIR to a writable folder on the driver"
             ) from None
-    spark.sparkContext.addFile(str(staged))
+    spark.addArtifacts(str(staged), file=True)  # a second add of the same bytes is a no-op
     return replace(params, shipped_name=name)
 
 
