@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -60,10 +59,9 @@ def prepare() -> None:
                                                                           "examples", "data", "benchmarks"))
     model = resolve_model_file(load_model_spec("dlib_resnet_v1"), os.path.expanduser(load_config().embed.model_cache_dir))
     shutil.copy2(model, CARRY / model.name)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
-                                cwd=ROOT, capture_output=True, text=True).stdout.strip())
-    (CARRY / "commit.json").write_text(json.dumps({"commit": commit, "tree_dirty": dirty}))
+    from provenance import COMMIT, TREE_DIRTY  # bench/, beside this script: the same record every bench writes
+
+    (CARRY / "commit.json").write_text(json.dumps({"commit": COMMIT, "tree_dirty": TREE_DIRTY}))
     size = sum(f.stat().st_size for f in CARRY.rglob("*") if f.is_file())
     print(f"{CARRY}: {size / 2**20:.1f} MiB (carry limit 64 MiB)")
 
